@@ -1,0 +1,70 @@
+"""Shared plumbing for benchmark commands: machine description, result files (JSON + Markdown), printing."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> str:
+    """A one-line description of where the numbers were measured."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    gpu = ""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu = f", GPU {torch.cuda.get_device_name(0)}"
+    except Exception:  # noqa: BLE001 - torch is optional for this description
+        pass
+    return f"{platform.node()} ({os.cpu_count()} CPUs, {cpu}{gpu}), Python {platform.python_version()}"
+
+
+def markdown_table(rows: list[dict], columns: list[str], floatfmt: str = ".3f") -> str:
+    """Rows of dicts -> a GitHub Markdown table over ``columns``."""
+
+    def fmt(v):
+        if isinstance(v, float):
+            return format(v, floatfmt)
+        return "" if v is None else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def save_results(name: str, rows: list[dict], columns: list[str], config: dict, wall_s: float,
+                 extra_md: str = "", out_dir: Path | None = None) -> Path:
+    """Write ``<name>.json`` and ``<name>.md`` under bench/results (or ``out_dir``) and print the table."""
+    out = Path(out_dir) if out_dir else RESULTS
+    out.mkdir(parents=True, exist_ok=True)
+    record = {
+        "name": name,
+        "command": "python -m " + " ".join([f"bench.{name}"] + sys.argv[1:]),
+        "machine": machine(),
+        "date": _dt.datetime.now().isoformat(timespec="seconds"),
+        "wall_s": round(wall_s, 1),
+        "config": config,
+        "rows": rows,
+    }
+    (out / f"{name}.json").write_text(json.dumps(record, indent=2))
+    table = markdown_table(rows, columns)
+    md = (f"# {name}\n\n`{record['command']}` on {record['machine']}, {record['date']}, "
+          f"wall time {record['wall_s']} s.\n\n{table}\n{extra_md}")
+    (out / f"{name}.md").write_text(md)
+    print(md)
+    return out / f"{name}.json"
