@@ -1,0 +1,165 @@
+"""Evaluation of any policy in vectorized environments at several numbers of denoising steps.
+
+For each K: return mean +- std, success rate, episode length, and latency (microseconds per policy call at
+batch 1 on the current device, and per environment step = per call / executed actions per call). Videos of
+the first episodes are written when rendering works (``MUJOCO_GL``); otherwise a warning says why not.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from envs.factory import make_env, make_vec_env
+from flowpolicy.policy import BasePolicy, FlowPolicy
+
+
+@torch.no_grad()
+def rollout_episodes(policy: BasePolicy, env_name: str, episodes: int, steps: int | None = None, num_envs: int = 4,
+                     seed: int = 100_000, max_episode_steps: int | None = None, envs=None) -> dict[str, Any]:
+    """Run ``episodes`` deterministic episodes (split over ``num_envs`` sync envs, per-env quotas so short
+    episodes are not over-represented). Returns per-episode returns, successes and lengths."""
+    own = envs is None
+    if own:
+        envs = make_vec_env(env_name, num_envs, seed=seed, obs_horizon=policy.obs_horizon,
+                            action_horizon=policy.exec_horizon, max_episode_steps=max_episode_steps)
+    n = envs.num_envs
+    quota = np.array([(episodes + i) // n for i in range(n)])
+    done_count = np.zeros(n, int)
+    ep_ret, ep_len, ep_succ = np.zeros(n), np.zeros(n, int), np.zeros(n, bool)
+    returns, successes, lengths = [], [], []
+    obs, _ = envs.reset(seed=seed)
+    just_reset = np.zeros(n, bool)
+    policy.eval()
+    while (done_count < quota).any():
+        chunk = policy.predict_action_chunk(obs, steps=steps).cpu().numpy()[:, : policy.exec_horizon]
+        act = chunk[:, 0] if policy.exec_horizon == 1 else chunk
+        obs, rew, term, trunc, info = envs.step(act)
+        k_steps = info.get("chunk_steps", np.ones(n, int))
+        succ = np.asarray(info.get("success", np.zeros(n, bool)), bool)
+        for i in range(n):
+            if just_reset[i]:  # gymnasium's next-step autoreset: this step only reset env i
+                ep_ret[i], ep_len[i], ep_succ[i] = 0.0, 0, False
+                continue
+            ep_ret[i] += rew[i]
+            ep_len[i] += int(k_steps[i])
+            ep_succ[i] |= bool(succ[i])
+            if (term[i] or trunc[i]) and done_count[i] < quota[i]:
+                returns.append(float(ep_ret[i]))
+                successes.append(bool(ep_succ[i]))
+                lengths.append(int(ep_len[i]))
+                done_count[i] += 1
+        just_reset = np.logical_or(term, trunc)
+    if own:
+        envs.close()
+    return {"returns": returns, "successes": successes, "lengths": lengths}
+
+
+@torch.no_grad()
+def measure_latency(policy: BasePolicy, steps: int | None = None, repeats: int = 50) -> dict[str, float]:
+    """Median microseconds per ``predict_action_chunk`` call at batch 1, and per bare velocity forward."""
+    obs = torch.zeros(1, policy.obs_horizon, policy.obs_dim, device=policy.device)
+    for _ in range(5):
+        policy.predict_action_chunk(obs, steps=steps)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        policy.predict_action_chunk(obs, steps=steps)
+        times.append(time.perf_counter() - t0)
+    out = {"latency_us_per_call": 1e6 * float(np.median(times))}
+    out["latency_us_per_env_step"] = out["latency_us_per_call"] / policy.exec_horizon
+    if isinstance(policy, FlowPolicy):
+        cond = policy.encode_obs(obs)
+        x = torch.zeros(1, policy.action_horizon, policy.act_dim, device=policy.device)
+        t = torch.zeros(1, device=policy.device)
+        fwd = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            policy.flow.velocity(x, t, cond, torch.full_like(t, 0.25))
+            fwd.append(time.perf_counter() - t0)
+        out["bare_forward_us"] = 1e6 * float(np.median(fwd))
+    return out
+
+
+def record_videos(policy: BasePolicy, env_name: str, out_dir: Path, episodes: int = 2, steps: int | None = None,
+                  seed: int = 100_000, max_episode_steps: int | None = None) -> list[str]:
+    """mp4/GIF videos of the first ``episodes`` episodes; [] with a warning when no renderer is available."""
+    from envs.video import VideoRecorder, render_frame
+
+    paths: list[str] = []
+    if os.environ.get("MUJOCO_GL") not in ("egl", "osmesa") and not os.environ.get("DISPLAY"):
+        warnings.warn("no videos: no display and MUJOCO_GL is not egl/osmesa (train.py picks osmesa when "
+                      "libOSMesa is installed: apt-get install libosmesa6)", stacklevel=2)
+        return paths
+    size = {"render_size": (160, 160)}
+    try:
+        env = make_env(env_name, seed=seed, render_mode="rgb_array", obs_horizon=policy.obs_horizon,
+                       action_horizon=1, max_episode_steps=max_episode_steps, **size)
+    except Exception as err:  # noqa: BLE001 - report, never lose the evaluation
+        warnings.warn(f"no videos: {err}", stacklevel=2)
+        return paths
+    try:
+        for ep in range(episodes):
+            obs, _ = env.reset(seed=seed + ep)
+            policy.reset()
+            rec = VideoRecorder(out_dir / f"{env_name.replace('/', '_')}_K{steps}_ep{ep}.mp4")
+            done = False
+            while not done:
+                rec.add(render_frame(env))
+                act = policy.select_action(torch.as_tensor(obs)[None], steps=steps)[0].cpu().numpy()
+                obs, _, term, trunc, _ = env.step(act)
+                done = term or trunc
+            paths.append(str(rec.close()))
+    except RuntimeError as err:
+        warnings.warn(f"no videos: {err}", stacklevel=2)
+    finally:
+        env.close()
+        policy.reset()
+    return paths
+
+
+def evaluate_policy_steps(policy: BasePolicy, env_name: str, steps_list, episodes: int = 20, num_envs: int = 4,
+                          seed: int = 100_000, max_episode_steps: int | None = None, videos: int = 0,
+                          out_dir: str | Path | None = None, label: str = "") -> list[dict[str, Any]]:
+    """One row per K in ``steps_list`` (Gaussian policies ignore K: one row with steps=None)."""
+    rows = []
+    ks = list(steps_list) if isinstance(policy, FlowPolicy) else [None]
+    for k in ks:
+        record = videos and out_dir is not None and k == ks[-1]  # videos at the largest K only (rendering is slow)
+        r = rollout_episodes(policy, env_name, episodes, k, num_envs, seed, max_episode_steps)
+        lat = measure_latency(policy, k)
+        row = {"policy": label or policy.kind, "steps": k, "episodes": len(r["returns"]),
+               "return_mean": float(np.mean(r["returns"])), "return_std": float(np.std(r["returns"])),
+               "success_rate": float(np.mean(r["successes"])), "length_mean": float(np.mean(r["lengths"])),
+               **lat}
+        if record:
+            row["videos"] = record_videos(policy, env_name, Path(out_dir) / "videos", videos, k, seed,
+                                          max_episode_steps)
+        rows.append(row)
+    return rows
+
+
+def write_eval(rows: list[dict[str, Any]], out_dir: str | Path, name: str = "eval") -> str:
+    """Save rows as JSON and Markdown in ``out_dir``; return the Markdown table."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(rows, indent=2))
+    cols = ["policy", "steps", "episodes", "return_mean", "return_std", "success_rate", "length_mean",
+            "latency_us_per_call", "latency_us_per_env_step"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        cells = []
+        for c in cols:
+            v = r.get(c)
+            cells.append(f"{v:.2f}" if isinstance(v, float) else ("" if v is None else str(v)))
+        lines.append("| " + " | ".join(cells) + " |")
+    md = "\n".join(lines)
+    (out / f"{name}.md").write_text(md + "\n")
+    return md

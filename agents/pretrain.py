@@ -1,0 +1,244 @@
+"""Behavior-cloning pretraining of flow (ReFlow, Shortcut) and Gaussian policies on a robomimic HDF5 file.
+
+``Pretrainer(cfg).run()``: AdamW with cosine decay, EMA weights for evaluation, validation loss, periodic
+rollout evaluation at the policy's default K, tqdm progress, TensorBoard scalars (``train/loss``, ``train/lr``,
+``val/loss``, ``eval/return_mean``, ``eval/success_rate``), checkpoints ``last`` and ``best`` (by success rate,
+else return) with the full training state for exact resume. A non-finite loss stops training with an error
+naming the step; Ctrl-C saves ``last`` and exits cleanly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from envs.dataset import DemoDataset
+from envs.hdf5 import read_meta
+from flowpolicy import EMA
+from flowpolicy.policy import BasePolicy
+
+from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .evaluate import rollout_episodes
+from .policies import build_policy, extra_modules, policy_config, stats_pair, validate_spec
+from .tblog import Logger
+
+
+@dataclass
+class PretrainConfig:
+    """Everything pretraining needs. ``policy`` is the policy spec (see agents.policies)."""
+
+    dataset: str
+    env_name: str
+    run_dir: str
+    policy: dict = field(default_factory=lambda: {"kind": "reflow"})
+    obs_horizon: int = 1
+    action_horizon: int = 4
+    exec_horizon: int | None = None
+    steps: int = 4000
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 1e-6
+    grad_clip: float = 1.0
+    ema_decay: float = 0.995
+    val_every: int = 500
+    eval_every: int = 2000
+    eval_episodes: int = 10
+    eval_num_envs: int = 4
+    max_episode_steps: int | None = None
+    save_every: int = 1000
+    seed: int = 0
+    device: str = "cpu"
+    resume: bool = True
+    progress: bool = True
+    tensorboard: bool = True
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "obs_horizon", "action_horizon", "val_every", "save_every"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"pretrain.{name} must be >= 1, got {getattr(self, name)}")
+        if self.eval_every < 0 or self.eval_episodes < 0:
+            raise ValueError("pretrain.eval_every and eval_episodes must be >= 0")
+        if not self.lr > 0:
+            raise ValueError(f"pretrain.lr must be positive, got {self.lr}")
+        if self.exec_horizon is not None and not 1 <= self.exec_horizon <= self.action_horizon:
+            raise ValueError(f"exec_horizon must be in [1, action_horizon={self.action_horizon}], got "
+                             f"{self.exec_horizon}")
+        validate_spec(self.policy)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Raised after Ctrl-C once ``last`` has been saved."""
+
+
+class Pretrainer:
+    def __init__(self, cfg: PretrainConfig) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        self.train_ds = DemoDataset(cfg.dataset, cfg.obs_horizon, cfg.action_horizon, filter_key="train",
+                                    split_seed=cfg.seed)
+        try:
+            self.valid_ds = DemoDataset(cfg.dataset, cfg.obs_horizon, cfg.action_horizon, filter_key="valid",
+                                        split_seed=cfg.seed)
+        except Exception:  # noqa: BLE001 - a file without validation demos still trains
+            self.valid_ds = None
+        meta = read_meta(cfg.dataset)
+        self.env_meta = meta.get("env", {"name": cfg.env_name})
+        self._check_dims()
+        stats = self.train_ds.stats()
+        self.policy: BasePolicy = build_policy(
+            cfg.policy, self.train_ds.obs_dim, self.train_ds.act_dim, cfg.obs_horizon, cfg.action_horizon,
+            cfg.exec_horizon, stats_pair(stats["obs"]), stats_pair(stats["action"])).to(cfg.device)
+        self.ema = EMA(self.policy, decay=cfg.ema_decay)
+        self.opt = torch.optim.AdamW(self.policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda s: 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.step = 0
+        self.best = -math.inf
+        self._tensors = _materialize(self.train_ds)
+        self._valid = _materialize(self.valid_ds) if self.valid_ds is not None and len(self.valid_ds) else None
+        if cfg.resume and (self.ckpt_dir / "last").exists():
+            self.load(self.ckpt_dir / "last")
+
+    def _check_dims(self) -> None:
+        for key, got in (("obs_dim", self.train_ds.obs_dim), ("act_dim", self.train_ds.act_dim)):
+            want = self.env_meta.get(key)
+            if want is not None and int(want) != got:
+                raise ValueError(f"{self.cfg.dataset}: dataset {key}={got} but env {self.cfg.env_name} has {want}")
+
+    # --- checkpoints -------------------------------------------------------------------------------------
+    def training_state(self) -> dict[str, Any]:
+        return {"step": self.step, "best": self.best, "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(), "ema_updates": self.ema.num_updates,
+                "generator": self.gen.get_state(), "rng": rng_state()}
+
+    def save(self, tags=("last",)) -> Path:
+        cfg = {**policy_config(self.policy, self.cfg.policy), "stage": "pretrain",
+               "train": dataclasses.asdict(self.cfg)}
+        extras = {"policy_ema": self.ema.model, **extra_modules(self.policy)}
+        return save_checkpoint(self.ckpt_dir, self.step, cfg, self.policy, self.env_meta, self.training_state(),
+                               extras, tags=tags)
+
+    def load(self, path) -> None:
+        ck = load_checkpoint(path, expect_kind=self.cfg.policy["kind"])
+        self.policy.load_state_dict(ck["model"])
+        self.ema.model.load_state_dict(ck["extras"]["policy_ema"])
+        if "shortcut_ema" in ck["extras"]:
+            self.policy.flow.ema.model.load_state_dict(ck["extras"]["shortcut_ema"])
+        ts = ck["training_state"]
+        self.step, self.best = int(ts["step"]), float(ts["best"])
+        self.opt.load_state_dict(ts["optimizer"])
+        self.sched.load_state_dict(ts["scheduler"])
+        self.ema.num_updates = int(ts["ema_updates"])
+        self.gen.set_state(ts["generator"])
+        set_rng_state(ts["rng"])
+
+    # --- training ----------------------------------------------------------------------------------------
+    def _batch(self) -> dict[str, torch.Tensor]:
+        idx = torch.randint(0, self._tensors["obs"].shape[0], (self.cfg.batch_size,), generator=self.gen)
+        return {k: v[idx].to(self.cfg.device) for k, v in self._tensors.items()}
+
+    @torch.no_grad()
+    def validation_loss(self) -> float | None:
+        if self._valid is None:
+            return None
+        g = torch.Generator().manual_seed(12345)  # fixed noise so the curve is comparable across steps
+        n = self._valid["obs"].shape[0]
+        losses = []
+        for i in range(0, n, 1024):
+            batch = {k: v[i:i + 1024].to(self.cfg.device) for k, v in self._valid.items()}
+            loss, _ = self.ema.model.loss(batch, generator=g)
+            losses.append(float(loss) * batch["obs"].shape[0])
+        return sum(losses) / n
+
+    def evaluate(self) -> dict[str, float]:
+        r = rollout_episodes(self.ema.model, self.cfg.env_name, self.cfg.eval_episodes, None,
+                             self.cfg.eval_num_envs, seed=10_000 + self.step,
+                             max_episode_steps=self.cfg.max_episode_steps)
+        return {"eval/return_mean": float(np.mean(r["returns"])), "eval/success_rate": float(np.mean(r["successes"])),
+                "eval/length_mean": float(np.mean(r["lengths"]))}
+
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        logger = Logger(self.run_dir / "tb" if cfg.tensorboard else None)
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=self.step, desc=f"pretrain {cfg.policy['kind']}", disable=not cfg.progress,
+                   mininterval=1.0)
+        last_metrics: dict[str, float] = {}
+        interrupted = {"flag": False}
+
+        def on_sigint(signum, frame):  # finish the current step, save, then stop
+            interrupted["flag"] = True
+
+        old = signal.signal(signal.SIGINT, on_sigint)
+        try:
+            while self.step < cfg.steps:
+                self.policy.train()
+                loss, info = self.policy.loss(self._batch(), generator=self.gen)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"non-finite loss ({float(loss)}) at pretraining step {self.step}; the last good "
+                        f"checkpoint is {self.ckpt_dir / 'last'}")
+                self.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                gnorm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip)
+                if not torch.isfinite(gnorm):
+                    raise FloatingPointError(f"non-finite gradient at pretraining step {self.step}; the last good "
+                                             f"checkpoint is {self.ckpt_dir / 'last'}")
+                self.opt.step()
+                self.sched.step()
+                self.ema.update(self.policy)
+                if hasattr(self.policy, "flow") and hasattr(self.policy.flow, "update_ema"):
+                    self.policy.flow.update_ema()
+                self.step += 1
+                bar.update(1)
+                if self.step % 50 == 0:
+                    logger.log({"train/loss": float(loss.detach()), "train/lr": self.sched.get_last_lr()[0],
+                                "train/grad_norm": float(gnorm), **{f"train/{k}": v for k, v in info.items()}},
+                               self.step)
+                    bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
+                if self.step % cfg.val_every == 0 or self.step == cfg.steps:
+                    v = self.validation_loss()
+                    if v is not None:
+                        logger.log({"val/loss": v}, self.step)
+                        last_metrics["val/loss"] = v
+                tags = ["last"]
+                if cfg.eval_every and cfg.eval_episodes and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
+                    m = self.evaluate()
+                    logger.log(m, self.step)
+                    last_metrics.update(m)
+                    score = m["eval/success_rate"] if self.env_meta.get("has_success") else m["eval/return_mean"]
+                    if score > self.best:
+                        self.best = score
+                        tags.append("best")
+                if self.step % cfg.save_every == 0 or self.step == cfg.steps or len(tags) > 1:
+                    self.save(tuple(tags))
+                if interrupted["flag"]:
+                    self.save(("last",))
+                    raise TrainingInterrupted(f"interrupted at step {self.step}; saved {self.ckpt_dir / 'last'}")
+        finally:
+            signal.signal(signal.SIGINT, old)
+            bar.close()
+            logger.close()
+        if not (self.ckpt_dir / "best").exists():
+            self.save(("last", "best"))
+        return {"checkpoint": str((self.ckpt_dir / "last").resolve()), "best": str((self.ckpt_dir / "best").resolve()),
+                "step": self.step, **last_metrics}
+
+
+def _materialize(ds) -> dict[str, torch.Tensor]:
+    """All (obs history, action chunk) windows of a dataset as two tensors (datasets here are small)."""
+    items = [ds[i] for i in range(len(ds))]
+    return {"obs": torch.stack([it["obs"] for it in items]), "action": torch.stack([it["action"] for it in items])}
