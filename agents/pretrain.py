@@ -121,7 +121,8 @@ class Pretrainer:
     def training_state(self) -> dict[str, Any]:
         return {"step": self.step, "best": self.best, "optimizer": self.opt.state_dict(),
                 "scheduler": self.sched.state_dict(), "ema_updates": self.ema.num_updates,
-                "generator": self.gen.get_state(), "rng": rng_state()}
+                "generator": self.gen.get_state(), "rng": rng_state(),
+                "shortcut_ema_updates": getattr(getattr(self.policy, "flow", None), "ema", self.ema).num_updates}
 
     def save(self, tags=("last",)) -> Path:
         cfg = {**policy_config(self.policy, self.cfg.policy), "stage": "pretrain",
@@ -134,9 +135,10 @@ class Pretrainer:
         ck = load_checkpoint(path, expect_kind=self.cfg.policy["kind"])
         self.policy.load_state_dict(ck["model"])
         self.ema.model.load_state_dict(ck["extras"]["policy_ema"])
+        ts = ck["training_state"]
         if "shortcut_ema" in ck["extras"]:
             self.policy.flow.ema.model.load_state_dict(ck["extras"]["shortcut_ema"])
-        ts = ck["training_state"]
+            self.policy.flow.ema.num_updates = int(ts["shortcut_ema_updates"])
         self.step, self.best = int(ts["step"]), float(ts["best"])
         self.opt.load_state_dict(ts["optimizer"])
         self.sched.load_state_dict(ts["scheduler"])

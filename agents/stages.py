@@ -100,7 +100,7 @@ def run_eval(cfg: DictConfig, run_dir: Path, checkpoint: str, steps=None, name: 
 
 
 def run_finetune(cfg: DictConfig, run_dir: Path, checkpoint: str, stage_cfg=None) -> dict[str, Any]:
-    from .finetune import run_finetune_stage
+    from .finetune_stage import run_finetune_stage
 
     return run_finetune_stage(cfg, run_dir, checkpoint, stage_cfg if stage_cfg is not None else cfg.stage)
 

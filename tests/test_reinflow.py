@@ -1,0 +1,189 @@
+"""ReinFlow's noisy sampler and chain log-prob (flowpolicy/reinflow.py)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from flowpolicy.flow import RectifiedFlow, ShortcutFlow
+from flowpolicy.nets import MLPVelocity
+from flowpolicy.policy import FlowPolicy
+from flowpolicy.reinflow import NoiseNet, NoisyFlowSampler, squash_sigma
+
+torch.set_num_threads(1)
+TA, DA, DO = 3, 2, 5
+
+
+def make_policy(kind: str = "reflow", seed: int = 0) -> FlowPolicy:
+    torch.manual_seed(seed)
+    net = MLPVelocity((TA, DA), cond_dim=DO, hidden=32, depth=2, emb_dim=16, step_input=kind == "shortcut")
+    flow = ShortcutFlow(net, (TA, DA), max_level=4) if kind == "shortcut" else RectifiedFlow(net, (TA, DA))
+    return FlowPolicy(flow, DO, DA, obs_horizon=1, action_horizon=TA).eval()
+
+
+def make_sampler(kind="reflow", time_dependent=False, randomize_noise=True, **kw) -> NoisyFlowSampler:
+    policy = make_policy(kind)
+    noise = NoiseNet(DO, (TA, DA), 0.05, 0.3, time_dependent=time_dependent, hidden=16)
+    if randomize_noise:  # the last layer starts at zero; give sigma some dependence on s (and t)
+        torch.nn.init.normal_(noise.mlp[-1].weight, std=0.5)
+    return NoisyFlowSampler(policy, noise, **kw)
+
+
+def brute_force(sampler: NoisyFlowSampler, chain: torch.Tensor, cond: torch.Tensor):
+    """Sum of torch.distributions.Normal log-densities and entropies, one Euler step at a time."""
+    k = chain.shape[1] - 1
+    b = chain.shape[0]
+    logp = torch.zeros(b)
+    ent = torch.zeros(b)
+    if sampler.include_x0:
+        std_normal = torch.distributions.Normal(torch.zeros_like(chain[:, 0]), torch.ones_like(chain[:, 0]))
+        logp = logp + std_normal.log_prob(chain[:, 0]).sum((1, 2))
+        ent = ent + std_normal.entropy().sum((1, 2))
+    for i in range(k):
+        t0, t1 = i / k, (i + 1) / k
+        x = chain[:, i]
+        if sampler.clip_intermediate is not None:
+            x = x.clamp(-sampler.clip_intermediate, sampler.clip_intermediate)
+        v = sampler.policy.velocity(x, torch.full((b,), t0), cond, torch.full((b,), t1 - t0))
+        sigma = sampler.noise_net(cond, torch.full((b,), t0))
+        dist = torch.distributions.Normal(x + (t1 - t0) * v, sigma)
+        logp = logp + dist.log_prob(chain[:, i + 1]).sum((1, 2))
+        ent = ent + dist.entropy().sum((1, 2))
+    if sampler.normalize_logprob:
+        n = (k + sampler.include_x0) * TA * DA
+        logp, ent = logp / n, ent / n
+    return logp, ent
+
+
+def test_sigma_stays_inside_bounds_for_extreme_raw_outputs():
+    z = torch.tensor([-math.inf, -1e30, -80.0, -3.0, -1e-3, 0.0, 1e-3, 3.0, 80.0, 1e30, math.inf])
+    for lo, hi in [(0.1, 0.24), (1e-4, 10.0), (0.3, 0.3), (0.08, 0.0800001)]:
+        s = squash_sigma(z, lo, hi)
+        lo_t, hi_t = torch.tensor(lo), torch.tensor(hi)
+        assert torch.isfinite(s).all()
+        assert (s >= lo_t).all() and (s <= hi_t).all(), (lo, hi, s)
+        assert s[0] == lo_t and s[-1] == hi_t
+    # the midpoint of the log-variance is the geometric mean
+    assert torch.allclose(squash_sigma(torch.zeros(1), 0.1, 0.4), torch.tensor([0.2]))
+    # a network with huge weights, and after the bound schedule moves the bounds
+    net = NoiseNet(DO, (TA, DA), 0.1, 0.24, time_dependent=True, hidden=8)
+    torch.nn.init.normal_(net.mlp[-1].weight, std=1e6)
+    cond, t = 100 * torch.randn(64, DO), torch.rand(64)
+    for lo, hi in [(0.1, 0.24), (0.05, 0.12)]:
+        net.set_bounds(lo, hi)
+        s = net(cond, t)
+        assert s.shape == (64, TA, DA)
+        assert (s >= torch.tensor(lo)).all() and (s <= torch.tensor(hi)).all()
+        assert (s == torch.tensor(lo)).any() and (s == torch.tensor(hi)).any()  # really saturated
+    with pytest.raises(ValueError):
+        net.set_bounds(0.3, 0.2)
+    with pytest.raises(ValueError):
+        net.set_bounds(0.0, 0.2)
+
+
+@pytest.mark.parametrize("kind,steps", [("reflow", 1), ("reflow", 2), ("reflow", 4), ("reflow", 8),
+                                        ("shortcut", 1), ("shortcut", 2), ("shortcut", 4)])
+def test_noise_off_action_equals_pretrained_k_step_action(kind, steps):
+    sampler = make_sampler(kind)
+    cond, x0 = torch.randn(16, DO), torch.randn(16, TA, DA)
+    with torch.no_grad():
+        chain, logp = sampler.sample(cond, steps, deterministic=True, x0=x0)
+        expected = sampler.policy.predict_normalized(cond, steps=steps, x0=x0)
+        mean_action = sampler.mean_action(cond, x0, steps)
+    assert torch.equal(chain[:, -1], expected)
+    assert torch.equal(mean_action, expected)
+    assert torch.equal(chain[:, 0], x0)
+    assert torch.isfinite(logp).all()
+
+
+@pytest.mark.parametrize("kind,steps", [("reflow", 1), ("reflow", 2), ("reflow", 4), ("reflow", 8), ("shortcut", 1),
+                                        ("shortcut", 4)])
+def test_chain_shapes_and_log_prob_for_reflow_and_shortcut(kind, steps):
+    sampler = make_sampler(kind, time_dependent=True)
+    cond = torch.randn(8, DO)
+    chain, logp = sampler.sample(cond, steps, generator=torch.Generator().manual_seed(0))
+    assert chain.shape == (8, steps + 1, TA, DA) and logp.shape == (8,)
+    new_logp, ent = sampler.log_prob(chain, cond, steps)
+    assert new_logp.shape == (8,) and ent.shape == (8,)
+    assert torch.allclose(new_logp, logp, atol=1e-6, rtol=0)
+    assert torch.isfinite(ent).all()
+
+
+@pytest.mark.parametrize("include_x0", [True, False])
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("time_dependent", [True, False])
+def test_chain_log_prob_equals_brute_force_sum_of_normal_log_densities(include_x0, normalize, time_dependent):
+    sampler = make_sampler("reflow", time_dependent=time_dependent, include_x0=include_x0,
+                           normalize_logprob=normalize)
+    cond = torch.randn(12, DO)
+    with torch.no_grad():
+        chain, logp_sampled = sampler.sample(cond, 4, generator=torch.Generator().manual_seed(1))
+        logp, ent = sampler.log_prob(chain, cond)
+        ref_logp, ref_ent = brute_force(sampler, chain, cond)
+    tol = 1e-5 if normalize else 1e-4
+    assert torch.allclose(logp, ref_logp, atol=tol, rtol=0)
+    assert torch.allclose(logp_sampled, ref_logp, atol=tol, rtol=0)
+    assert torch.allclose(ent, ref_ent, atol=tol, rtol=0)
+
+
+def test_shortcut_brute_force_uses_step_size_one_over_k():
+    sampler = make_sampler("shortcut", normalize_logprob=False)
+    cond = torch.randn(6, DO)
+    with torch.no_grad():
+        for k in (1, 2, 4):
+            chain, _ = sampler.sample(cond, k, generator=torch.Generator().manual_seed(k))
+            assert torch.allclose(sampler.log_prob(chain, cond)[0], brute_force(sampler, chain, cond)[0], atol=1e-4)
+    with pytest.raises(ValueError, match="power-of-two"):
+        sampler.sample(cond, 3)
+
+
+def test_log_prob_uses_the_sampling_grid_and_a_different_grid_would_be_caught():
+    sampler = make_sampler("reflow", grid_kind="shifted", grid_shift=3.0, normalize_logprob=False)
+    cond = torch.randn(8, DO)
+    with torch.no_grad():
+        chain, logp = sampler.sample(cond, 4, generator=torch.Generator().manual_seed(0))
+        assert torch.allclose(sampler.log_prob(chain, cond)[0], logp, atol=1e-5, rtol=0)
+        # the bug ReinFlow's design note warns about: scoring on another grid changes the log-prob
+        uniform = NoisyFlowSampler(sampler.policy, sampler.noise_net, normalize_logprob=False)
+        assert (uniform.log_prob(chain, cond)[0] - logp).abs().max() > 1e-2
+
+
+def test_clipping_changes_only_what_is_sent_to_the_env():
+    sampler = make_sampler("reflow", clip_action=0.2, normalize_logprob=False)
+    cond = torch.randn(32, DO)
+    with torch.no_grad():
+        chain, logp = sampler.sample(cond, 4, generator=torch.Generator().manual_seed(0))
+        action = sampler.action(chain)
+        assert action.abs().max() <= 0.2 and chain[:, -1].abs().max() > 0.2  # the stored chain is unclipped
+        assert torch.allclose(sampler.log_prob(chain, cond)[0], brute_force(sampler, chain, cond)[0], atol=1e-4)
+    # intermediate clipping enters the transition mean, and the log-prob stays the exact chain density
+    sampler = make_sampler("reflow", clip_intermediate=0.5, normalize_logprob=False)
+    with torch.no_grad():
+        chain, logp = sampler.sample(cond, 4, generator=torch.Generator().manual_seed(0))
+        assert chain[:, 1:-1].abs().max() > 0.5
+        ref, _ = brute_force(sampler, chain, cond)
+        assert torch.allclose(logp, ref, atol=1e-4) and torch.allclose(sampler.log_prob(chain, cond)[0], ref, atol=1e-4)
+
+
+def test_log_prob_gradients_reach_velocity_and_noise_networks():
+    sampler = make_sampler("reflow", time_dependent=True)
+    cond = torch.randn(8, DO)
+    with torch.no_grad():
+        chain, _ = sampler.sample(cond, 4)
+    logp, ent = sampler.log_prob(chain, cond)
+    (logp.mean() + ent.mean()).backward()
+    for module in (sampler.policy.flow.net, sampler.noise_net):
+        grads = [p.grad for p in module.parameters() if p.grad is not None]
+        assert grads and any(g.abs().sum() > 0 for g in grads)
+
+
+def test_mismatched_shapes_are_rejected():
+    policy = make_policy()
+    with pytest.raises(ValueError, match="x_shape"):
+        NoisyFlowSampler(policy, NoiseNet(DO, (TA + 1, DA)))
+    sampler = NoisyFlowSampler(policy, NoiseNet(DO, (TA, DA)))
+    chain, _ = sampler.sample(torch.randn(2, DO), 4)
+    with pytest.raises(ValueError, match="states"):
+        sampler.log_prob(chain, torch.randn(2, DO), steps=2)
