@@ -48,13 +48,13 @@ def markdown_table(rows: list[dict], columns: list[str], floatfmt: str = ".3f") 
 
 
 def save_results(name: str, rows: list[dict], columns: list[str], config: dict, wall_s: float,
-                 extra_md: str = "", out_dir: Path | None = None) -> Path:
+                 extra_md: str = "", out_dir: Path | None = None, module: str | None = None) -> Path:
     """Write ``<name>.json`` and ``<name>.md`` under bench/results (or ``out_dir``) and print the table."""
     out = Path(out_dir) if out_dir else RESULTS
     out.mkdir(parents=True, exist_ok=True)
     record = {
         "name": name,
-        "command": "python -m " + " ".join([f"bench.{name}"] + sys.argv[1:]),
+        "command": "python -m " + " ".join([module or f"bench.{name}"] + sys.argv[1:]),
         "machine": machine(),
         "date": _dt.datetime.now().isoformat(timespec="seconds"),
         "wall_s": round(wall_s, 1),
