@@ -38,8 +38,12 @@ def rollout_episodes(policy: BasePolicy, env_name: str, episodes: int, steps: in
     obs, _ = envs.reset(seed=seed)
     just_reset = np.zeros(n, bool)
     policy.eval()
+    # the flows' initial noise comes from a generator seeded like the envs, so an evaluation does not depend
+    # on what used the global RNG before it
+    gen = torch.Generator(device=policy.device).manual_seed(seed)
+    kw = {"generator": gen} if isinstance(policy, FlowPolicy) else {}
     while (done_count < quota).any():
-        chunk = policy.predict_action_chunk(obs, steps=steps).cpu().numpy()[:, : policy.exec_horizon]
+        chunk = policy.predict_action_chunk(obs, steps=steps, **kw).cpu().numpy()[:, : policy.exec_horizon]
         act = chunk[:, 0] if policy.exec_horizon == 1 else chunk
         obs, rew, term, trunc, info = envs.step(act)
         k_steps = info.get("chunk_steps", np.ones(n, int))

@@ -8,7 +8,14 @@ from .losses import mse, pseudo_huber
 from .nets import ConvUNet1D, ImageUNet, MLPVelocity, make_network
 from .reflow import distillation_loss, make_couplings, straightness
 from .solvers import integrate, time_grid
-from .time_samplers import LogitNormalTime, ModeHeavyTailTime, UniformTime, UShapedTime, make_time_sampler, shift_time
+from .time_samplers import (
+    LogitNormalTime,
+    ModeHeavyTailTime,
+    UniformTime,
+    UShapedTime,
+    make_time_sampler,
+    shift_time,
+)
 
 __version__ = "0.1.0"
 
