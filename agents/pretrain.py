@@ -112,10 +112,16 @@ class Pretrainer:
             self.load(self.ckpt_dir / "last")
 
     def _check_dims(self) -> None:
+        """The dataset must fit the environment the policy will act in (checked against the real env)."""
+        from envs.factory import env_meta
+
+        env = env_meta(self.cfg.env_name)
         for key, got in (("obs_dim", self.train_ds.obs_dim), ("act_dim", self.train_ds.act_dim)):
-            want = self.env_meta.get(key)
-            if want is not None and int(want) != got:
-                raise ValueError(f"{self.cfg.dataset}: dataset {key}={got} but env {self.cfg.env_name} has {want}")
+            if int(env[key]) != got:
+                raise ValueError(f"{self.cfg.dataset}: dataset {key}={got} but env {self.cfg.env_name} has "
+                                 f"{env[key]}; the dataset was made for {self.env_meta.get('name', 'another env')}")
+        if self.env_meta.get("name") != env["name"]:
+            self.env_meta = env
 
     # --- checkpoints -------------------------------------------------------------------------------------
     def training_state(self) -> dict[str, Any]:

@@ -1,0 +1,53 @@
+"""Regenerate the README's Results section from bench/results/*.md (never typed by hand).
+
+    python -m bench.report            # rewrites README.md between the results markers
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from bench.common import RESULTS
+
+ROOT = Path(__file__).resolve().parents[1]
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+# order and one-line context for each benchmark; files that do not exist yet are skipped
+SECTIONS = [
+    ("flow2d", "Flow core on 2-D 8 Gaussians (issue: foundation)"),
+    ("envs_throughput", "Environment throughput and demo collection"),
+    ("pretrain", "Behavior cloning: few-step evaluation, peers on the same HDF5 and budget"),
+    ("finetune_hopper_medium", "Online fine-tuning on Hopper-v5 from medium demos (ReinFlow vs peers)"),
+    ("finetune_pick_place", "Online fine-tuning on Meta-World pick-place: settings compared side by side"),
+    ("images", "Image generation on digits with the same flow core"),
+    ("align", "Reward and preference alignment"),
+]
+
+
+def build() -> str:
+    parts = []
+    for name, title in SECTIONS:
+        md = RESULTS / f"{name}.md"
+        if not md.exists():
+            continue
+        body = md.read_text().strip()
+        body = re.sub(r"^# .*\n+", "", body)  # drop the file's own title
+        plot = RESULTS / f"{name}.png"
+        img = f"\n\n![{name}](bench/results/{name}.png)" if plot.exists() else ""
+        parts.append(f"### {title}\n\n{body}{img}\n")
+    return "\n".join(parts)
+
+
+def main() -> None:
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    if START not in text or END not in text:
+        raise SystemExit(f"README.md lacks the markers {START} ... {END}")
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    readme.write_text(f"{head}{START}\n{build()}\n{END}{tail}")
+    print("README.md results section regenerated")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""Failure behavior: atomic checkpoints under SIGKILL, no unpickling, clear errors for bad input, no hangs."""
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from agents.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_sigkill_during_saves_never_leaves_a_broken_last(tmp_path):
+    script = textwrap.dedent(f"""
+        import sys, torch
+        sys.path.insert(0, {str(ROOT)!r})
+        from agents.checkpoint import save_checkpoint
+        model = torch.nn.Sequential(*[torch.nn.Linear(512, 512) for _ in range(8)])  # ~8 MB per save
+        step = 0
+        while True:
+            step += 1
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.fill_(float(step))
+            save_checkpoint({str(tmp_path)!r}, step, {{"kind": "test"}}, model, training_state={{"step": step}})
+            print(step, flush=True)
+    """)
+    for delay in (0.7, 1.1, 1.6):
+        proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+        proc.stdout.readline()  # at least one complete save
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        ck = load_checkpoint(tmp_path / "last")
+        step = ck["config"]["step"]
+        assert ck["training_state"]["step"] == step
+        assert all(torch.all(v == float(step)) for k, v in ck["model"].items() if k.endswith("weight"))
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, (f"touch {os.environ['EVIL_MARKER']}",))
+
+
+def test_pickle_posing_as_a_checkpoint_is_refused_and_never_runs(tmp_path, monkeypatch):
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("EVIL_MARKER", str(marker))
+    evil = tmp_path / "model.pt"
+    evil.write_bytes(pickle.dumps(_Evil()))
+    with pytest.raises(CheckpointError, match="pickle"):
+        load_checkpoint(evil)
+    # a checkpoint directory whose training state is a malicious pickle
+    good = save_checkpoint(tmp_path / "ck", 1, {"kind": "x"}, torch.nn.Linear(2, 2), training_state={"a": 1})
+    (good / "training_state.pt").write_bytes(pickle.dumps({"x": _Evil()}))
+    with pytest.raises(CheckpointError, match="refused"):
+        load_checkpoint(good)
+    assert not marker.exists()
+
+
+def test_missing_or_foreign_checkpoints_get_clear_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope")
+    (tmp_path / "dir").mkdir()
+    with pytest.raises(CheckpointError, match="not a flowpolicy checkpoint"):
+        load_checkpoint(tmp_path / "dir")
+    ck = save_checkpoint(tmp_path / "ck", 1, {"kind": "x"}, torch.nn.Linear(2, 2))
+    (ck / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="missing"):
+        load_checkpoint(ck)
+
+
+def _compose(*overrides):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def test_unknown_config_group_or_key_is_hydras_error():
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException):
+        _compose("policy=diffusion_transformer")
+    with pytest.raises(ConfigCompositionException):
+        _compose("stage.pretrain.not_a_key=3")
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (["stage=eval"], "needs checkpoint="),
+        (["task.action_horizon=0"], "action_horizon must be >= 1"),
+        (["task.exec_horizon=9"], "exec_horizon"),
+        (["policy=shortcut", "task.eval.steps=[1,3]"], "power-of-two"),
+        (["task.eval.steps=[0]"], "positive"),
+    ],
+)
+def test_invalid_values_fail_before_anything_runs(tmp_path, overrides, match):
+    from agents.stages import run
+
+    with pytest.raises(ValueError, match=match):
+        run(_compose(*overrides), tmp_path)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_bad_dataset_paths_and_files(tmp_path):
+    from agents.stages import run
+    from envs.hdf5 import DatasetError, read_demos
+
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        run(_compose("stage=pretrain", f"task.demos.path={tmp_path / 'missing.hdf5'}"), tmp_path / "run")
+    junk = tmp_path / "junk.hdf5"
+    junk.write_text("not hdf5")
+    with pytest.raises(DatasetError, match="junk.hdf5"):
+        read_demos(junk)
+
+
+def test_dataset_that_does_not_fit_the_env_is_refused(tmp_path):
+    from agents.pretrain import PretrainConfig, Pretrainer
+    from envs.collect import ensure_demos
+
+    demos = ensure_demos("metaworld/pick-place-v3", 3, 0.3, 0, data_dir=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="obs_dim=39 but env Hopper-v5 has 11"):
+        Pretrainer(PretrainConfig(dataset=str(demos), env_name="Hopper-v5", run_dir=str(tmp_path / "r"),
+                                  progress=False, tensorboard=False))
+
+
+def test_unknown_env_name_is_a_clear_error():
+    from envs.factory import make_env
+
+    with pytest.raises(ValueError, match="Hoper-v5"):
+        make_env("Hoper-v5")
+
+
+def test_a_crashed_async_worker_is_an_error_not_a_hang():
+    script = textwrap.dedent("""
+        import os, gymnasium as gym, numpy as np
+
+        class Crash(gym.Env):
+            observation_space = gym.spaces.Box(-1, 1, (2,))
+            action_space = gym.spaces.Box(-1, 1, (1,))
+            def reset(self, *, seed=None, options=None):
+                return np.zeros(2, np.float32), {}
+            def step(self, a):
+                os._exit(3)  # the worker process dies
+
+        if __name__ == "__main__":
+            envs = gym.vector.AsyncVectorEnv([Crash, Crash])
+            envs.reset(seed=0)
+            try:
+                envs.step(np.zeros((2, 1), np.float32))
+            except Exception as err:
+                print("ERROR", type(err).__name__)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert "ERROR" in out.stdout or out.returncode != 0
