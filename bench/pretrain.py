@@ -289,8 +289,9 @@ def main(argv=None) -> Path:
               "distill_lr": DISTILL_LR, "flow_steps": FLOW_STEPS, "shortcut_steps": SHORTCUT_STEPS,
               "policy_specs": {k: policy_spec(k) for k in ("reflow", "shortcut", "gaussian")}, "threads": 1,
               "runs": str(RUNS), "per_task": infos, "targets": summary}
-    _plot(rows, names, RESULTS / "pretrain.png")
-    return save_results("pretrain", rows, COLUMNS, config, wall, extra_md=extra)
+    name = "pretrain" if len(names) > 1 else f"pretrain_{names[0]}"
+    _plot(rows, names, RESULTS / f"{name}.png")
+    return save_results(name, rows, COLUMNS, config, wall, extra_md=extra, module="bench.pretrain")
 
 
 def _plot(rows: list[dict], names: list[str], path: Path) -> None:

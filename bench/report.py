@@ -16,7 +16,8 @@ START, END = "<!-- results:start -->", "<!-- results:end -->"
 SECTIONS = [
     ("flow2d", "Flow core on 2-D 8 Gaussians (issue: foundation)"),
     ("envs_throughput", "Environment throughput and demo collection"),
-    ("pretrain", "Behavior cloning: few-step evaluation, peers on the same HDF5 and budget"),
+    ("pretrain_pick_place", "Behavior cloning on pick-place: few-step evaluation, peers on the same HDF5 and budget"),
+    ("pretrain_hopper_medium", "Behavior cloning on Hopper-v5 medium demos: few-step evaluation and peers"),
     ("finetune_hopper_medium", "Online fine-tuning on Hopper-v5 from medium demos (ReinFlow vs peers)"),
     ("finetune_pick_place", "Online fine-tuning on Meta-World pick-place: settings compared side by side"),
     ("images", "Image generation on digits with the same flow core"),
