@@ -4,6 +4,7 @@
     python train.py stage=pretrain policy=shortcut    # pretrain only
     python train.py stage=eval checkpoint=outputs/.../pretrain task.eval.steps=[1,2,4,8]
     python train.py stage=finetune checkpoint=...     # ReinFlow PPO
+    python train.py stage=reflow checkpoint=...       # 2-rectified flow + 1-step distillation of a policy
     python train.py task=digits stage=image           # image generation with the same flow core
     python train.py --multirun seed=0,1,2
 """

@@ -23,7 +23,7 @@ from .evaluate import evaluate_policy_steps, write_eval
 from .policies import policy_from_checkpoint
 from .pretrain import PretrainConfig, Pretrainer
 
-STAGES = ("pipeline", "pretrain", "finetune", "eval", "align", "image")
+STAGES = ("pipeline", "pretrain", "finetune", "eval", "align", "image", "reflow")
 
 
 def _plain(cfg) -> dict:
@@ -51,7 +51,7 @@ def validate_config(cfg: DictConfig) -> None:
             bad = [int(k) for k in steps if not is_power_of_two(int(k))]
             if bad:
                 raise ValueError(f"shortcut policies sample with power-of-two K; task.eval.steps has {bad}")
-    if cfg.stage.name in ("eval", "finetune", "align") and not cfg.get("checkpoint"):
+    if cfg.stage.name in ("eval", "finetune", "align", "reflow") and not cfg.get("checkpoint"):
         raise ValueError(f"stage={cfg.stage.name} needs checkpoint=<checkpoint dir or run dir>")
 
 
@@ -105,6 +105,32 @@ def run_finetune(cfg: DictConfig, run_dir: Path, checkpoint: str, stage_cfg=None
     return run_finetune_stage(cfg, run_dir, checkpoint, stage_cfg if stage_cfg is not None else cfg.stage)
 
 
+def run_reflow(cfg: DictConfig, run_dir: Path, checkpoint: str) -> dict[str, Any]:
+    """2-RF + 1-step distillation of a pretrained ReFlow policy; saves both as ordinary checkpoints."""
+    from .policy_reflow import (
+        PolicyReflowConfig,
+        dataset_observations,
+        rectify_policy,
+        save_reflow_checkpoint,
+    )
+
+    policy, ck = policy_from_checkpoint(checkpoint, expect_kind="reflow", device=cfg.device)
+    dataset = ck["config"].get("train", {}).get("dataset") or demos_for(cfg)
+    s = _plain(cfg.stage)
+    s.pop("name", None)
+    rcfg = PolicyReflowConfig(**s, seed=int(cfg.seed), progress=bool(cfg.progress))
+    obs = dataset_observations(dataset, policy.obs_horizon)
+    res = rectify_policy(policy, obs, rcfg)
+    spec = ck["config"]["policy"]
+    out = {"info": res.info, "rectified": str(save_reflow_checkpoint(
+        res.rectified, spec, run_dir / "rectified" / "checkpoints", rcfg.reflow_steps, env_meta=ck["env_meta"],
+        extra_config={"from": str(ck["path"])}))}
+    out["distilled"] = str(save_reflow_checkpoint(
+        res.distilled, spec, run_dir / "distilled" / "checkpoints", rcfg.distill_steps, distilled_steps=1,
+        env_meta=ck["env_meta"], extra_config={"from": str(ck["path"])})) if res.distilled is not None else None
+    return out
+
+
 def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Run ``cfg.stage.name`` in ``run_dir``; returns a summary and writes ``summary.json`` there."""
     validate_config(cfg)
@@ -126,6 +152,14 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         out["eval"] = run_eval(cfg, run_dir, cfg.checkpoint, steps)
     elif name == "finetune":
         out["finetune"] = run_finetune(cfg, run_dir, cfg.checkpoint)
+    elif name == "reflow":
+        out["reflow"] = run_reflow(cfg, run_dir, cfg.checkpoint)
+        out["eval"] = {"rows": [], "markdown": ""}
+        for label, ck in (("2-ReFlow", out["reflow"]["rectified"]), ("2-ReFlow distilled", out["reflow"]["distilled"])):
+            if ck:
+                ev = run_eval(cfg, run_dir, ck, name=f"eval_{label.replace(' ', '_')}", label=label)
+                out["eval"]["rows"] += ev["rows"]
+                out["eval"]["markdown"] += ev["markdown"] + "\n"
     elif name == "align":
         from .align import run_align_stage
 
