@@ -68,3 +68,15 @@ def save_results(name: str, rows: list[dict], columns: list[str], config: dict, 
     (out / f"{name}.md").write_text(md)
     print(md)
     return out / f"{name}.json"
+
+
+def save_figure(fig, path: Path, dpi: int = 90) -> Path:
+    """Tight layout, write the PNG (creating its folder) and close the figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path

@@ -263,10 +263,7 @@ def _plot(runs, path, task, has_success):
         ax.set_ylabel(f"eval {key} (deterministic)")
         ax.set_title(task)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import time
 import torch
 
 import flowpolicy as fp
-from bench.common import RESULTS, save_results
+from bench.common import RESULTS, save_figure, save_results
 from flowpolicy.fit import fit
 from flowpolicy.metrics import sliced_wasserstein
 from flowpolicy.toy import TARGETS
@@ -133,10 +133,7 @@ def _plot(samples, target, names, path):
         ax.set_ylim(-3.5, 3.5)
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ from agents.policy_reflow import (
 )
 from agents.pretrain import PretrainConfig, Pretrainer
 from agents.robomimic_bc import RobomimicBCConfig, RobomimicUnavailable, train_robomimic_bc
-from bench.common import RESULTS, save_results
+from bench.common import RESULTS, save_figure, save_results
 from envs.collect import ensure_demos
 from envs.dataset import DemoDataset
 from flowpolicy.policy import FlowPolicy
@@ -331,10 +331,7 @@ def _plot(rows: list[dict], names: list[str], path: Path) -> None:
         axl.set_title(f"{name}: latency vs K")
         ax.legend(fontsize=7)
         axl.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":
