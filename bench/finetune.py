@@ -251,6 +251,8 @@ def _plot(runs, path, task, has_success):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from bench.common import save_figure
+
     keys = ["return"] + (["success"] if has_success else [])
     fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4), squeeze=False)
     for ax, key in zip(axes[0], keys):
