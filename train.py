@@ -35,8 +35,8 @@ def main(cfg: DictConfig) -> None:
     except KeyboardInterrupt as err:
         print(f"\nstopped: {err}", file=sys.stderr)
         sys.exit(130)
-    for key in ("eval", "eval_finetuned"):
-        if key in out:
+    for key in ("eval", "eval_finetuned", "align"):
+        if isinstance(out.get(key), dict) and out[key].get("markdown"):
             print(f"\n## {key}\n{out[key]['markdown']}")
     print(f"\nrun directory: {run_dir}")
 

@@ -4,6 +4,8 @@ pretrain: collect demos if missing, behavior cloning, evaluation at the task's K
 eval:     evaluate ``checkpoint=...`` at ``stage.steps``; JSON + Markdown + videos.
 finetune: ReinFlow PPO from ``checkpoint=...`` (a pretrained flow policy).
 pipeline: pretrain -> eval -> finetune -> eval, the embedded default job.
+reflow:   2-rectified flow + 1-step distillation of a pretrained ReFlow policy.
+align:    Flow-DPO / Flow-RWR / SFT-on-winners from ``checkpoint=...`` (policies or image generators).
 image:    image generation with the same flow core (agents.images).
 """
 

@@ -1,0 +1,529 @@
+"""Train image generators with the flowpolicy core: 1-RF, reflow (2-RF) + distillation, shortcut models.
+
+The flow math lives in ``flowpolicy`` only: ``RectifiedFlow.loss``/``sample``, ``make_couplings``,
+``distillation_loss``, ``straightness``, ``ShortcutFlow``. This module only feeds batches, runs Adam, keeps an
+EMA of the weights (used for every sample), logs, evaluates and writes checkpoints.
+
+Methods (``stage.method``):
+
+- ``rf``: 1-rectified flow on the data.
+- ``reflow``: 1-RF; couplings (x0, ODE(x0)) from its EMA network; 2-RF initialized from 1-RF and trained on
+  the fixed pairs; then couplings from the 2-RF and a K-step distillation of it (``2rf_distill``).
+- ``shortcut``: a shortcut model (network also takes the step size), sampled with powers-of-two steps.
+
+A run directory receives ``checkpoints/<model>/{model.safetensors, config.yaml}``, ``samples/<model>.png``
+(one row per number of sampling steps, same noise for every model and row), TensorBoard scalars under ``tb/``
+and ``eval.json``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+import flowpolicy
+from flowpolicy import (
+    EMA,
+    RectifiedFlow,
+    ShortcutFlow,
+    distillation_loss,
+    make_couplings,
+    make_network,
+    make_time_sampler,
+    straightness,
+)
+
+from .classifier import FrechetScorer, load_or_train_classifier
+from .data import ImageData, load_dataset, to_uint8
+
+if TYPE_CHECKING:
+    from PIL.Image import Image as PILImage
+
+METHODS = ("rf", "reflow", "shortcut")
+CHECKPOINT_FORMAT = 1
+
+
+class _SamplingView(RectifiedFlow):
+    """A RectifiedFlow around a (frozen EMA) network whose noise is drawn on the CPU generator and moved to
+    the network's device: seeded results do not depend on the device, and ``make_couplings`` (which draws
+    noise on the CPU when there is no condition) also works on a GPU."""
+
+    def noise(self, batch: int, device="cpu", generator=None) -> torch.Tensor:
+        dev = next(self.net.parameters()).device
+        return torch.randn((batch, *self.x_shape), generator=generator).to(dev)
+
+
+@dataclass
+class TrainedModel:
+    """A trained generator: ``flow`` holds the training weights, ``ema`` the weights every sample uses."""
+
+    name: str
+    flow: RectifiedFlow
+    ema: EMA
+    spec: dict  # what rebuilds it: flow class and settings, network settings
+    train_s: float = 0.0
+    info: dict = field(default_factory=dict)
+
+    @torch.no_grad()
+    def generate(self, x0: torch.Tensor, steps: int, batch: int = 1000) -> torch.Tensor:
+        """Images (N, C, H, W) from noise x0 (N, C, H, W) with ``steps`` Euler steps of the EMA network."""
+        dev = next(self.ema.model.parameters()).device
+        out = [self.flow.sample(steps=steps, x0=x0[i : i + batch].to(dev), net=self.ema.model)
+               for i in range(0, x0.shape[0], batch)]
+        return torch.cat(out)
+
+    def sampling_flow(self) -> RectifiedFlow:
+        """A RectifiedFlow over the EMA network (for ``make_couplings`` and ``straightness``)."""
+        return _SamplingView(self.ema.model, self.flow.x_shape, loss=self.flow.loss_kind, huber_c=self.flow.huber_c)
+
+
+# --- building blocks -----------------------------------------------------------------------------------
+
+
+def build_flow(method: str, x_shape: tuple[int, ...], stage: DictConfig) -> tuple[RectifiedFlow, dict]:
+    """The flow for ``method`` with a fresh U-Net; returns (flow, spec) where spec rebuilds it."""
+    if method not in METHODS:
+        raise ValueError(f"unknown image method {method!r}; choose from {METHODS}")
+    net_cfg = OmegaConf.to_container(stage.net, resolve=True)
+    kind = net_cfg.pop("kind", "unet2d")
+    if "channels" in net_cfg:
+        net_cfg["channels"] = tuple(net_cfg["channels"])
+    is_shortcut = method == "shortcut"
+    net = make_network(kind, x_shape, cond_dim=0, step_input=is_shortcut, **net_cfg)
+    loss, huber_c = _loss_settings(stage, stage, x_shape)
+    sampler_name = str(stage.get("time_sampler", "uniform"))
+    sampler = make_time_sampler(sampler_name)
+    spec = {"net": {"kind": kind, "step_input": is_shortcut, **net_cfg}, "x_shape": list(x_shape),
+            "loss": loss, "huber_c": huber_c, "time_sampler": sampler_name}
+    if is_shortcut:
+        sc = stage.shortcut
+        flow = ShortcutFlow(net, x_shape, max_level=int(sc.max_level), sc_fraction=float(sc.sc_fraction),
+                            ema_decay=float(stage.ema_decay), time_sampler=sampler, loss=loss, huber_c=huber_c)
+        spec.update({"class": "ShortcutFlow", "max_level": int(sc.max_level), "sc_fraction": float(sc.sc_fraction)})
+    else:
+        flow = RectifiedFlow(net, x_shape, time_sampler=sampler, loss=loss, huber_c=huber_c)
+        spec["class"] = "RectifiedFlow"
+    if "channels" in spec["net"]:
+        spec["net"]["channels"] = list(spec["net"]["channels"])
+    return flow, spec
+
+
+class _Logger:
+    """TensorBoard scalars (optional) with one global step across the models of a run."""
+
+    def __init__(self, log_dir: Path | None) -> None:
+        self.writer = None
+        if log_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(log_dir))
+        self.step = 0
+
+    def scalar(self, tag: str, value: float, step: int | None = None) -> None:
+        if self.writer is not None:
+            self.writer.add_scalar(tag, value, self.step if step is None else step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def fit(
+    model: TrainedModel,
+    loss_fn: Callable[[], tuple[torch.Tensor, dict]],
+    steps: int,
+    lr: float,
+    grad_clip: float | None = 1.0,
+    logger: _Logger | None = None,
+    log_every: int = 50,
+    progress: bool = True,
+    schedule: str = "constant",
+) -> TrainedModel:
+    """Adam on ``model.flow.net`` for ``steps`` steps of ``loss_fn() -> (loss, info)``, EMA after each step.
+
+    ``schedule``: ``constant`` learning rate or ``cosine`` decay to 0. Logs ``train/loss``, ``train/lr`` and
+    each info entry ``loss/<x>`` as ``train/<x>``; adds the wall time to ``train_s``.
+    """
+    if schedule not in ("constant", "cosine"):
+        raise ValueError(f"unknown lr schedule {schedule!r}; choose 'constant' or 'cosine'")
+    start = time.perf_counter()
+    net = model.flow.net
+    net.train()
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps)) if schedule == "cosine" else None
+    bar = tqdm(range(steps), desc=model.name, disable=not progress, leave=False, mininterval=1.0)
+    for i in bar:
+        loss, info = loss_fn()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{model.name}: non-finite loss {float(loss)} at step {i}; lower stage.lr")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
+        opt.step()
+        if sched is not None:
+            sched.step()
+        model.ema.update(net)
+        if i % log_every == 0 or i == steps - 1:
+            value = float(loss.detach())
+            bar.set_postfix(loss=f"{value:.4f}")
+            if logger is not None:
+                logger.scalar("train/loss", value, logger.step + 1)
+                logger.scalar("train/lr", opt.param_groups[0]["lr"], logger.step + 1)
+                for k, v in info.items():
+                    logger.scalar("train/" + k.split("/", 1)[-1], v, logger.step + 1)
+        if logger is not None:
+            logger.step += 1
+    bar.close()
+    net.eval()
+    model.train_s += time.perf_counter() - start
+    return model
+
+
+def _batches(n: int, batch_size: int, device: torch.device) -> Callable[[], torch.Tensor]:
+    """Uniform random minibatch indices (global RNG, so a seeded run is reproducible)."""
+    return lambda: torch.randint(0, n, (batch_size,)).to(device)
+
+
+def train_base(name: str, method: str, data: ImageData, stage: DictConfig, device: torch.device,
+               logger: _Logger | None = None, progress: bool = True) -> TrainedModel:
+    """1-RF (``method='rf'``) or shortcut model (``'shortcut'``) trained on the data for ``stage.train_steps``."""
+    flow, spec = build_flow(method, data.image_shape, stage)
+    flow.to(device)
+    # the shortcut model's own EMA (its self-consistency targets) doubles as its sampling EMA
+    ema = flow.ema if isinstance(flow, ShortcutFlow) else EMA(flow.net, decay=float(stage.ema_decay))
+    model = TrainedModel(name, flow, ema, spec)
+    images = data.images.to(device)
+    draw = _batches(len(data), int(stage.batch_size), device)
+    return _fit_section(model, lambda: flow.loss(images[draw()]), int(stage.train_steps), stage, stage, logger,
+                        progress)
+
+
+def _fit_section(model: TrainedModel, loss_fn, steps: int, section: DictConfig, stage: DictConfig,
+                 logger: _Logger | None, progress: bool) -> TrainedModel:
+    """``fit`` with the section's lr and lr_schedule, falling back to the stage's."""
+    return fit(model, loss_fn, steps, float(section.get("lr") or stage.lr), stage.get("grad_clip", 1.0), logger,
+               int(stage.get("log_every", 50)), progress,
+               str(section.get("lr_schedule") or stage.get("lr_schedule", "constant")))
+
+
+def _couplings(model: TrainedModel, section: DictConfig, seed: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(x0, x1_hat, seconds): ``section.couplings`` pairs from ``model``'s EMA ODE, solved with
+    ``section.couplings_steps`` steps of ``section.couplings_solver``."""
+    start = time.perf_counter()
+    g = torch.Generator().manual_seed(seed)
+    x0, x1 = make_couplings(model.sampling_flow(), int(section.couplings), steps=int(section.couplings_steps),
+                            solver=str(section.get("couplings_solver", "euler")), batch_size=1000, generator=g)
+    return x0, x1, time.perf_counter() - start
+
+
+def _loss_settings(section: DictConfig, stage: DictConfig, x_shape: tuple[int, ...]) -> tuple[str, float | None]:
+    """(loss, huber_c) of a training section, falling back to the stage's. ``pseudo_huber`` without an explicit
+    ``huber_c`` uses Lee et al.'s c = 0.00054 * dim."""
+    loss = str(section.get("loss") or stage.get("loss", "mse"))
+    huber_c = section.get("huber_c") or stage.get("huber_c")
+    if loss == "pseudo_huber" and huber_c is None:
+        huber_c = 0.00054 * math.prod(x_shape)
+    return loss, None if huber_c is None else float(huber_c)
+
+
+def _child(name: str, parent: TrainedModel, stage: DictConfig, section: DictConfig) -> TrainedModel:
+    """A RectifiedFlow initialized from ``parent``'s EMA weights; ``section`` may override loss/time sampler."""
+    net = copy.deepcopy(parent.ema.model).train()
+    for p in net.parameters():
+        p.requires_grad_(True)
+    loss, huber_c = _loss_settings(section, stage, parent.flow.x_shape)
+    sampler_name = str(section.get("time_sampler") or stage.get("time_sampler", "uniform"))
+    flow = RectifiedFlow(net, parent.flow.x_shape, time_sampler=make_time_sampler(sampler_name), loss=loss,
+                         huber_c=huber_c)
+    spec = {**parent.spec, "loss": loss, "huber_c": huber_c, "time_sampler": sampler_name}
+    return TrainedModel(name, flow, EMA(net, decay=float(stage.ema_decay)), spec)
+
+
+def train_reflow(base: TrainedModel, stage: DictConfig, seed: int, logger: _Logger | None = None,
+                 progress: bool = True) -> TrainedModel:
+    """2-RF: couplings from ``base`` (the 1-RF), then flow matching on the fixed pairs.
+
+    ``train_s`` includes the time to generate the couplings (recorded separately in ``info``).
+    """
+    r = stage.reflow
+    x0, x1, coupling_s = _couplings(base, r, seed)
+    model = _child("2rf", base, stage, r)
+    model.train_s, model.info["couplings_s"] = coupling_s, coupling_s
+    draw = _batches(x0.shape[0], int(stage.batch_size), x0.device)
+
+    def loss_fn():
+        idx = draw()
+        return model.flow.loss(x1[idx], x0=x0[idx])
+
+    return _fit_section(model, loss_fn, int(r.steps), r, stage, logger, progress)
+
+
+def train_distilled(teacher: TrainedModel, stage: DictConfig, seed: int, logger: _Logger | None = None,
+                    progress: bool = True) -> TrainedModel:
+    """K-step distillation (``stage.distill.k``) of ``teacher`` on couplings from its own ODE."""
+    dcfg = stage.distill
+    x0, x1, coupling_s = _couplings(teacher, dcfg, seed + 1)
+    k = int(dcfg.k)
+    model = _child(f"{teacher.name}_distill", teacher, stage, dcfg)
+    model.train_s, model.info["couplings_s"], model.info["k"] = coupling_s, coupling_s, k
+    draw = _batches(x0.shape[0], int(stage.batch_size), x0.device)
+
+    def loss_fn():
+        idx = draw()
+        return distillation_loss(model.flow, x0[idx], x1[idx], steps=k)
+
+    return _fit_section(model, loss_fn, int(dcfg.steps), dcfg, stage, logger, progress)
+
+
+# --- evaluation --------------------------------------------------------------------------------------------
+
+
+def eval_noise(num: int, x_shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """The fixed evaluation noise (num, *x_shape), drawn on the CPU from ``seed`` (same for every model)."""
+    return torch.randn((num, *x_shape), generator=torch.Generator().manual_seed(seed))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def evaluate(model: TrainedModel, x0: torch.Tensor, steps_list, scorer: FrechetScorer | None,
+             straightness_samples: int = 0, straightness_steps: int = 32,
+             seed: int = 0) -> tuple[dict, dict[int, torch.Tensor]]:
+    """FD and sampling time at each number of steps (+ straightness for rectified flows).
+
+    Returns (metrics, samples) with metrics ``{"fd": {K: float}, "sample_s": {K: seconds}, "straightness"}``
+    and samples ``{K: (N, C, H, W) on the CPU}``.
+    """
+    dev = next(model.ema.model.parameters()).device
+    metrics: dict = {"fd": {}, "sample_s": {}}
+    samples = {}
+    for k in steps_list:
+        _sync(dev)
+        start = time.perf_counter()
+        x = model.generate(x0, int(k))
+        _sync(dev)
+        metrics["sample_s"][int(k)] = time.perf_counter() - start
+        samples[int(k)] = x.cpu()
+        if scorer is not None:
+            metrics["fd"][int(k)] = scorer(samples[int(k)])
+    if straightness_samples and not isinstance(model.flow, ShortcutFlow):
+        # straightness() places its time tensors on the CPU when there is no condition: evaluate a CPU copy
+        view = _SamplingView(copy.deepcopy(model.ema.model).cpu(), model.flow.x_shape)
+        metrics["straightness"] = straightness(view, num=straightness_samples, steps=straightness_steps,
+                                               generator=torch.Generator().manual_seed(seed))
+    return metrics, samples
+
+
+def check_steps(method: str, steps_list) -> list[int]:
+    """Validate the evaluation step counts before any training (shortcut models need powers of two)."""
+    steps = [int(k) for k in steps_list]
+    if not steps or any(k < 1 for k in steps):
+        raise ValueError(f"eval steps must be positive integers, got {list(steps_list)}")
+    if method == "shortcut":
+        bad = [k for k in steps if k & (k - 1)]
+        if bad:
+            raise ValueError(f"shortcut models sample with powers of two steps; {bad} are not (stage.eval.steps)")
+    return steps
+
+
+# --- images and checkpoints -------------------------------------------------------------------------------
+
+
+def image_grid(rows: list[torch.Tensor], scale: int = 4, pad: int = 1) -> PILImage:
+    """A PIL image tiling ``rows`` (each (n, C, H, W) in [-1, 1]) with ``pad`` px gaps, upscaled ``scale``x."""
+    from PIL import Image
+
+    n_cols = max(r.shape[0] for r in rows)
+    c, h, w = rows[0].shape[1:]
+    canvas = np.full((len(rows) * (h + pad) + pad, n_cols * (w + pad) + pad, c), 255, dtype=np.uint8)
+    for i, r in enumerate(rows):
+        for j, img in enumerate(to_uint8(r)):
+            y, x = pad + i * (h + pad), pad + j * (w + pad)
+            canvas[y : y + h, x : x + w] = img
+    mode = "L" if c == 1 else "RGB"
+    pil = Image.fromarray(canvas[..., 0] if c == 1 else canvas, mode)
+    return pil.resize((pil.width * scale, pil.height * scale), Image.Resampling.NEAREST)
+
+
+def save_checkpoint(model: TrainedModel, path: str | Path, extra: dict | None = None) -> Path:
+    """Write ``path/{model.safetensors, config.yaml}`` atomically (temp dir, then rename).
+
+    ``model.safetensors`` holds ``ema.*`` (sampling weights) and ``net.*`` (training weights).
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    tensors = {f"ema.{k}": v.detach().cpu().contiguous() for k, v in model.ema.model.state_dict().items()}
+    tensors.update({f"net.{k}": v.detach().cpu().contiguous() for k, v in model.flow.net.state_dict().items()})
+    save_file(tensors, str(tmp / "model.safetensors"))
+    cfg = {"format_version": CHECKPOINT_FORMAT, "flowpolicy_version": flowpolicy.__version__,
+           "kind": "image_generator", "model": model.name, "flow": model.spec, "train_s": model.train_s,
+           "ema_updates": model.ema.num_updates, **(extra or {})}
+    OmegaConf.save(OmegaConf.create(cfg), tmp / "config.yaml")
+    if path.exists():
+        old = path.parent / f".{path.name}.old{os.getpid()}"
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, path)
+    return path
+
+
+def load_generator(path: str | Path, device: str | torch.device = "cpu") -> tuple[RectifiedFlow, DictConfig]:
+    """Rebuild a saved generator with its EMA (sampling) weights as ``flow.net``; returns (flow, config).
+
+    Sample with ``flow.sample(steps=K, batch=N)`` (images (N, C, H, W) in [-1, 1]).
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not (path / "config.yaml").exists() or not (path / "model.safetensors").exists():
+        raise FileNotFoundError(f"{str(path)!r} is not an image generator checkpoint (config.yaml + "
+                                "model.safetensors)")
+    cfg = OmegaConf.load(path / "config.yaml")
+    if cfg.get("format_version") != CHECKPOINT_FORMAT or cfg.get("kind") != "image_generator":
+        raise ValueError(f"{str(path)!r}: unsupported checkpoint (kind={cfg.get('kind')}, "
+                         f"format_version={cfg.get('format_version')})")
+    spec = OmegaConf.to_container(cfg.flow, resolve=True)
+    net_cfg = dict(spec["net"])
+    kind, step_input = net_cfg.pop("kind"), net_cfg.pop("step_input")
+    if "channels" in net_cfg:
+        net_cfg["channels"] = tuple(net_cfg["channels"])
+    x_shape = tuple(spec["x_shape"])
+    net = make_network(kind, x_shape, cond_dim=0, step_input=step_input, **net_cfg)
+    weights = load_file(str(path / "model.safetensors"))
+    net.load_state_dict({k[4:]: v for k, v in weights.items() if k.startswith("ema.")})
+    sampler = make_time_sampler(spec["time_sampler"])
+    if spec["class"] == "ShortcutFlow":
+        flow = ShortcutFlow(net, x_shape, max_level=spec["max_level"], sc_fraction=spec["sc_fraction"],
+                            time_sampler=sampler, loss=spec["loss"], huber_c=spec["huber_c"])
+    else:
+        flow = RectifiedFlow(net, x_shape, time_sampler=sampler, loss=spec["loss"], huber_c=spec["huber_c"])
+    return flow.to(device).eval(), cfg
+
+
+# --- the entry point ----------------------------------------------------------------------------------------
+
+
+def _run_dir(cfg: DictConfig, run_dir: str | Path | None) -> Path:
+    if run_dir is not None:
+        return Path(run_dir)
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            return Path(HydraConfig.get().runtime.output_dir)
+    except ImportError:
+        pass
+    return Path(cfg.get("run_dir") or os.getcwd())
+
+
+def _abs_path(p: str) -> Path:
+    """Relative paths resolve against the launch directory, also under Hydra with ``job.chdir=True``."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.utils import to_absolute_path
+
+        if HydraConfig.initialized():
+            return Path(to_absolute_path(p))
+    except ImportError:
+        pass
+    return Path(p)
+
+
+def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
+    """Train and evaluate image generators as ``cfg.stage`` says, on ``cfg.task``'s dataset.
+
+    ``cfg`` needs ``task`` (dataset, path, image_size, channels), ``stage`` (see configs/stage/image.yaml),
+    and optionally ``seed`` and ``device``. ``run_dir``: explicit output folder; else Hydra's run dir, else
+    ``cfg.run_dir``, else the working directory. Returns (and writes to ``eval.json``) a summary:
+    ``{"method", "run_dir", "dataset", "classifier", "models": {name: {"fd": {K: FD}, "sample_s": {K: s},
+    "straightness", "train_s", "checkpoint", "samples"}}}``.
+    """
+    task, stage = cfg.task, cfg.stage
+    method = str(stage.method)
+    if method not in METHODS:
+        raise ValueError(f"unknown stage.method {method!r}; choose from {METHODS}")
+    steps_list = check_steps(method, stage.eval.steps)
+    out = _run_dir(cfg, run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    seed = int(cfg.get("seed", 0))
+    device = torch.device(str(cfg.get("device", "cpu")))
+    progress = bool(stage.get("progress", True))
+    torch.manual_seed(seed)
+
+    data = load_dataset(str(task.dataset), task.get("path"), task.get("image_size"), int(task.get("channels", 3)))
+    summary: dict = {"method": method, "run_dir": str(out), "seed": seed, "device": str(device),
+                     "dataset": {"name": data.name, "num_images": len(data), "image_shape": list(data.image_shape),
+                                 "num_classes": data.num_classes},
+                     "models": {}}
+    scorer = None
+    if stage.eval.get("fd", True):
+        ccfg = stage.classifier
+        cache = ccfg.get("cache_dir")
+        clf, cinfo = load_or_train_classifier(data, cache_dir=_abs_path(cache) if cache else None,
+                                              steps=int(ccfg.steps), seed=int(ccfg.get("seed", 0)))
+        scorer = FrechetScorer(clf, data.images)
+        summary["classifier"] = cinfo
+    x0_eval = eval_noise(int(stage.eval.samples), data.image_shape, seed + 12345)
+    logger = _Logger(out / "tb")
+    data_meta = {"data": {"dataset": str(task.dataset), "name": data.name, "range": [-1.0, 1.0],
+                          "num_classes": data.num_classes, "class_names": data.class_names}}
+
+    def finish(model: TrainedModel) -> None:
+        metrics, samples = evaluate(model, x0_eval, steps_list, scorer,
+                                    int(stage.eval.get("straightness_samples", 0)),
+                                    int(stage.eval.get("straightness_steps", 32)), seed)
+        for k, v in metrics["fd"].items():
+            logger.scalar(f"eval/{model.name}/fd_steps_{k}", v)
+        if "straightness" in metrics:
+            logger.scalar(f"eval/{model.name}/straightness", metrics["straightness"])
+        cols = int(stage.get("grid_cols", 16))
+        png = out / "samples" / f"{model.name}.png"
+        png.parent.mkdir(parents=True, exist_ok=True)
+        image_grid([samples[k][:cols] for k in steps_list]).save(png)
+        entry = {**metrics, "train_s": model.train_s, "samples": str(png), **model.info}
+        if stage.get("checkpoint", True):
+            entry["checkpoint"] = str(save_checkpoint(model, out / "checkpoints" / model.name,
+                                                      {**data_meta, "method": method, "seed": seed}))
+        summary["models"][model.name] = entry
+
+    try:
+        if method == "shortcut":
+            finish(train_base("shortcut", "shortcut", data, stage, device, logger, progress))
+        else:
+            rf1 = train_base("1rf", "rf", data, stage, device, logger, progress)
+            finish(rf1)
+            if method == "reflow":
+                rf2 = train_reflow(rf1, stage, seed, logger, progress)
+                finish(rf2)
+                if int(stage.distill.get("steps", 0)) > 0:
+                    finish(train_distilled(rf2, stage, seed, logger, progress))
+    finally:
+        logger.close()
+    with open(out / "eval.json", "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary
+

@@ -1,0 +1,249 @@
+"""Image generation with the shared flow core: datasets, the FD classifier, training and the run entry point.
+
+Seeded and small: the whole file runs in well under a minute on 2 CPU cores.
+"""
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+from agents.images import (
+    FrechetScorer,
+    denormalize,
+    frechet_distance,
+    load_dataset,
+    load_digits,
+    load_generator,
+    load_image_folder,
+    load_or_train_classifier,
+    normalize,
+    run,
+    save_checkpoint,
+    train_classifier,
+)
+from agents.images.data import to_uint8
+from agents.images.trainer import TrainedModel, build_flow, eval_noise, train_base
+from flowpolicy import EMA
+
+
+def _stage(**over):
+    stage = OmegaConf.load("configs/stage/image.yaml")
+    return OmegaConf.merge(stage, OmegaConf.create(over))
+
+
+def _cfg(tmp_path, method="rf", **stage_over):
+    tiny = {
+        "method": method, "train_steps": 20, "batch_size": 32, "progress": False, "log_every": 5,
+        "reflow": {"couplings": 64, "couplings_steps": 4, "steps": 10},
+        "distill": {"couplings": 64, "steps": 10},
+        "shortcut": {"max_level": 3},
+        "eval": {"steps": [1, 2], "samples": 64, "straightness_samples": 32, "straightness_steps": 4},
+        "classifier": {"steps": 30, "cache_dir": str(tmp_path / "cache")},
+        "grid_cols": 8,
+    }
+    stage = OmegaConf.merge(_stage(), OmegaConf.create(tiny), OmegaConf.create(stage_over))
+    return OmegaConf.create({"seed": 0, "device": "cpu", "task": OmegaConf.load("configs/task/digits.yaml"),
+                             "stage": stage})
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits()
+
+
+@pytest.fixture(scope="module")
+def classifier(digits):
+    model, info = train_classifier(digits, steps=400, seed=0)
+    return model, info
+
+
+# --- data --------------------------------------------------------------------------------------------------
+
+
+def test_digits_are_8x8_in_unit_range_with_ten_classes(digits):
+    assert digits.images.shape == (1797, 1, 8, 8)
+    assert digits.images.dtype == torch.float32
+    assert float(digits.images.min()) == -1.0 and float(digits.images.max()) == 1.0
+    assert digits.labels.shape == (1797,) and set(digits.labels.tolist()) == set(range(10))
+    assert digits.num_classes == 10 and digits.image_shape == (1, 8, 8)
+
+
+def test_normalize_round_trips_pixel_values():
+    pixels = np.arange(17, dtype=np.float64)
+    x = normalize(pixels, 16.0)
+    assert float(x[0]) == -1.0 and float(x[-1]) == 1.0
+    assert torch.allclose(denormalize(x) * 16.0, torch.as_tensor(pixels, dtype=torch.float32), atol=1e-6)
+    img = normalize(np.arange(256, dtype=np.uint8).reshape(1, 1, 16, 16), 255.0)
+    assert np.array_equal(to_uint8(img)[0, :, :, 0], np.arange(256, dtype=np.uint8).reshape(16, 16))
+    assert float(denormalize(torch.tensor([-3.0, 3.0])).min()) == 0.0  # overshooting samples are clamped
+
+
+def test_image_folder_loads_pngs_of_any_size_with_class_subfolders(tmp_path):
+    rng = np.random.default_rng(0)
+    for cls, n, size in (("cats", 3, (10, 14)), ("dogs", 2, (20, 20))):
+        (tmp_path / cls).mkdir()
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(tmp_path / cls / f"{i}.png")
+    (tmp_path / "dogs" / "notes.txt").write_text("not an image")
+    data = load_image_folder(tmp_path, image_size=8, channels=3)
+    assert data.images.shape == (5, 3, 8, 8)
+    assert data.labels.tolist() == [0, 0, 0, 1, 1] and data.class_names == ["cats", "dogs"]
+    assert float(data.images.min()) >= -1.0 and float(data.images.max()) <= 1.0
+    gray = load_dataset("folder", tmp_path / "cats", image_size=4, channels=1)  # flat folder: one class
+    assert gray.images.shape == (3, 1, 4, 4) and gray.num_classes == 1
+
+
+def test_image_folder_errors_are_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_image_folder(tmp_path / "missing", 8)
+    with pytest.raises(ValueError, match="no .* images"):
+        load_image_folder(tmp_path, 8)
+    with pytest.raises(ValueError, match="needs a path"):
+        load_dataset("folder")
+    with pytest.raises(ValueError, match="unknown image dataset"):
+        load_dataset("mnist")
+
+
+def test_cifar10_batches_load_from_the_named_folder(tmp_path):
+    rng = np.random.default_rng(0)
+    for i in (1, 2):
+        batch = {b"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8), b"labels": [0, 1, 2, 9]}
+        with open(tmp_path / f"data_batch_{i}", "wb") as f:
+            pickle.dump(batch, f)
+    data = load_dataset("cifar10", tmp_path)
+    assert data.images.shape == (8, 3, 32, 32) and data.labels.tolist() == [0, 1, 2, 9] * 2
+    assert float(data.images.min()) >= -1.0 and float(data.images.max()) <= 1.0
+    with open(tmp_path / "data_batch_3", "wb") as f:
+        pickle.dump([1, 2, 3], f)
+    with pytest.raises(ValueError, match="not a CIFAR-10 batch"):
+        load_dataset("cifar10", tmp_path)
+    with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
+        load_dataset("cifar10", tmp_path / "empty")
+
+
+# --- classifier and FD ------------------------------------------------------------------------------------
+
+
+def test_classifier_is_accurate_on_held_out_digits(classifier):
+    _, info = classifier
+    assert info["task"] == "labels"
+    assert info["holdout_accuracy"] > 0.9
+
+
+def test_classifier_log_prob_is_a_differentiable_reward(classifier, digits):
+    model, _ = classifier
+    x = digits.images[:8].clone().requires_grad_(True)
+    logp = model.log_prob(x, 3)
+    assert logp.shape == (8,) and bool((logp <= 0).all())
+    logp.sum().backward()
+    assert x.grad is not None and float(x.grad.abs().sum()) > 0
+    every = torch.stack([model.log_prob(digits.images[:8], c) for c in range(10)], 1)
+    assert torch.allclose(every.logsumexp(1), torch.zeros(8), atol=1e-5)
+    per_sample = model.log_prob(digits.images[:8], digits.labels[:8])
+    assert torch.allclose(per_sample, every.gather(1, digits.labels[:8, None]).squeeze(1))
+
+
+def test_classifier_cache_is_reused_and_keyed_by_settings(tmp_path, digits):
+    a, info_a = load_or_train_classifier(digits, cache_dir=tmp_path, steps=5)
+    b, info_b = load_or_train_classifier(digits, cache_dir=tmp_path, steps=5)
+    assert not info_a["cached"] and info_b["cached"] and info_a["cache"] == info_b["cache"]
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb)
+    _, info_c = load_or_train_classifier(digits, cache_dir=tmp_path, steps=6)
+    assert info_c["cache"] != info_a["cache"] and not info_c["cached"]
+
+
+def test_frechet_distance_matches_the_closed_form_for_gaussians():
+    d = 5
+    # N(0, I) vs N(m, 4 I): ||m||^2 + tr(I + 4I - 2 * 2I) = ||m||^2 + d
+    m = np.arange(d, dtype=np.float64)
+    assert frechet_distance(np.zeros(d), np.eye(d), m, 4 * np.eye(d)) == pytest.approx(float(m @ m) + d)
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(d, d))
+    s = a @ a.T  # a rank-deficient covariance must not break the square root
+    s[:, 0] = s[0, :] = 0.0
+    assert frechet_distance(m, s, m, s) == pytest.approx(0.0, abs=1e-6)
+    s2 = np.diag(rng.uniform(0.5, 2.0, d))
+    assert frechet_distance(m, s, 0 * m, s2) == pytest.approx(frechet_distance(0 * m, s2, m, s), rel=1e-6)
+
+
+def test_fd_between_real_halves_is_much_smaller_than_to_noise(classifier, digits):
+    model, _ = classifier
+    perm = torch.randperm(len(digits), generator=torch.Generator().manual_seed(0))
+    half_a, half_b = digits.images[perm[:898]], digits.images[perm[898:1796]]
+    scorer = FrechetScorer(model, half_a)
+    fd_real = scorer(half_b)
+    fd_noise = scorer(torch.randn(898, 1, 8, 8, generator=torch.Generator().manual_seed(1)).clamp(-1, 1))
+    assert 0 < fd_real < fd_noise / 10
+    assert scorer(torch.full((898, 1, 8, 8), float("nan"))) == float("inf")
+
+
+# --- training ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def short_rf(digits):
+    torch.manual_seed(0)
+    return train_base("1rf", "rf", digits, _stage(train_steps=300, batch_size=64, progress=False), "cpu")
+
+
+def test_short_rectified_flow_training_lowers_fd(short_rf, classifier, digits):
+    model, _ = classifier
+    scorer = FrechetScorer(model, digits.images)
+    x0 = eval_noise(500, (1, 8, 8), seed=7)
+    torch.manual_seed(0)
+    flow, spec = build_flow("rf", (1, 8, 8), _stage())
+    untrained = TrainedModel("untrained", flow, EMA(flow.net), spec)
+    fd_untrained = scorer(untrained.generate(x0, 8))
+    fd_trained = scorer(short_rf.generate(x0, 8))
+    assert fd_trained < 0.5 * fd_untrained
+
+
+def test_checkpoint_round_trip_reproduces_the_samples(short_rf, tmp_path):
+    path = save_checkpoint(short_rf, tmp_path / "ckpt")
+    save_checkpoint(short_rf, tmp_path / "ckpt")  # overwriting an existing checkpoint works
+    assert sorted(p.name for p in path.iterdir()) == ["config.yaml", "model.safetensors"]
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temp dirs left behind
+    flow, cfg = load_generator(path)
+    assert cfg.model == "1rf" and cfg.flow["class"] == "RectifiedFlow"
+    x0 = eval_noise(16, (1, 8, 8), seed=3)
+    assert torch.allclose(flow.sample(steps=4, x0=x0), short_rf.generate(x0, 4), atol=1e-6)
+    with pytest.raises(FileNotFoundError, match="not an image generator checkpoint"):
+        load_generator(tmp_path)
+
+
+@pytest.mark.parametrize("method, models", [
+    ("rf", ["1rf"]),
+    ("reflow", ["1rf", "2rf", "2rf_distill"]),
+    ("shortcut", ["shortcut"]),
+])
+def test_run_end_to_end_writes_checkpoints_grids_and_metrics(tmp_path, method, models):
+    out = tmp_path / "run"
+    summary = run(_cfg(tmp_path, method), run_dir=out)
+    assert list(summary["models"]) == models
+    for name in models:
+        entry = summary["models"][name]
+        assert (out / "checkpoints" / name / "model.safetensors").exists()
+        assert (out / "checkpoints" / name / "config.yaml").exists()
+        with Image.open(out / "samples" / f"{name}.png") as im:
+            assert im.size[0] > 8 and im.size[1] > 8
+        assert set(entry["fd"]) == {1, 2} and all(np.isfinite(v) for v in entry["fd"].values())
+        assert ("straightness" in entry) == (name != "shortcut")
+        flow, _ = load_generator(out / "checkpoints" / name)
+        assert flow.sample(steps=2, batch=3).shape == (3, 1, 8, 8)
+    assert list((out / "tb").glob("events.out.tfevents.*"))
+    assert json.loads((out / "eval.json").read_text())["method"] == method
+    assert summary["classifier"]["holdout_accuracy"] > 0.3
+
+
+def test_run_rejects_bad_settings_before_training(tmp_path):
+    with pytest.raises(ValueError, match="powers of two"):
+        run(_cfg(tmp_path, "shortcut", eval={"steps": [1, 3]}), run_dir=tmp_path / "a")
+    with pytest.raises(ValueError, match="unknown stage.method"):
+        run(_cfg(tmp_path, "ddpm"), run_dir=tmp_path / "b")
+    assert not (tmp_path / "a" / "checkpoints").exists()
