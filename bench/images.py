@@ -6,7 +6,9 @@ shortcut models, with the rectified-flow-pytorch package as a peer on the same n
 Every model samples the same evaluation noise. Quality is the Fréchet distance (FD) of the digits
 classifier's penultimate features (agents/images/classifier.py) between generated and all real images; the
 ``data`` row scores real images (a subset of the reference) for the floor. Straightness is
-flowpolicy.reflow.straightness. Writes bench/results/images.{json,md,png} and prints the table.
+flowpolicy.reflow.straightness. Writes bench/results/images.{json,md,png} (``images-small.*`` for the small
+budget) and prints the table. "training s" is each model's own stage: the 2-RF's includes solving its
+couplings; the distilled students start from the trained 2-RF, which starts from the 1-RF.
 """
 
 from __future__ import annotations
@@ -44,11 +46,9 @@ REFLOW_STEPS = [1, 2]
 SHORTCUT_STEPS = [1, 4, 128]
 # per budget: overrides of configs/stage/image.yaml
 BUDGETS = {
-    "small": {"train_steps": 300, "reflow": {"couplings": 1000, "steps": 200},
-              "distill": {"couplings": 2000, "steps": 300},
+    "small": {"train_steps": 300, "reflow": {"couplings": 2000, "steps": 300}, "distill": {"steps": 300},
               "eval": {"samples": 500, "straightness_samples": 200, "straightness_steps": 16}},
-    "full": {"train_steps": 3000, "reflow": {"couplings": 10000, "steps": 2000},
-             "distill": {"couplings": 20000, "steps": 3000},
+    "full": {"train_steps": 3000, "reflow": {"couplings": 20000, "steps": 3000}, "distill": {"steps": 3000},
              "eval": {"samples": 1000, "straightness_samples": 500, "straightness_steps": 32}},
 }
 
@@ -165,12 +165,21 @@ def _evaluate_peer(peer: PeerModel, x0, steps_list, scorer) -> tuple[dict, dict]
 # --- the benchmark --------------------------------------------------------------------------------------------
 
 
-LABELS = {"1rf": "1-RF", "2rf": "2-RF", "2rf_distill": "2-RF + distill (k=1)", "shortcut": "shortcut",
-          "peer_1rf": "1-RF (rectified-flow-pytorch)", "data": "data (real images)"}
+LABELS = {"1rf": "1-RF", "2rf": "2-RF", "shortcut": "shortcut", "peer_1rf": "1-RF (rectified-flow-pytorch)",
+          "data": "data (real images)"}
+
+
+def _label(name: str, info: dict | None = None) -> str:
+    """Row label; a distilled student also says whose pairs it learned (``distill.pairs``)."""
+    info = info or {}
+    if "k" in info:
+        pairs = {"reflow": "1-RF pairs", "teacher": "2-RF pairs"}.get(info.get("pairs"), info.get("pairs"))
+        return f"2-RF + distill (k={info['k']}, {pairs})"
+    return LABELS.get(name, name)
 
 
 def _rows_for(name: str, impl: str, metrics: dict, train_s: float, extra: dict | None = None) -> list[dict]:
-    return [{"method": LABELS[name], "model": name, "impl": impl, "steps": k, "nfe": k, "fd": metrics["fd"][k],
+    return [{"method": _label(name, extra), "model": name, "impl": impl, "steps": k, "nfe": k, "fd": metrics["fd"][k],
              "sample_s": metrics["sample_s"][k], "train_s": train_s, "straightness": metrics.get("straightness"),
              "seed": 0, **(extra or {})} for k in metrics["fd"]]
 
@@ -197,7 +206,7 @@ def _plot(strips: list[tuple[str, torch.Tensor]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(strips), 1, figsize=(8, 0.62 * len(strips) + 0.4))
+    fig, axes = plt.subplots(len(strips), 1, figsize=(8, 0.5 * len(strips) + 0.4))
     for ax, (label, imgs) in zip(axes, strips):
         ax.imshow(image_grid([imgs], scale=1), cmap="gray", vmin=0, vmax=255, interpolation="nearest")
         ax.set_xticks([])
@@ -245,7 +254,7 @@ def main(argv: list[str] | None = None) -> dict:
     def record(model: TrainedModel, steps_list, impl="flowpolicy", straight=True):
         metrics, samples = evaluate(model, x0, steps_list, scorer, **(ev if straight else {"seed": seed}))
         rows.extend(_rows_for(model.name, impl, metrics, model.train_s, model.info))
-        strips.extend((f"{LABELS[model.name]} @ {k}", samples[k][:16]) for k in steps_list)
+        strips.extend((f"{_label(model.name, model.info)} @ {k}", samples[k][:16]) for k in steps_list)
         print(f"[{time.perf_counter() - wall:6.0f}s] {model.name}: train {model.train_s:.0f}s, "
               f"FD {({k: round(v, 2) for k, v in metrics['fd'].items()})}", flush=True)
 
@@ -254,8 +263,9 @@ def main(argv: list[str] | None = None) -> dict:
     record(rf1, RF_STEPS)
     rf2 = train_reflow(rf1, stage, seed, progress=args.progress)
     record(rf2, REFLOW_STEPS)
-    distilled = train_distilled(rf2, stage, seed, progress=args.progress)
-    record(distilled, REFLOW_STEPS, straight=False)
+    students = train_distilled(rf2, stage, seed, progress=args.progress)
+    for student in students:
+        record(student, REFLOW_STEPS, straight=False)
     torch.manual_seed(seed)
     shortcut = train_base("shortcut", "shortcut", data, stage, "cpu", progress=args.progress)
     record(shortcut, SHORTCUT_STEPS)
@@ -272,15 +282,16 @@ def main(argv: list[str] | None = None) -> dict:
                    float(stage.grad_clip), str(stage.lr_schedule))
         metrics, samples = _evaluate_peer(peer, x0, RF_STEPS, scorer)
         rows.extend(_rows_for(peer.name, "rectified-flow-pytorch", metrics, peer.train_s))
-        strips.extend((f"{LABELS[peer.name]} @ {k}", samples[k][:16]) for k in RF_STEPS)
+        strips.extend((f"{_label(peer.name)} @ {k}", samples[k][:16]) for k in RF_STEPS)
         print(f"[{time.perf_counter() - wall:6.0f}s] peer: FD {metrics['fd']}", flush=True)
 
     def fd(model, k):
         return next(r["fd"] for r in rows if r["model"] == model and r["steps"] == k)
 
     reference = fd("1rf", 100)
-    one_step = {m: fd(m, 1) for m in ("2rf_distill", "shortcut")}
+    one_step = {m: fd(m, 1) for m in [s.name for s in students] + ["shortcut"]}
     best = min(one_step, key=one_step.get)
+    best_label = next(r["method"] for r in rows if r["model"] == best)
     summary = {
         "fd_1rf_100_steps": reference,
         "best_one_step": {"model": best, "fd": one_step[best], "ratio_to_1rf_100_steps": one_step[best] / reference},
@@ -291,6 +302,8 @@ def main(argv: list[str] | None = None) -> dict:
         "classifier": cinfo,
     }
     out = Path(args.out)
+    # the full budget's files feed the README; a quick check must not overwrite them
+    stem = "images" if args.budget == "full" else f"images-{args.budget}"
     out.mkdir(parents=True, exist_ok=True)
     result = {
         "name": "images",
@@ -307,15 +320,15 @@ def main(argv: list[str] | None = None) -> dict:
     table = _markdown(rows)
     notes = (f"\n\nFD: Fréchet distance of digits-classifier features to all {len(data)} real images, "
              f"{n_eval} samples per row, same noise for every model; classifier held-out accuracy "
-             f"{cinfo['holdout_accuracy']:.3f}. Best 1-step: {LABELS[best]} FD {one_step[best]:.2f} = "
+             f"{cinfo['holdout_accuracy']:.3f}. Best 1-step: {best_label} FD {one_step[best]:.2f} = "
              f"{summary['best_one_step']['ratio_to_1rf_100_steps']:.2f} x the 1-RF 100-step FD {reference:.2f} "
              f"(target <= 1.5x: {'met' if summary['target_met'] else 'not met'}). Peer: {peer_note}. "
              f"Budget {args.budget}, wall {result['wall_s']:.0f} s on {os.cpu_count()} CPUs.\n")
     with tempfile.NamedTemporaryFile("w", dir=out, delete=False, suffix=".tmp") as f:
         json.dump(result, f, indent=2)
-    os.replace(f.name, out / "images.json")
-    (out / "images.md").write_text(table + notes)
-    _plot(strips, out / "images.png")
+    os.replace(f.name, out / f"{stem}.json")
+    (out / f"{stem}.md").write_text(table + notes)
+    _plot(strips, out / f"{stem}.png")
     print(table + notes)
     return result
 

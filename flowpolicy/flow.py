@@ -30,6 +30,12 @@ class PathSample:
     dx_t: torch.Tensor  # the target velocity x1 - x0
 
 
+def net_device(net: nn.Module) -> torch.device:
+    """The device of a network's first parameter (CPU for a network without parameters)."""
+    p = next(net.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
 def _bcast(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, *([1] * (x.ndim - 1)))
 
@@ -110,7 +116,7 @@ class RectifiedFlow(nn.Module):
                 if cond is None:
                     raise ValueError("sample: give x0, cond or batch to fix the batch size")
                 batch = cond.shape[0]
-            device = cond.device if cond is not None else "cpu"
+            device = cond.device if cond is not None else net_device(self.net)
             x0 = self.noise(batch, device, generator)
         if grid is None:
             grid = time_grid(steps, device="cpu")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .flow import RectifiedFlow, linear_path
+from .flow import RectifiedFlow, linear_path, net_device
 from .losses import per_sample_loss
 from .solvers import time_grid
 
@@ -32,8 +32,8 @@ def make_couplings(
     for i in range(0, num, batch_size):
         n = min(batch_size, num - i)
         c = None if cond is None else cond[i : i + n]
-        device = c.device if c is not None else "cpu"
-        x0 = flow.noise(n, device, generator)
+        device = c.device if c is not None else net_device(flow.net)
+        x0 = flow.noise(n, "cpu" if generator is not None else device, generator).to(device)
         x0s.append(x0)
         x1s.append(flow.sample(c, steps=steps, solver=solver, x0=x0))
     return torch.cat(x0s), torch.cat(x1s)
@@ -58,8 +58,8 @@ def distillation_loss(flow: RectifiedFlow, x0, x1, cond=None, steps: int = 1, ge
 def straightness(flow: RectifiedFlow, num: int = 1024, cond=None, steps: int = 64, generator=None) -> float:
     """Estimate S along Euler trajectories with ``steps`` steps: mean over grid points of
     E||(x1 - x0) - v(x_t, t)||^2 / dim. Zero for a perfectly straight flow."""
-    device = cond.device if cond is not None else "cpu"
-    x0 = flow.noise(num, device, generator)
+    device = cond.device if cond is not None else net_device(flow.net)
+    x0 = flow.noise(num, "cpu" if generator is not None else device, generator).to(device)
     grid = time_grid(steps)
     traj = flow.sample(cond, steps=steps, x0=x0, grid=grid, return_trajectory=True)
     x1 = traj[-1]

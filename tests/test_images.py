@@ -40,7 +40,7 @@ def _cfg(tmp_path, method="rf", **stage_over):
     tiny = {
         "method": method, "train_steps": 20, "batch_size": 32, "progress": False, "log_every": 5,
         "reflow": {"couplings": 64, "couplings_steps": 4, "steps": 10},
-        "distill": {"couplings": 64, "steps": 10},
+        "distill": {"couplings": 64, "steps": 10, "k": [1, 2]},
         "shortcut": {"max_level": 3},
         "eval": {"steps": [1, 2], "samples": 64, "straightness_samples": 32, "straightness_steps": 4},
         "classifier": {"steps": 30, "cache_dir": str(tmp_path / "cache")},
@@ -217,14 +217,15 @@ def test_checkpoint_round_trip_reproduces_the_samples(short_rf, tmp_path):
         load_generator(tmp_path)
 
 
-@pytest.mark.parametrize("method, models", [
-    ("rf", ["1rf"]),
-    ("reflow", ["1rf", "2rf", "2rf_distill"]),
-    ("shortcut", ["shortcut"]),
+@pytest.mark.parametrize("method, over, models", [
+    ("rf", {}, ["1rf"]),
+    ("reflow", {}, ["1rf", "2rf", "2rf_distill_k1", "2rf_distill_k2"]),
+    ("reflow", {"distill": {"pairs": "teacher", "k": 1}}, ["1rf", "2rf", "2rf_distill_k1"]),
+    ("shortcut", {}, ["shortcut"]),
 ])
-def test_run_end_to_end_writes_checkpoints_grids_and_metrics(tmp_path, method, models):
+def test_run_end_to_end_writes_checkpoints_grids_and_metrics(tmp_path, method, over, models):
     out = tmp_path / "run"
-    summary = run(_cfg(tmp_path, method), run_dir=out)
+    summary = run(_cfg(tmp_path, method, **over), run_dir=out)
     assert list(summary["models"]) == models
     for name in models:
         entry = summary["models"][name]
@@ -239,6 +240,8 @@ def test_run_end_to_end_writes_checkpoints_grids_and_metrics(tmp_path, method, m
     assert list((out / "tb").glob("events.out.tfevents.*"))
     assert json.loads((out / "eval.json").read_text())["method"] == method
     assert summary["classifier"]["holdout_accuracy"] > 0.3
+    if method == "reflow":
+        assert summary["models"]["2rf_distill_k1"]["pairs"] == over.get("distill", {}).get("pairs", "reflow")
 
 
 def test_run_rejects_bad_settings_before_training(tmp_path):
