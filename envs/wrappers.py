@@ -45,6 +45,12 @@ def _flat_box(space: gym.Space, what: str) -> gym.spaces.Box:
     return space
 
 
+def _stacked_box(space: gym.spaces.Box, n: int) -> gym.spaces.Box:
+    """The (n, D) Box of n stacked copies of a flat (D,) Box."""
+    return gym.spaces.Box(low=np.repeat(space.low[None], n, axis=0), high=np.repeat(space.high[None], n, axis=0),
+                          dtype=space.dtype)
+
+
 class ObservationHistory(gym.Wrapper):
     """Stacks the last ``To`` observations: space Box (To, Do), oldest first, newest last.
 
@@ -58,11 +64,7 @@ class ObservationHistory(gym.Wrapper):
             raise ValueError(f"obs_horizon must be >= 1, got {obs_horizon}")
         space = _flat_box(env.observation_space, "ObservationHistory")
         self.obs_horizon = obs_horizon
-        self.observation_space = gym.spaces.Box(
-            low=np.repeat(space.low[None], obs_horizon, axis=0),
-            high=np.repeat(space.high[None], obs_horizon, axis=0),
-            dtype=space.dtype,
-        )
+        self.observation_space = _stacked_box(space, obs_horizon)
         self._history: deque[np.ndarray] = deque(maxlen=obs_horizon)
 
     def _stacked(self) -> np.ndarray:
@@ -96,11 +98,7 @@ class ActionChunk(gym.Wrapper):
             raise ValueError(f"action_horizon must be >= 1, got {action_horizon}")
         space = _flat_box(env.action_space, "ActionChunk")
         self.action_horizon = action_horizon
-        self.action_space = gym.spaces.Box(
-            low=np.repeat(space.low[None], action_horizon, axis=0),
-            high=np.repeat(space.high[None], action_horizon, axis=0),
-            dtype=space.dtype,
-        )
+        self.action_space = _stacked_box(space, action_horizon)
 
     def step(self, action):
         chunk = np.asarray(action)

@@ -7,7 +7,6 @@ generators (x = image, cond = class or None).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -222,10 +221,3 @@ class ShortcutFlow(RectifiedFlow):
             d = d.clamp_min(self.finest_step)
         return super().velocity(x, t, cond, d, net)
 
-
-def log2_int(n: int) -> int:
-    """Exact base-2 log of a power of two, else ValueError."""
-    k = int(round(math.log2(n))) if n > 0 else -1
-    if n < 1 or 2**k != n:
-        raise ValueError(f"{n} is not a power of two")
-    return k

@@ -12,8 +12,6 @@ import torch
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 SOLVERS = ("euler", "midpoint", "heun")
-# network evaluations per step, so callers can budget NFE
-NFE_PER_STEP = {"euler": 1, "midpoint": 2, "heun": 2}
 
 
 def time_grid(steps: int, kind: str = "uniform", shift: float = 1.0, device="cpu") -> torch.Tensor:
