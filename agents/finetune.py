@@ -25,7 +25,11 @@ Evaluation is deterministic (noise off) at the fine-tuned K, on separate eval en
 with a dedicated generator for the flow's initial noise, so it never perturbs training.
 
 Metric names: ``train/approx_kl``, ``train/clipfrac``, ``train/policy_loss``, ``train/value_loss``,
-``train/entropy``, ``train/ratio_first_minibatch`` (mean |ratio - 1| of the first minibatch of an update,
+``train/entropy``, ``train/kl_per_dim`` (KL of the whole sample -- chain or action -- per executed action dimension, the
+same scale for every actor; ``target_kl`` applies to it), ``train/log_ratio_std`` and
+``train/log_ratio_absmax`` (spread of the log-ratio per executed action dimension over the samples of the
+minibatches), ``train/sigma_obs_min``/``train/sigma_obs_max`` (exploration std over the batch),
+``train/ratio_first_minibatch`` (mean |ratio - 1| of the first minibatch of an update,
 before any step: 0 but for float32 matmul differences between the rollout's and the minibatch's batch sizes,
 measured 0 on CPU for batches >= 8, about 2e-8 on an H200 with the default normalized log-prob and below
 1e-6 unnormalized for a 2 x 2 chunk), ``train/sigma_mean``, ``train/bc_loss``, ``train/explained_variance``,
@@ -95,14 +99,14 @@ class FinetuneConfig:
     noise_hidden: int = 128
     noise_depth: int = 2
     include_x0_logprob: bool = True  # add log N(x0; 0, I) (cancels in ratios)
-    normalize_logprob: bool = True  # per-dimension, per-step average log-prob (as ReinFlow's code)
+    normalize_logprob: bool = True  # divide log-probs by the executed action dims Te * Da (every actor alike)
     clip_intermediate: float | None = None  # clamp chain states inside the transition mean (None: off)
     clip_action: float = 1.0  # clamp the normalized action sent to the env
     # PPO
     update_epochs: int = 10
     minibatch_size: int = 1024  # samples (env x chunk step) per minibatch
     clip_coef: float = 0.01  # (D) PPO ratio clip
-    target_kl: float | None = None  # stop the update when a minibatch's approx KL exceeds this (None: off)
+    target_kl: float | None = None  # stop the update when a minibatch's KL per executed action dim exceeds this
     norm_adv: bool = True  # normalize advantages per minibatch
     ent_coef: float = 0.01  # (D) entropy bonus
     bc_coef: float = 0.0  # (D, optional) W2 regularizer: MSE to the frozen pretrained policy's action
@@ -195,6 +199,8 @@ class PPOActor(nn.Module):
     """
 
     policy: nn.Module
+    logprob_count: int = 1  # executed action dims Te * Da; log-probs are divided by it when normalized
+    logprob_scale: float = 1.0  # what the returned log-probs were multiplied by (1 / count or 1)
 
     def act(self, cond: torch.Tensor, deterministic: bool = False,
             generator: torch.Generator | None = None) -> ActorSample:
@@ -208,7 +214,8 @@ class PPOActor(nn.Module):
         """W2 regularizer: MSE between the frozen reference's action and the current one (same noise)."""
         raise NotImplementedError
 
-    def sigma_mean(self, cond: torch.Tensor) -> float:
+    def sigma_stats(self, cond: torch.Tensor) -> tuple[float, float, float]:
+        """(mean, min, max) of the exploration std over ``cond`` (normalized action units)."""
         raise NotImplementedError
 
     def set_noise_bounds(self, sigma_min: float, sigma_max: float) -> None:
@@ -225,13 +232,15 @@ class FlowActor(PPOActor):
     normalizer is fixed; a shortcut model's EMA copy is not updated (it is stale after fine-tuning).
     """
 
-    def __init__(self, policy: nn.Module, cfg: FinetuneConfig) -> None:
+    def __init__(self, policy: nn.Module, cfg: FinetuneConfig, exec_horizon: int | None = None) -> None:
         super().__init__()
         ta, da = int(policy.action_horizon), int(policy.act_dim)
         noise_net = NoiseNet(policy.cond_dim, (ta, da), cfg.sigma_min, cfg.sigma_max, cfg.noise_time_dependent,
                              cfg.noise_hidden, cfg.noise_depth)
         self.sampler = NoisyFlowSampler(policy, noise_net, cfg.steps, cfg.clip_intermediate, cfg.clip_action,
-                                        cfg.include_x0_logprob, cfg.normalize_logprob)
+                                        cfg.include_x0_logprob, cfg.normalize_logprob, exec_horizon=exec_horizon)
+        self.logprob_count = self.sampler.logprob_count
+        self.logprob_scale = 1.0 / self.logprob_count if cfg.normalize_logprob else 1.0
         self.reference = clone_module(policy)
         self.eval()
 
@@ -256,8 +265,9 @@ class FlowActor(PPOActor):
             ref = self.sampler.mean_action(cond, x0, policy=self.reference)
         return (self.sampler.mean_action(cond, x0) - ref).pow(2).mean()
 
-    def sigma_mean(self, cond) -> float:
-        return float(self.sampler.sigmas(cond, self.sampler.grid()).mean())
+    def sigma_stats(self, cond):
+        s = self.sampler.sigmas(cond, self.sampler.grid())
+        return float(s.mean()), float(s.min()), float(s.max())
 
     def set_noise_bounds(self, sigma_min, sigma_max) -> None:
         self.noise_net.set_bounds(sigma_min, sigma_max)
@@ -271,17 +281,27 @@ class FlowActor(PPOActor):
 class GaussianActor(PPOActor):
     """Gaussian baseline: latent = the sampled normalized action chunk before clipping (B, Ta, Da).
 
-    Its std is the policy's own learned ``log_std`` (the noise-bound schedule does not apply).
-    ``normalize_logprob`` divides log-prob and entropy by Ta * Da, like the flow actor.
+    Its std is the policy's own learned ``log_std`` (the noise-bound schedule does not apply). The log-prob
+    covers the executed actions only (the first Te of the chunk: the others are marginalized out exactly, as
+    the entries of a diagonal Gaussian are independent); ``normalize_logprob`` divides log-prob and entropy by
+    Te * Da, the same count as the flow actor's.
     """
 
-    def __init__(self, policy: nn.Module, cfg: FinetuneConfig) -> None:
+    def __init__(self, policy: nn.Module, cfg: FinetuneConfig, exec_horizon: int | None = None) -> None:
         super().__init__()
         self.policy = policy
         self.reference = clone_module(policy)
         self.clip_action = cfg.clip_action
-        self.scale = 1.0 / (policy.action_horizon * policy.act_dim) if cfg.normalize_logprob else 1.0
+        self.exec_horizon = int(policy.action_horizon if exec_horizon is None else exec_horizon)
+        if not 1 <= self.exec_horizon <= policy.action_horizon:
+            raise ValueError(f"exec_horizon must be in [1, Ta={policy.action_horizon}], got {exec_horizon}")
+        self.logprob_count = self.exec_horizon * int(policy.act_dim)
+        self.logprob_scale = self.scale = 1.0 / self.logprob_count if cfg.normalize_logprob else 1.0
         self.eval()
+
+    def _executed(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, Ta * Da) -> (B, Te * Da): the entries of the executed actions (row-major chunk layout)."""
+        return x[:, : self.logprob_count]
 
     def _shape(self, a: torch.Tensor) -> torch.Tensor:
         return a.reshape(a.shape[0], self.policy.action_horizon, self.policy.act_dim)
@@ -291,37 +311,42 @@ class GaussianActor(PPOActor):
         a = dist.mean
         if not deterministic:
             a = a + dist.stddev * torch.randn(a.shape, generator=generator, device=a.device)
-        logp = gaussian_log_prob(a, dist.mean, dist.stddev).sum(-1) * self.scale
+        ex = self._executed
+        logp = gaussian_log_prob(ex(a), ex(dist.mean), ex(dist.stddev)).sum(-1) * self.scale
         latent = self._shape(a)
         action = latent if self.clip_action is None else latent.clamp(-self.clip_action, self.clip_action)
         return ActorSample(latent, action, logp)
 
     def evaluate(self, cond, latent):
         dist = self.policy.distribution(cond)
-        a = latent.reshape(latent.shape[0], -1)
-        return (gaussian_log_prob(a, dist.mean, dist.stddev).sum(-1) * self.scale,
-                dist.entropy().sum(-1) * self.scale)
+        a, ex = latent.reshape(latent.shape[0], -1), self._executed
+        return (gaussian_log_prob(ex(a), ex(dist.mean), ex(dist.stddev)).sum(-1) * self.scale,
+                ex(dist.entropy()).sum(-1) * self.scale)
 
     def bc_loss(self, cond, latent):
         with torch.no_grad():
             ref = self.reference.distribution(cond).mean
         return (self.policy.distribution(cond).mean - ref).pow(2).mean()
 
-    def sigma_mean(self, cond) -> float:
-        return float(self.policy.distribution(cond).stddev.mean())
+    def sigma_stats(self, cond):
+        s = self._executed(self.policy.distribution(cond).stddev)
+        return float(s.mean()), float(s.min()), float(s.max())
 
     def param_groups(self, cfg):
         return [{"params": [p for p in self.policy.parameters() if p.requires_grad], "lr": cfg.actor_lr,
                  "base_lr": cfg.actor_lr}]
 
 
-def make_actor(policy: nn.Module, cfg: FinetuneConfig) -> PPOActor:
-    """FlowActor for ``policy.kind`` in (reflow, shortcut), GaussianActor for ``gaussian``."""
+def make_actor(policy: nn.Module, cfg: FinetuneConfig, exec_horizon: int | None = None) -> PPOActor:
+    """FlowActor for ``policy.kind`` in (reflow, shortcut), GaussianActor for ``gaussian``.
+
+    ``exec_horizon``: actions of each chunk the env executes (None: the whole chunk, Ta).
+    """
     kind = getattr(policy, "kind", None)
     if kind in ("reflow", "shortcut"):
-        return FlowActor(policy, cfg)
+        return FlowActor(policy, cfg, exec_horizon)
     if kind == "gaussian":
-        return GaussianActor(policy, cfg)
+        return GaussianActor(policy, cfg, exec_horizon)
     raise ValueError(f"cannot fine-tune a policy of kind {kind!r}; expected reflow, shortcut or gaussian")
 
 
@@ -373,15 +398,19 @@ class ReinFlowPPO:
             policy.default_steps = c.steps
             if policy.kind == "reflow":
                 policy.solver = "euler"
-        self.actor = make_actor(policy, c).to(self.device)
-        self.critic = ValueNet(policy.cond_dim, c.critic_hidden).to(self.device)
-        self.actor_optim = torch.optim.Adam(self.actor.param_groups(c), eps=1e-5)
-        self.critic_optim = torch.optim.Adam([{"params": list(self.critic.parameters()), "lr": c.critic_lr,
-                                               "base_lr": c.critic_lr}], eps=1e-5)
         self.envs, self.eval_envs = envs, eval_envs
         self.env_chunk, self.env_action_shape = self._check_env(envs)
         if eval_envs is not None:
             self._check_env(eval_envs)
+        # the new networks (noise net, critic) are initialized from the run's seed, not from whatever state the
+        # caller left torch's global RNG in: two fresh runs with the same seed start (and so end) identically
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(c.seed)
+            self.actor = make_actor(policy, c, exec_horizon=self.env_chunk).to(self.device)
+            self.critic = ValueNet(policy.cond_dim, c.critic_hidden).to(self.device)
+        self.actor_optim = torch.optim.Adam(self.actor.param_groups(c), eps=1e-5)
+        self.critic_optim = torch.optim.Adam([{"params": list(self.critic.parameters()), "lr": c.critic_lr,
+                                               "base_lr": c.critic_lr}], eps=1e-5)
         self.stepper = VecEnvStepper(envs, self.env_chunk)
         self.num_envs = envs.num_envs
         self.reward_scaler = RunningRewardScaler(self.num_envs, c.gamma)
@@ -497,8 +526,11 @@ class ReinFlowPPO:
         old_logp, adv, ret = batch["log_prob"].reshape(-1), adv.reshape(-1), ret.reshape(-1)
         actor_active = self.iteration >= c.critic_warmup_iters
         actor_params = [p for g in self.actor_optim.param_groups for p in g["params"]]
-        stats: dict[str, list[float]] = {k: [] for k in ("approx_kl", "clipfrac", "policy_loss", "value_loss",
-                                                         "entropy", "bc_loss")}
+        stats: dict[str, list[float]] = {k: [] for k in ("approx_kl", "kl_per_dim", "clipfrac", "policy_loss",
+                                                         "value_loss", "entropy", "bc_loss", "log_ratio_std",
+                                                         "log_ratio_absmax")}
+        # log-ratio per executed action dim, whatever the normalization: comparable across actors
+        per_dim = self.actor.logprob_scale * self.actor.logprob_count
         ratio_first, epochs_done, stop = float("nan"), 0, False
         mb = min(c.minibatch_size, n_total)
         for _ in range(c.update_epochs):
@@ -514,10 +546,16 @@ class ReinFlowPPO:
                         ratio = log_ratio.exp()
                         with torch.no_grad():
                             approx_kl = float(((ratio - 1.0) - log_ratio).mean())
+                            # k3 estimate of the KL of the whole sample (chain), per executed action dim
+                            lr_full = log_ratio / self.actor.logprob_scale
+                            kl_per_dim = float(((lr_full.exp() - 1.0) - lr_full).mean()) / self.actor.logprob_count
                             clipfrac = float(((ratio - 1.0).abs() > c.clip_coef).float().mean())
+                            lr_dim = log_ratio / per_dim
+                            stats["log_ratio_std"].append(float(lr_dim.std()) if lr_dim.numel() > 1 else 0.0)
+                            stats["log_ratio_absmax"].append(float(lr_dim.abs().max()))
                             if first:
                                 ratio_first = float((ratio - 1.0).abs().mean())
-                        if actor_active and c.target_kl is not None and approx_kl > c.target_kl:
+                        if actor_active and c.target_kl is not None and kl_per_dim > c.target_kl:
                             stop = True
                             break
                         a = adv[idx]
@@ -530,6 +568,7 @@ class ReinFlowPPO:
                             actor_loss = actor_loss + c.bc_coef * bc
                             stats["bc_loss"].append(float(bc.detach()))
                         stats["approx_kl"].append(approx_kl)
+                        stats["kl_per_dim"].append(kl_per_dim)
                         stats["clipfrac"].append(clipfrac)
                         stats["policy_loss"].append(float(pg_loss.detach()))
                         stats["entropy"].append(float(entropy.detach().mean()))
@@ -549,10 +588,11 @@ class ReinFlowPPO:
                 break
         with torch.no_grad():
             ev = explained_variance(batch["value"].reshape(-1), ret)
-            sigma = self.actor.sigma_mean(cond[: min(n_total, 4096)])
+            sigma, sigma_lo, sigma_hi = self.actor.sigma_stats(cond[: min(n_total, 4096)])
         out = {f"train/{k}": float(np.mean(v)) for k, v in stats.items() if v}
         out.update({"train/ratio_first_minibatch": ratio_first, "train/explained_variance": ev,
-                    "train/sigma_mean": sigma, "train/epochs": float(epochs_done),
+                    "train/sigma_mean": sigma, "train/sigma_obs_min": sigma_lo, "train/sigma_obs_max": sigma_hi,
+                    "train/epochs": float(epochs_done),
                     "train/actor_updated": float(actor_active), "train/target_kl_stop": float(stop)})
         return out
 

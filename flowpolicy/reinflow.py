@@ -129,22 +129,31 @@ class NoisyFlowSampler(nn.Module):
 
     Log-prob options:
 
+    - ``exec_horizon`` (Te <= Ta, default Ta): how many actions of each chunk the environment executes. The
+      last transition's entries of the Ta - Te actions that are never executed are leaf nodes of the chain
+      (nothing downstream depends on them), so they are marginalized out exactly by leaving their terms out.
+      Earlier transitions keep every entry: later velocities depend on them.
     - ``include_x0``: add log N(x_0; 0, I) (and its entropy). It does not depend on any parameter, so it
       cancels in PPO ratios; it only shifts the reported values.
-    - ``normalize_logprob`` (default True, as in ReinFlow's code): divide log-prob and entropy by the number
-      of Gaussian terms, (K + include_x0) * Ta * Da, i.e. report a per-dimension, per-step average. A PPO
-      clip of 0.01 then bounds the geometric-mean per-entry ratio, independent of K and of the chunk size.
+    - ``normalize_logprob`` (default True): divide log-prob and entropy by the number of *executed action
+      dimensions* Te * Da -- the same count a Gaussian actor over the same executed actions uses. The
+      initial-noise term stays in the log-prob but not in the count (it carries no parameters), and K does not
+      enter the count. A PPO clip c then bounds the per-sample log-ratio by +-c * Te * Da for every actor, so
+      a flow and a Gaussian policy get the same trust region per executed action dimension. (Dividing by the
+      number of Gaussian terms, (K + 1) * Ta * Da, as ReinFlow's code does, lets a K = 4 flow move its
+      log-likelihood 5x further per update than a Gaussian under the same clip.)
 
     Args:
         policy: a FlowPolicy (``flow``, ``velocity(x, t, cond, d, net=None)``, ``action_horizon``, ``act_dim``).
         noise_net: a :class:`NoiseNet` whose ``x_shape`` is (Ta, Da).
         steps: default K.
         grid_kind, grid_shift: the one time grid, :func:`flowpolicy.solvers.time_grid` (``uniform``/``shifted``).
+        exec_horizon: Te, executed actions per chunk (None: Ta).
     """
 
     def __init__(self, policy: nn.Module, noise_net: NoiseNet, steps: int = 4, clip_intermediate: float | None = None,
                  clip_action: float | None = 1.0, include_x0: bool = True, normalize_logprob: bool = True,
-                 grid_kind: str = "uniform", grid_shift: float = 1.0) -> None:
+                 grid_kind: str = "uniform", grid_shift: float = 1.0, exec_horizon: int | None = None) -> None:
         super().__init__()
         if getattr(policy, "kind", None) not in ("reflow", "shortcut"):
             raise ValueError(f"NoisyFlowSampler needs a FlowPolicy (kind reflow/shortcut), got {policy.kind!r}")
@@ -161,7 +170,21 @@ class NoisyFlowSampler(nn.Module):
         self.grid_kind = grid_kind
         self.grid_shift = float(grid_shift)
         self.is_shortcut = isinstance(policy.flow, ShortcutFlow)
+        self.exec_horizon = self.x_shape[0] if exec_horizon is None else int(exec_horizon)
+        if not 1 <= self.exec_horizon <= self.x_shape[0]:
+            raise ValueError(f"exec_horizon must be in [1, Ta={self.x_shape[0]}], got {exec_horizon}")
         self.grid(self.steps)  # validate early
+
+    @property
+    def logprob_count(self) -> int:
+        """The normalization count: executed action dimensions Te * Da (see the class docstring)."""
+        return self.exec_horizon * self.x_shape[1]
+
+    def term_mask(self, steps: int) -> torch.Tensor:
+        """(K, Ta, 1) float mask of the transition terms in the log-prob: all but the last step's unexecuted rows."""
+        m = torch.ones(int(steps), self.x_shape[0], 1)
+        m[-1, self.exec_horizon:] = 0.0
+        return m
 
     # --- the one time grid --------------------------------------------------------------------------
     def grid(self, steps: int | None = None) -> list[float]:
@@ -201,17 +224,19 @@ class NoisyFlowSampler(nn.Module):
         return self.noise_net(cond_rep, t).reshape(b, k, *self.x_shape)
 
     def _reduce(self, x0: torch.Tensor, step_lp: torch.Tensor, sigma: torch.Tensor):
-        """Sum (and optionally normalize) the chain terms. step_lp, sigma: (B, K, Ta, Da)."""
+        """Sum (and optionally normalize) the chain terms. step_lp, sigma: (B, K, Ta, Da).
+
+        The last transition's unexecuted rows are left out (exact marginalization); see the class docstring.
+        """
         b, k = step_lp.shape[:2]
-        logp = step_lp.reshape(b, -1).sum(-1)
-        ent = (0.5 + _LOG_SQRT_2PI + torch.log(sigma)).reshape(b, -1).sum(-1)
-        n_terms = k
+        mask = self.term_mask(k).to(step_lp.device, step_lp.dtype)
+        logp = (step_lp * mask).reshape(b, -1).sum(-1)
+        ent = ((0.5 + _LOG_SQRT_2PI + torch.log(sigma)) * mask).reshape(b, -1).sum(-1)
         if self.include_x0:
             logp = logp + gaussian_log_prob(x0, torch.zeros_like(x0), torch.ones_like(x0)).reshape(b, -1).sum(-1)
             ent = ent + (0.5 + _LOG_SQRT_2PI) * math.prod(self.x_shape)
-            n_terms += 1
         if self.normalize_logprob:
-            scale = 1.0 / (n_terms * math.prod(self.x_shape))
+            scale = 1.0 / self.logprob_count
             logp, ent = logp * scale, ent * scale
         return logp, ent
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import time
 from pathlib import Path
 
@@ -273,3 +274,82 @@ def test_finetunes_on_a_real_factory_env():
     assert metrics[0]["train/ratio_first_minibatch"] <= 1e-6
     envs.close()
     eval_envs.close()
+
+
+# --- comparable trust regions (issue: fine-tuning that wins) ------------------------------------------
+
+
+def _scaled_noise_log_ratio(kind: str, te: int, k: int, c: float) -> torch.Tensor:
+    """Normalized log-ratio of a deterministic sample after every exploration std is divided by exp(c / n),
+    with n the number of Gaussian factors an executed action dim passes through (K for a flow, 1 for a
+    Gaussian): the same change of the executed actions' log-density per dimension, c, for every actor."""
+    from agents.finetune import make_actor
+
+    policy = make_policy(kind)
+    cfg = small_cfg(steps=k, sigma_min=0.1, sigma_max=0.1)  # constant sigma for the flow
+    actor = make_actor(policy, cfg, exec_horizon=te)
+    cond = torch.randn(16, 2)
+    with torch.no_grad():
+        out = actor.act(cond, deterministic=True, generator=torch.Generator().manual_seed(0))
+        old, _ = actor.evaluate(cond, out.latent)
+        if kind == "gaussian":
+            policy.log_std.sub_(c)
+        else:
+            f = math.exp(-c / k)
+            actor.set_noise_bounds(0.1 * f, 0.1 * f)
+        new, _ = actor.evaluate(cond, out.latent)
+    return new - old
+
+
+def test_flow_and_gaussian_actors_get_the_same_normalized_log_ratio_for_the_same_change():
+    """With clip c, every actor's per-sample log-ratio is bounded by c per executed action dimension.
+
+    Before the fix, a K = 4 flow divided by (K + 1) Ta Da and a Gaussian by Ta Da: the same clip let the flow's
+    likelihood move 5x further. The count excludes the initial-noise term and K."""
+    c = 0.05
+    ref = _scaled_noise_log_ratio("gaussian", TA, 1, c)
+    assert torch.allclose(ref, torch.full_like(ref, c), atol=1e-5)
+    for kind, k in [("reflow", 1), ("reflow", 4), ("shortcut", 2)]:
+        lr = _scaled_noise_log_ratio(kind, TA, k, c)
+        assert torch.allclose(lr, ref, atol=1e-5), (kind, k, lr[:3])
+
+
+def test_log_prob_count_excludes_unexecuted_actions():
+    from agents.finetune import make_actor
+
+    for kind in ("reflow", "gaussian"):
+        actor = make_actor(make_policy(kind), small_cfg(steps=4), exec_horizon=1)
+        assert actor.logprob_count == 1 * 2 and actor.logprob_scale == 0.5
+        cond = torch.randn(6, 2)
+        with torch.no_grad():
+            out = actor.act(cond, generator=torch.Generator().manual_seed(1))
+            lp, _ = actor.evaluate(cond, out.latent)
+            moved = out.latent.clone()
+            final = moved[:, -1] if kind == "reflow" else moved  # the chain's x_K, or the Gaussian's chunk
+            final[:, 1:] += 1.0  # the unexecuted second action of the chunk
+            assert torch.allclose(actor.evaluate(cond, moved)[0], lp)
+            final[:, 0] += 1.0
+            assert not torch.allclose(actor.evaluate(cond, moved)[0], lp)
+
+
+def test_two_fresh_runs_with_the_same_seed_give_identical_weights():
+    """The new networks are seeded from cfg.seed, whatever state torch's global RNG is in."""
+    results = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        agent = ReinFlowPPO(make_policy(), make_envs(4), None, small_cfg(seed=7))
+        run(agent, 2)
+        results.append({**agent.actor.state_dict(), **{f"critic.{k}": v for k, v in agent.critic.state_dict().items()}})
+    assert results[0].keys() == results[1].keys()
+    for k in results[0]:
+        assert torch.equal(results[0][k], results[1][k]), k
+
+
+def test_diagnostics_are_logged_for_every_actor():
+    for kind in ("reflow", "gaussian"):
+        agent = ReinFlowPPO(make_policy(kind), make_envs(4), None, small_cfg())
+        m = run(agent, 2)[-1]
+        for key in ("train/kl_per_dim", "train/log_ratio_std", "train/log_ratio_absmax", "train/sigma_obs_min",
+                    "train/sigma_obs_max", "train/explained_variance", "train/value_loss", "rollout/return_mean"):
+            assert key in m and math.isfinite(m[key]), (kind, key)
+        assert m["train/sigma_obs_min"] <= m["train/sigma_mean"] <= m["train/sigma_obs_max"]

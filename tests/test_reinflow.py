@@ -32,7 +32,12 @@ def make_sampler(kind="reflow", time_dependent=False, randomize_noise=True, **kw
 
 
 def brute_force(sampler: NoisyFlowSampler, chain: torch.Tensor, cond: torch.Tensor):
-    """Sum of torch.distributions.Normal log-densities and entropies, one Euler step at a time."""
+    """Sum of torch.distributions.Normal log-densities and entropies, one Euler step at a time.
+
+    The last step keeps only the executed rows (the unexecuted ones are marginalized out); normalized by the
+    executed action dimensions Te * Da.
+    """
+    te = sampler.exec_horizon
     k = chain.shape[1] - 1
     b = chain.shape[0]
     logp = torch.zeros(b)
@@ -49,10 +54,11 @@ def brute_force(sampler: NoisyFlowSampler, chain: torch.Tensor, cond: torch.Tens
         v = sampler.policy.velocity(x, torch.full((b,), t0), cond, torch.full((b,), t1 - t0))
         sigma = sampler.noise_net(cond, torch.full((b,), t0))
         dist = torch.distributions.Normal(x + (t1 - t0) * v, sigma)
-        logp = logp + dist.log_prob(chain[:, i + 1]).sum((1, 2))
-        ent = ent + dist.entropy().sum((1, 2))
+        rows = te if i == k - 1 else TA
+        logp = logp + dist.log_prob(chain[:, i + 1])[:, :rows].sum((1, 2))
+        ent = ent + dist.entropy()[:, :rows].sum((1, 2))
     if sampler.normalize_logprob:
-        n = (k + sampler.include_x0) * TA * DA
+        n = te * DA
         logp, ent = logp / n, ent / n
     return logp, ent
 
@@ -111,12 +117,14 @@ def test_chain_shapes_and_log_prob_for_reflow_and_shortcut(kind, steps):
     assert torch.isfinite(ent).all()
 
 
+@pytest.mark.parametrize("exec_horizon", [None, 1])
 @pytest.mark.parametrize("include_x0", [True, False])
 @pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize("time_dependent", [True, False])
-def test_chain_log_prob_equals_brute_force_sum_of_normal_log_densities(include_x0, normalize, time_dependent):
+def test_chain_log_prob_equals_brute_force_sum_of_normal_log_densities(include_x0, normalize, time_dependent,
+                                                                       exec_horizon):
     sampler = make_sampler("reflow", time_dependent=time_dependent, include_x0=include_x0,
-                           normalize_logprob=normalize)
+                           normalize_logprob=normalize, exec_horizon=exec_horizon)
     cond = torch.randn(12, DO)
     with torch.no_grad():
         chain, logp_sampled = sampler.sample(cond, 4, generator=torch.Generator().manual_seed(1))
@@ -187,3 +195,38 @@ def test_mismatched_shapes_are_rejected():
     chain, _ = sampler.sample(torch.randn(2, DO), 4)
     with pytest.raises(ValueError, match="states"):
         sampler.log_prob(chain, torch.randn(2, DO), steps=2)
+
+
+def test_unexecuted_actions_of_the_last_step_are_marginalized_out():
+    """Changing the final state's unexecuted rows changes nothing; changing an executed row does."""
+    sampler = make_sampler("reflow", exec_horizon=1, normalize_logprob=False)
+    cond = torch.randn(5, DO)
+    with torch.no_grad():
+        chain, _ = sampler.sample(cond, 4, generator=torch.Generator().manual_seed(2))
+        base, _ = sampler.log_prob(chain, cond)
+        moved = chain.clone()
+        moved[:, -1, 1:] += 3.0
+        assert torch.equal(sampler.log_prob(moved, cond)[0], base)
+        moved[:, -1, 0] += 3.0
+        assert not torch.allclose(sampler.log_prob(moved, cond)[0], base)
+        # an unexecuted row of an intermediate state feeds the next velocity: it stays in the log-prob
+        moved = chain.clone()
+        moved[:, 2, 1:] += 3.0
+        assert not torch.allclose(sampler.log_prob(moved, cond)[0], base)
+
+
+@pytest.mark.parametrize("exec_horizon", [None, 2])
+def test_normalization_count_is_executed_action_dims_without_x0_or_k(exec_horizon):
+    """The count is Te * Da: it does not grow with K and does not count the initial-noise term."""
+    te = TA if exec_horizon is None else exec_horizon
+    for k in (1, 2, 4):
+        raw = make_sampler("reflow", exec_horizon=exec_horizon, normalize_logprob=False)
+        norm = NoisyFlowSampler(raw.policy, raw.noise_net, k, exec_horizon=exec_horizon)
+        assert norm.logprob_count == te * DA
+        cond = torch.randn(4, DO)
+        with torch.no_grad():
+            chain, _ = raw.sample(cond, k, generator=torch.Generator().manual_seed(k))
+            lp_raw, ent_raw = raw.log_prob(chain, cond)
+            lp, ent = norm.log_prob(chain, cond)
+        assert torch.allclose(lp * te * DA, lp_raw, atol=1e-4, rtol=1e-6)
+        assert torch.allclose(ent * te * DA, ent_raw, atol=1e-4, rtol=1e-6)
