@@ -52,6 +52,7 @@ class PretrainConfig:
     eval_episodes: int = 10
     eval_num_envs: int = 4
     max_episode_steps: int | None = None
+    obs_keys: list[str] | None = None  # obs/<key> arrays of the demo file, in order (None: all low-dim, sorted)
     save_every: int = 1000
     seed: int = 0
     device: str = "cpu"
@@ -86,10 +87,10 @@ class Pretrainer:
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
         self.train_ds = DemoDataset(cfg.dataset, cfg.obs_horizon, cfg.action_horizon, filter_key="train",
-                                    split_seed=cfg.seed)
+                                    split_seed=cfg.seed, obs_keys=cfg.obs_keys)
         try:
             self.valid_ds = DemoDataset(cfg.dataset, cfg.obs_horizon, cfg.action_horizon, filter_key="valid",
-                                        split_seed=cfg.seed)
+                                        split_seed=cfg.seed, obs_keys=cfg.obs_keys)
         except Exception:  # noqa: BLE001 - a file without validation demos still trains
             self.valid_ds = None
         meta = read_meta(cfg.dataset)
