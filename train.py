@@ -1,12 +1,18 @@
-"""flowpolicy's single entry point (Hydra).
+"""flowpolicy's single entry point (Hydra). ``python train.py --help`` lists stages, task families, examples.
 
     python train.py                                   # the embedded default pipeline (pick-place)
     python train.py stage=pretrain policy=shortcut    # pretrain only
+    python train.py task=metaworld task.env=metaworld/door-open-v3
+    python train.py task=mujoco task.env=HalfCheetah-v5
+    python train.py task=robomimic task.demos.path=/path/to/low_dim.hdf5
     python train.py stage=eval checkpoint=outputs/.../pretrain task.eval.steps=[1,2,4,8]
     python train.py stage=finetune checkpoint=...     # ReinFlow PPO
     python train.py stage=reflow checkpoint=...       # 2-rectified flow + 1-step distillation of a policy
     python train.py task=digits stage=image           # image generation with the same flow core
     python train.py --multirun seed=0,1,2
+
+A user error (bad file, key, value) prints one line ``error: ...`` and exits with code 2; ``debug=true`` or
+``HYDRA_FULL_ERROR=1`` shows the full traceback instead.
 """
 
 from __future__ import annotations
@@ -15,18 +21,30 @@ import ctypes.util
 import os
 import sys
 
-# MuJoCo picks its GL backend at import: headless machines need osmesa (CPU) or egl (GPU) for videos.
+# MuJoCo picks its GL backend at import: headless machines need osmesa (CPU) or egl (GPU, or CPU through Mesa).
 if "MUJOCO_GL" not in os.environ and not os.environ.get("DISPLAY"):
     os.environ["MUJOCO_GL"] = "osmesa" if ctypes.util.find_library("OSMesa") else "egl"
     os.environ.setdefault("PYOPENGL_PLATFORM", os.environ["MUJOCO_GL"])
+
+from agents.cli import HELP, register_resolvers  # noqa: E402
+
+if __name__ == "__main__" and any(a in ("--help", "-h") for a in sys.argv[1:]):
+    try:
+        print(HELP)
+    except BrokenPipeError:  # python train.py --help | head
+        pass
+    sys.exit(0)
 
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
+register_resolvers()
+
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="config")
 def main(cfg: DictConfig) -> None:
+    from agents.errors import EXIT_USER_ERROR, full_traceback_wanted, is_user_error, one_line
     from agents.stages import run
 
     run_dir = HydraConfig.get().runtime.output_dir
@@ -35,7 +53,12 @@ def main(cfg: DictConfig) -> None:
     except KeyboardInterrupt as err:
         print(f"\nstopped: {err}", file=sys.stderr)
         sys.exit(130)
-    for key in ("eval", "eval_finetuned", "align"):
+    except Exception as err:
+        if full_traceback_wanted(cfg.get("debug", False)) or not is_user_error(err):
+            raise
+        print(one_line(err), file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+    for key in ("eval", "finetune_table", "eval_finetuned", "align"):
         if isinstance(out.get(key), dict) and out[key].get("markdown"):
             print(f"\n## {key}\n{out[key]['markdown']}")
     print(f"\nrun directory: {run_dir}")

@@ -23,9 +23,13 @@ from flowpolicy.policy import BasePolicy, FlowPolicy
 
 @torch.no_grad()
 def rollout_episodes(policy: BasePolicy, env_name: str, episodes: int, steps: int | None = None, num_envs: int = 4,
-                     seed: int = 100_000, max_episode_steps: int | None = None, envs=None) -> dict[str, Any]:
+                     seed: int = 100_000, max_episode_steps: int | None = None, envs=None,
+                     progress: bool = False, desc: str = "eval") -> dict[str, Any]:
     """Run ``episodes`` deterministic episodes (split over ``num_envs`` sync envs, per-env quotas so short
-    episodes are not over-represented). Returns per-episode returns, successes and lengths."""
+    episodes are not over-represented). Returns per-episode returns, successes and lengths. ``progress``
+    shows a bar of finished episodes."""
+    from tqdm.auto import tqdm
+
     own = envs is None
     if own:
         envs = make_vec_env(env_name, num_envs, seed=seed, obs_horizon=policy.obs_horizon,
@@ -42,6 +46,7 @@ def rollout_episodes(policy: BasePolicy, env_name: str, episodes: int, steps: in
     # on what used the global RNG before it
     gen = torch.Generator(device=policy.device).manual_seed(seed)
     kw = {"generator": gen} if isinstance(policy, FlowPolicy) else {}
+    bar = tqdm(total=int(quota.sum()), desc=desc, disable=not progress, mininterval=1.0, leave=False)
     while (done_count < quota).any():
         chunk = policy.predict_action_chunk(obs, steps=steps, **kw).cpu().numpy()[:, : policy.exec_horizon]
         act = chunk[:, 0] if policy.exec_horizon == 1 else chunk
@@ -60,7 +65,9 @@ def rollout_episodes(policy: BasePolicy, env_name: str, episodes: int, steps: in
                 successes.append(bool(ep_succ[i]))
                 lengths.append(int(ep_len[i]))
                 done_count[i] += 1
+                bar.update(1)
         just_reset = np.logical_or(term, trunc)
+    bar.close()
     if own:
         envs.close()
     return {"returns": returns, "successes": successes, "lengths": lengths}
@@ -92,9 +99,17 @@ def measure_latency(policy: BasePolicy, steps: int | None = None, repeats: int =
     return out
 
 
+def video_name(env_name: str, steps: int | None, episode: int, prefix: str = "") -> str:
+    """``<prefix>_<env>_K<steps>_ep<i>.mp4``; the prefix (the evaluation's name, e.g. ``eval_pretrained`` or
+    ``eval_finetuned``) keeps the videos of different stages of one run apart."""
+    env = env_name.split("@")[0].replace("/", "_").replace(":", "_")
+    return f"{prefix + '_' if prefix else ''}{env}_K{steps}_ep{episode}.mp4"
+
+
 def record_videos(policy: BasePolicy, env_name: str, out_dir: Path, episodes: int = 2, steps: int | None = None,
-                  seed: int = 100_000, max_episode_steps: int | None = None) -> list[str]:
-    """mp4/GIF videos of the first ``episodes`` episodes; [] with a warning when no renderer is available."""
+                  seed: int = 100_000, max_episode_steps: int | None = None, prefix: str = "") -> list[str]:
+    """mp4/GIF videos of the first ``episodes`` episodes, named by :func:`video_name`; [] with a warning when
+    no renderer is available."""
     from envs.video import VideoRecorder, render_frame
 
     paths: list[str] = []
@@ -113,7 +128,7 @@ def record_videos(policy: BasePolicy, env_name: str, out_dir: Path, episodes: in
         for ep in range(episodes):
             obs, _ = env.reset(seed=seed + ep)
             policy.reset()
-            rec = VideoRecorder(out_dir / f"{env_name.replace('/', '_')}_K{steps}_ep{ep}.mp4")
+            rec = VideoRecorder(out_dir / video_name(env_name, steps, ep, prefix))
             done = False
             while not done:
                 rec.add(render_frame(env))
@@ -129,23 +144,39 @@ def record_videos(policy: BasePolicy, env_name: str, out_dir: Path, episodes: in
     return paths
 
 
+def env_has_success(env_name: str) -> bool:
+    """Whether the env reports task success (Meta-World, robosuite, gym envs whose info has "success")."""
+    from envs.factory import env_meta, parse_env_name
+
+    family = parse_env_name(env_name).family
+    if family in ("metaworld", "robosuite"):
+        return True
+    return family == "gym" and bool(env_meta(env_name)["has_success"])
+
+
 def evaluate_policy_steps(policy: BasePolicy, env_name: str, steps_list, episodes: int = 20, num_envs: int = 4,
                           seed: int = 100_000, max_episode_steps: int | None = None, videos: int = 0,
-                          out_dir: str | Path | None = None, label: str = "") -> list[dict[str, Any]]:
-    """One row per K in ``steps_list`` (Gaussian policies ignore K: one row with steps=None)."""
+                          out_dir: str | Path | None = None, label: str = "", has_success: bool | None = None,
+                          video_prefix: str = "", progress: bool = False) -> list[dict[str, Any]]:
+    """One row per K in ``steps_list`` (Gaussian policies ignore K: one row with steps=None). Each row names
+    the env; ``success_rate`` is None for envs without a success signal (``has_success``; default: from the
+    env family)."""
     rows = []
+    if has_success is None:
+        has_success = env_has_success(env_name)
     ks = list(steps_list) if isinstance(policy, FlowPolicy) else [None]
     for k in ks:
         record = videos and out_dir is not None and k == ks[-1]  # videos at the largest K only (rendering is slow)
-        r = rollout_episodes(policy, env_name, episodes, k, num_envs, seed, max_episode_steps)
+        r = rollout_episodes(policy, env_name, episodes, k, num_envs, seed, max_episode_steps, progress=progress,
+                             desc=f"eval {env_name.split('@')[0]} K={k}")
         lat = measure_latency(policy, k)
-        row = {"policy": label or policy.kind, "steps": k, "episodes": len(r["returns"]),
+        row = {"policy": label or policy.kind, "env": env_name, "steps": k, "episodes": len(r["returns"]),
                "return_mean": float(np.mean(r["returns"])), "return_std": float(np.std(r["returns"])),
-               "success_rate": float(np.mean(r["successes"])), "length_mean": float(np.mean(r["lengths"])),
-               **lat}
+               "success_rate": float(np.mean(r["successes"])) if has_success else None,
+               "length_mean": float(np.mean(r["lengths"])), **lat}
         if record:
             row["videos"] = record_videos(policy, env_name, Path(out_dir) / "videos", videos, k, seed,
-                                          max_episode_steps)
+                                          max_episode_steps, prefix=video_prefix)
         rows.append(row)
     return rows
 
@@ -155,7 +186,7 @@ def write_eval(rows: list[dict[str, Any]], out_dir: str | Path, name: str = "eva
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(rows, indent=2))
-    cols = ["policy", "steps", "episodes", "return_mean", "return_std", "success_rate", "length_mean",
+    cols = ["policy", "env", "steps", "episodes", "return_mean", "return_std", "success_rate", "length_mean",
             "latency_us_per_call", "latency_us_per_env_step"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:

@@ -12,93 +12,284 @@ image:    image generation with the same flow core (agents.images).
 from __future__ import annotations
 
 import json
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from envs.collect import ensure_demos
+from envs.collect import DEFAULT_EXPERT_STEPS, ensure_demos
 
+from .errors import UserError
 from .evaluate import evaluate_policy_steps, write_eval
 from .policies import policy_from_checkpoint
 from .pretrain import PretrainConfig, Pretrainer
 
 STAGES = ("pipeline", "pretrain", "finetune", "eval", "align", "image", "reflow")
+CHECKPOINT_STAGES = ("eval", "finetune", "align", "reflow")
 
 
 def _plain(cfg) -> dict:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
 
 
+def note(msg: str) -> None:
+    """A one-line notice on stderr (kept out of the result tables on stdout)."""
+    print(f"note: {msg}", file=sys.stderr)
+
+
 def validate_config(cfg: DictConfig) -> None:
-    """Clear errors for invalid values before anything runs."""
+    """Clear errors (UserError) for invalid values and budgets before anything runs."""
     if cfg.stage.name not in STAGES:
-        raise ValueError(f"unknown stage {cfg.stage.name!r}; choose from {STAGES}")
+        raise UserError(f"unknown stage {cfg.stage.name!r}; choose from {STAGES}")
+    dev = str(cfg.get("device", "cpu"))
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        why = ("this torch is a CPU build" if torch.version.cuda is None else "no CUDA GPU is visible")
+        raise UserError(f"device={dev} but {why} (torch {torch.__version__}); use device=cpu, or install a CUDA "
+                        "build of torch on a machine with a GPU")
+    if dev not in ("cpu",) and not dev.startswith(("cuda", "mps")):
+        raise UserError(f"device={dev!r} is not a torch device; use device=cpu or device=cuda")
     task = cfg.task
     if task.get("kind", "policy") == "policy":
+        if OmegaConf.is_missing(task, "env"):
+            raise UserError(f"task={task.name} needs task.env=<env>, e.g. "
+                            + ("metaworld/door-open-v3" if task.name == "metaworld" else "HalfCheetah-v5"))
+        if task.get("demos") is not None and OmegaConf.is_missing(task.demos, "path"):
+            raise UserError(f"task={task.name} needs task.demos.path=<robomimic low-dim HDF5 file>")
         for key in ("obs_horizon", "action_horizon"):
             if int(task[key]) < 1:
-                raise ValueError(f"task.{key} must be >= 1, got {task[key]}")
+                raise UserError(f"task.{key} must be >= 1, got {task[key]}")
         ex = task.get("exec_horizon")
         if ex is not None and not 1 <= int(ex) <= int(task.action_horizon):
-            raise ValueError(f"task.exec_horizon must be in [1, task.action_horizon={task.action_horizon}], got {ex}")
+            raise UserError(f"task.exec_horizon must be in [1, task.action_horizon={task.action_horizon}], got {ex}")
         steps = task.eval.steps
         if any(int(k) < 1 for k in steps):
-            raise ValueError(f"task.eval.steps must be positive, got {list(steps)}")
+            raise UserError(f"task.eval.steps must be positive, got {list(steps)}")
+        for key in ("episodes", "num_envs"):
+            if int(task.eval[key]) < 1:
+                raise UserError(f"task.eval.{key} must be >= 1, got {task.eval[key]}")
         if cfg.policy.kind == "shortcut":
             from flowpolicy.policy import is_power_of_two
 
             bad = [int(k) for k in steps if not is_power_of_two(int(k))]
             if bad:
-                raise ValueError(f"shortcut policies sample with power-of-two K; task.eval.steps has {bad}")
-    if cfg.stage.name in ("eval", "finetune", "align", "reflow") and not cfg.get("checkpoint"):
-        raise ValueError(f"stage={cfg.stage.name} needs checkpoint=<checkpoint dir or run dir>")
+                raise UserError(f"shortcut policies sample with power-of-two K; task.eval.steps has {bad}")
+        if task.get("max_episode_steps") is not None and int(task.max_episode_steps) < 1:
+            raise UserError(f"task.max_episode_steps must be >= 1, got {task.max_episode_steps}")
+        d = task.get("demos")
+        if d is not None and not d.get("path"):
+            if int(d.num) < 1:
+                raise UserError(f"task.demos.num must be >= 1, got {d.num}")
+            if int(d.get("expert_steps") or DEFAULT_EXPERT_STEPS) < 1:
+                raise UserError(f"task.demos.expert_steps must be >= 1, got {d.expert_steps}")
+    name = cfg.stage.name
+    if name in CHECKPOINT_STAGES and not cfg.get("checkpoint"):
+        raise UserError(f"stage={name} needs checkpoint=<checkpoint dir or run dir>")
+    # budgets: checked here so that a bad fine-tuning budget fails before pretraining runs
+    if name in ("pretrain", "pipeline"):
+        s = _plain(cfg.stage.pretrain if name == "pipeline" else cfg.stage)
+        s.pop("name", None)
+        prefix = "stage.pretrain" if name == "pipeline" else "stage"
+        try:
+            PretrainConfig(dataset="", env_name="", run_dir="", policy=_plain(cfg.policy), **s).validate()
+        except TypeError as err:
+            raise UserError(f"{prefix}: {err}") from err
+        except ValueError as err:
+            raise UserError(f"{str(err).replace('pretrain.', prefix + '.')}") from err
+    ft = None
+    if name == "finetune":
+        ft, prefix = cfg.stage, "stage"
+    elif name == "pipeline" and cfg.stage.get("finetune") is not None and cfg.stage.get("run_finetune", True):
+        ft, prefix = cfg.stage.finetune, "stage.finetune"
+    if ft is not None:
+        for key in ("total_env_steps", "num_envs", "n_steps", "steps"):
+            if ft.get(key) is not None and int(ft[key]) < 1:
+                raise UserError(f"{prefix}.{key} must be >= 1, got {ft[key]}")
+        from .finetune import FinetuneConfig
+        from .finetune_stage import RUNNER_KEYS
+
+        try:
+            FinetuneConfig.from_dict({k: v for k, v in _plain(ft).items() if k not in RUNNER_KEYS})
+        except (TypeError, ValueError) as err:
+            raise UserError(f"{prefix}: {err}") from err
 
 
-def demos_for(cfg: DictConfig) -> str:
-    """The task's demo file: ``task.demos.path`` if given (must exist), else collected/cached."""
+@dataclass
+class TaskData:
+    """What pretraining reads: the env to act in, the demo file (None: collected on first use), obs keys."""
+
+    env: str
+    dataset: str | None
+    obs_keys: list[str] | None
+
+
+def resolve_task(cfg: DictConfig) -> TaskData:
+    """The env and demo file of a policy task, validated before any work: a given ``task.demos.path`` is read
+    in full (every demo, train and valid: truncated files, non-numeric values, NaN/Inf are errors), its env
+    comes from ``task.env`` or else the file's ``env_args``, and its dims must fit that env."""
+    from envs.factory import parse_env_name
+    from envs.hdf5 import describe, read_demos
+
+    task = cfg.task
+    keys = list(task.obs_keys) if task.get("obs_keys") else None
+    d = task.demos
+    if not d.get("path"):
+        if not task.get("env"):
+            raise UserError(f"task={task.name} needs task.demos.path=<robomimic low-dim HDF5 file> (or task.env=<env> "
+                            "to collect demos)")
+        if keys:
+            raise UserError("task.obs_keys applies to a given demo file (task.demos.path); collected demos have "
+                            "one key, 'state'")
+        return TaskData(parse_env_name(task.env).canonical, None, None)
+    path = Path(str(d.path)).expanduser()
+    if not path.exists():
+        raise UserError(f"task.demos.path={str(path)!r} does not exist; give a robomimic-layout HDF5 demo file")
+    info = describe(path)
+    if keys:
+        missing = [k for k in keys if k not in info["obs_keys"]]
+        if missing:
+            raise UserError(f"{path}: task.obs_keys {missing} are not low-dim obs keys of the file (it has "
+                            f"{info['obs_keys']})")
+    used = keys or info["obs_keys"]
+    read_demos(path, obs_keys=used)  # every demo: NaN/Inf, strings, shapes
+    if info["action_dtype"] != "float32":
+        note(f"{path}: actions are {info['action_dtype']}; converted to float32")
+    from envs.factory import env_name_from_env_args
+
+    file_env = env_name_from_env_args(info["env_args"], None if info["ours"] else used, where=str(path)) \
+        if info["env_args"].get("env_name") else None
+    if task.get("env"):
+        env = parse_env_name(task.env).canonical
+        if file_env and file_env.split("@")[0] != env.split("@")[0]:
+            note(f"{path} was made for {file_env} (its env_args); using task.env={env}")
+    elif file_env:
+        env = file_env
+    else:
+        raise UserError(f"{path}: its data.attrs['env_args'] name no env; set task.env=<env name>")
+    _check_dims(path, info, used, env, file_env)
+    return TaskData(env, str(path), keys)
+
+
+def _env_meta_for(env: str, what: str) -> dict[str, Any]:
+    from envs.factory import env_meta
+
+    try:
+        return env_meta(env)
+    except ImportError as err:
+        raise UserError(f"{what} needs env {env}: {err}") from err
+
+
+def _check_dims(path: Path, info: dict, keys: list[str], env: str, file_env: str | None) -> None:
+    obs_dim = sum(info["obs_dims"][k] for k in keys)
+    made = f" (the file's env_args name {file_env})" if file_env else ""
+    meta = _env_meta_for(env, f"{path}{made}")
+    for what, got, want in (("obs_dim", obs_dim, meta["obs_dim"]), ("act_dim", info["action_dim"], meta["act_dim"])):
+        if int(got) != int(want):
+            raise UserError(f"{path}: dataset {what}={got} (obs keys {keys}) but env {env} has {want}{made}; "
+                            "choose the keys with task.obs_keys=[...] or the env with task.env=...")
+
+
+def demos_for(cfg: DictConfig, data: TaskData | None = None) -> str:
+    """The task's demo file: ``task.demos.path`` if given (validated), else collected/cached."""
+    data = data or resolve_task(cfg)
+    if data.dataset:
+        return data.dataset
     d = cfg.task.demos
-    if d.get("path"):
-        p = Path(d.path).expanduser()
-        if not p.exists():
-            raise FileNotFoundError(f"task.demos.path={str(p)!r} does not exist")
-        return str(p)
-    return str(ensure_demos(cfg.task.env, num_demos=int(d.num), noise=d.get("noise"), seed=int(d.seed),
+    return str(ensure_demos(data.env, num_demos=int(d.num), noise=d.get("noise"), seed=int(d.seed),
                             quality=d.get("quality", "expert"), data_dir=cfg.get("data_dir"),
-                            progress=bool(cfg.progress)))
+                            expert_steps=int(d.get("expert_steps") or DEFAULT_EXPERT_STEPS),
+                            min_expert_return=d.get("min_expert_return"), progress=bool(cfg.progress)))
 
 
-def pretrain_config(cfg: DictConfig, stage_cfg, run_dir: Path, dataset: str) -> PretrainConfig:
+def pretrain_config(cfg: DictConfig, stage_cfg, run_dir: Path, dataset: str, data: TaskData | None = None
+                    ) -> PretrainConfig:
     s = _plain(stage_cfg)
     s.pop("name", None)
-    return PretrainConfig(dataset=dataset, env_name=cfg.task.env, run_dir=str(run_dir), policy=_plain(cfg.policy),
-                          obs_horizon=int(cfg.task.obs_horizon), action_horizon=int(cfg.task.action_horizon),
-                          exec_horizon=cfg.task.get("exec_horizon"), max_episode_steps=cfg.task.get("max_episode_steps"),
-                          seed=int(cfg.seed), device=cfg.device, progress=bool(cfg.progress),
-                          tensorboard=cfg.logger.name != "none", **s)
+    extra = {"obs_keys": data.obs_keys} if data is not None and data.obs_keys else {}
+    return PretrainConfig(dataset=dataset, env_name=data.env if data else cfg.task.env, run_dir=str(run_dir),
+                          policy=_plain(cfg.policy), obs_horizon=int(cfg.task.obs_horizon),
+                          action_horizon=int(cfg.task.action_horizon), exec_horizon=cfg.task.get("exec_horizon"),
+                          max_episode_steps=cfg.task.get("max_episode_steps"), seed=int(cfg.seed), device=cfg.device,
+                          progress=bool(cfg.progress), tensorboard=cfg.logger.name != "none", **extra, **s)
 
 
-def run_pretrain(cfg: DictConfig, run_dir: Path, stage_cfg=None) -> dict[str, Any]:
-    dataset = demos_for(cfg)
-    pc = pretrain_config(cfg, stage_cfg if stage_cfg is not None else cfg.stage, run_dir, dataset)
+def run_pretrain(cfg: DictConfig, run_dir: Path, stage_cfg=None, data: TaskData | None = None) -> dict[str, Any]:
+    data = data or resolve_task(cfg)
+    dataset = demos_for(cfg, data)
+    pc = pretrain_config(cfg, stage_cfg if stage_cfg is not None else cfg.stage, run_dir, dataset, data)
     t0 = time.perf_counter()
     result = Pretrainer(pc).run()
     result["wall_s"] = time.perf_counter() - t0
     result["dataset"] = dataset
+    result["env"] = data.env
     return result
 
 
-def run_eval(cfg: DictConfig, run_dir: Path, checkpoint: str, steps=None, name: str = "eval", label: str = "") -> dict:
+@dataclass
+class EvalTarget:
+    """The env a checkpoint is evaluated (or fine-tuned) on, and facts about it."""
+
+    env: str
+    max_episode_steps: int | None
+    has_success: bool
+
+
+def eval_target(cfg: DictConfig, checkpoint: str, policy=None, ck=None) -> EvalTarget:
+    """The env stored with the checkpoint (a note when ``task.env`` names another), checked against the
+    policy's observation and action sizes before the first rollout."""
+    from envs.factory import parse_env_name
+
+    if policy is None:
+        policy, ck = policy_from_checkpoint(checkpoint, device="cpu")
+    ck_env = ck["env_meta"].get("name")
+    task_env = cfg.task.get("env")
+    task_env = parse_env_name(task_env).canonical if task_env else None
+    trained_steps = (ck["config"].get("train") or {}).get("max_episode_steps")
+    if ck_env:
+        env = ck_env
+        same = task_env is not None and task_env.split("@")[0] == ck_env.split("@")[0]
+        if task_env and not same:
+            note(f"checkpoint {ck['path']} was trained on {ck_env}; evaluating on {ck_env}, not task.env={task_env}")
+        max_steps = cfg.task.get("max_episode_steps") if same else (trained_steps or ck["env_meta"].get("max_episode_steps"))
+    elif task_env:
+        env, max_steps = task_env, cfg.task.get("max_episode_steps")
+    else:
+        raise UserError(f"checkpoint {ck['path']} names no env (env_meta.json) and task.env is not set; set task.env=...")
+    meta = _env_meta_for(env, f"checkpoint {ck['path']}")
+    for what, have, want in (("observation", policy.obs_dim, meta["obs_dim"]), ("action", policy.act_dim, meta["act_dim"])):
+        if int(have) != int(want):
+            raise UserError(f"checkpoint {ck['path']} expects {what}s of size {have} but env {env} has {want}; "
+                            "evaluate or fine-tune it on the env it was trained on")
+    return EvalTarget(env, None if max_steps is None else int(max_steps), bool(meta["has_success"]))
+
+
+def run_eval(cfg: DictConfig, run_dir: Path, checkpoint: str, steps=None, name: str = "eval", label: str = "",
+             target: EvalTarget | None = None) -> dict:
     policy, ckpt = policy_from_checkpoint(checkpoint, device=cfg.device)
-    env_name = ckpt["env_meta"].get("name") or cfg.task.env
+    target = target or eval_target(cfg, checkpoint, policy, ckpt)
     e = cfg.task.eval
-    rows = evaluate_policy_steps(policy, env_name, list(steps or e.steps), episodes=int(e.episodes),
-                                 num_envs=int(e.num_envs), max_episode_steps=cfg.task.get("max_episode_steps"),
-                                 videos=int(e.get("videos", 0)), out_dir=run_dir, label=label)
+    rows = evaluate_policy_steps(policy, target.env, list(steps or e.steps), episodes=int(e.episodes),
+                                 num_envs=int(e.num_envs), max_episode_steps=target.max_episode_steps,
+                                 videos=int(e.get("videos", 0)), out_dir=run_dir, label=label,
+                                 has_success=target.has_success, video_prefix=name, progress=bool(cfg.progress))
     md = write_eval(rows, run_dir, name)
     return {"rows": rows, "markdown": md}
+
+
+def finetune_table(ft: dict[str, Any], env: str, has_success: bool) -> str:
+    """Markdown before/after table of a fine-tuning run (its first and last evaluations)."""
+    lines = ["| policy | env | env_steps | return_mean | return_std | success_rate |", "|---|---|---|---|---|---|"]
+    for label, h in (("before (pretrained)", ft.get("initial_eval")), ("after (fine-tuned)", ft.get("final_eval"))):
+        if not h:
+            continue
+        succ = h.get("eval/success_rate")
+        lines.append(f"| {label} | {env} | {h.get('env_steps', '')} | {h.get('eval/return_mean', float('nan')):.2f} | "
+                     f"{h.get('eval/return_std', float('nan')):.2f} | "
+                     f"{'' if succ is None or not has_success else f'{succ:.2f}'} |")
+    return "\n".join(lines)
 
 
 def run_finetune(cfg: DictConfig, run_dir: Path, checkpoint: str, stage_cfg=None) -> dict[str, Any]:
@@ -133,13 +324,41 @@ def run_reflow(cfg: DictConfig, run_dir: Path, checkpoint: str) -> dict[str, Any
     return out
 
 
+def _prechecks(cfg: DictConfig) -> dict[str, Any]:
+    """Everything that can fail on bad input, done before anything is written or trained."""
+    name = cfg.stage.name
+    pre: dict[str, Any] = {}
+    if name in ("pretrain", "pipeline"):
+        pre["data"] = resolve_task(cfg)
+    if name in ("eval", "finetune"):
+        pre["target"] = eval_target(cfg, cfg.checkpoint)
+    elif name in ("reflow", "align"):
+        policy_from_checkpoint(cfg.checkpoint, device="cpu")  # a missing or corrupt checkpoint fails here
+    return pre
+
+
+def _write_config(cfg: DictConfig, run_dir: Path) -> None:
+    (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = list(HydraConfig.get().overrides.task)
+    except Exception:  # noqa: BLE001 - not under Hydra (tests, Python API)
+        return
+    (run_dir / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(overrides)))
+
+
 def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
-    """Run ``cfg.stage.name`` in ``run_dir``; returns a summary and writes ``summary.json`` there."""
+    """Run ``cfg.stage.name`` in ``run_dir``; returns a summary and writes ``summary.json`` there.
+
+    Config values, budgets, demo files, checkpoints and env fit are all checked before the run directory is
+    touched: a run that fails on bad input writes nothing (an existing run directory keeps its files)."""
     validate_config(cfg)
     torch.set_num_threads(int(cfg.get("threads", 2)))
+    pre = _prechecks(cfg)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    _write_config(cfg, run_dir)
     name = cfg.stage.name
     out: dict[str, Any] = {"stage": name, "run_dir": str(run_dir)}
     if name == "image":
@@ -147,13 +366,15 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
 
         out.update(run_image(cfg))
     elif name == "pretrain":
-        out["pretrain"] = run_pretrain(cfg, run_dir)
+        out["pretrain"] = run_pretrain(cfg, run_dir, data=pre["data"])
         out["eval"] = run_eval(cfg, run_dir, out["pretrain"]["best"], label=f"{cfg.policy.kind} (BC)")
     elif name == "eval":
         steps = cfg.stage.get("steps")
-        out["eval"] = run_eval(cfg, run_dir, cfg.checkpoint, steps)
+        out["eval"] = run_eval(cfg, run_dir, cfg.checkpoint, steps, target=pre["target"])
     elif name == "finetune":
         out["finetune"] = run_finetune(cfg, run_dir, cfg.checkpoint)
+        out["finetune_table"] = {"markdown": finetune_table(out["finetune"], pre["target"].env,
+                                                            pre["target"].has_success)}
     elif name == "reflow":
         out["reflow"] = run_reflow(cfg, run_dir, cfg.checkpoint)
         out["eval"] = {"rows": [], "markdown": ""}
@@ -167,7 +388,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
 
         out["align"] = run_align_stage(cfg, run_dir, cfg.checkpoint)
     elif name == "pipeline":
-        out["pretrain"] = run_pretrain(cfg, run_dir / "pretrain", cfg.stage.pretrain)
+        out["pretrain"] = run_pretrain(cfg, run_dir / "pretrain", cfg.stage.pretrain, data=pre["data"])
         out["eval"] = run_eval(cfg, run_dir, out["pretrain"]["best"], name="eval_pretrained",
                                label=f"{cfg.policy.kind} (BC)")
         if cfg.stage.get("finetune") is not None and cfg.stage.get("run_finetune", True):

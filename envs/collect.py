@@ -39,6 +39,31 @@ from envs.hdf5 import DatasetError, Episode, env_args_for, read_demos, read_meta
 DEFAULT_NOISE = {"metaworld": 0.3, "locomotion": 0.0}
 DEFAULT_EXPERT_STEPS = 700_000
 DEFAULT_MEDIUM_FRACTION = 1.0 / 3.0
+# The least best-evaluated return that counts as "the PPO expert learned the task" (random policies score far
+# below; SB3 PPO with default settings clears these within ~0.5-1M steps). Below it, no demos are made.
+MIN_EXPERT_RETURN = {
+    "Ant-v5": 500.0, "HalfCheetah-v5": 1000.0, "Hopper-v5": 1000.0, "Walker2d-v5": 1000.0, "Humanoid-v5": 600.0,
+    "HumanoidStandup-v5": 60000.0, "InvertedDoublePendulum-v5": 5000.0, "InvertedPendulum-v5": 500.0,
+    "Pusher-v5": -60.0, "Reacher-v5": -15.0, "Swimmer-v5": 30.0,
+}
+
+
+class ExpertError(ValueError):
+    """The trained expert is too weak to make demonstrations from."""
+
+
+def check_expert(name: str, chosen: dict[str, Any], expert_steps: int, expert_dir: Path,
+                 min_return: float | None = None) -> None:
+    """Raise :class:`ExpertError` when the expert's best evaluated return is below ``min_return`` (default
+    :data:`MIN_EXPERT_RETURN` for the env; no check for envs without a default)."""
+    bar = MIN_EXPERT_RETURN.get(parse_env_name(name).canonical) if min_return is None else float(min_return)
+    if bar is None or chosen["best_return"] >= bar:
+        return
+    raise ExpertError(
+        f"the PPO expert for {name} did not learn: best evaluated return {chosen['best_return']:.1f} after "
+        f"{expert_steps} steps, below {bar:g} ({expert_dir / 'evals.json'}); no demos were made. Train longer "
+        f"(task.demos.expert_steps=..., or --expert-steps), lower the bar (task.demos.min_expert_return=...), or "
+        f"give your own demos (task.demos.path=FILE)")
 
 
 def default_data_dir() -> Path:
@@ -337,6 +362,7 @@ def ensure_demos(
     retrain_expert: bool = False,
     progress: bool = True,
     expert_kwargs: dict[str, Any] | None = None,
+    min_expert_return: float | None = None,
 ) -> Path:
     """Return the demo file for these settings, collecting it (and training an SB3 expert) when missing.
 
@@ -344,6 +370,8 @@ def ensure_demos(
     returned; an invalid one raises :class:`envs.hdf5.DatasetError` (pass ``force=True`` to recollect). A
     locomotion expert is trained once per (env, steps, seed) and reused unless ``retrain_expert``.
     ``expert_kwargs`` go to :func:`train_sb3_expert` (e.g. ``n_envs``, ``eval_freq``, ``ppo_kwargs``).
+    An expert whose best evaluated return is below ``min_expert_return`` (default: :data:`MIN_EXPERT_RETURN`)
+    raises :class:`ExpertError` instead of making demos.
     """
     parsed = parse_env_name(task_name)
     if parsed.family not in DEFAULT_NOISE:
@@ -370,6 +398,7 @@ def ensure_demos(
         if retrain_expert or not evals.exists() or not json.loads(evals.read_text()).get("complete"):
             train_sb3_expert(task_name, expert_steps, seed, expert_dir, progress=progress, **(expert_kwargs or {}))
         chosen = select_checkpoint(expert_dir, quality, medium_fraction)
+        check_expert(task_name, chosen, expert_steps, expert_dir, min_expert_return)
         episodes, meta = collect_sb3_demos(
             parsed.canonical, chosen["path"], num_demos, noise, seed,
             max_episode_steps=max_episode_steps, progress=progress,
@@ -390,6 +419,8 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quality", choices=["expert", "medium"], default="expert", help="locomotion expert quality")
     p.add_argument("--medium-fraction", type=float, default=DEFAULT_MEDIUM_FRACTION)
     p.add_argument("--expert-steps", type=int, default=DEFAULT_EXPERT_STEPS, help="PPO expert training budget")
+    p.add_argument("--min-expert-return", type=float, default=None,
+                   help="least best return that counts as a learned expert (default per env)")
     p.add_argument("--max-episode-steps", type=int, default=None)
     p.add_argument("--data-dir", default=None, help="default: $FLOWPOLICY_DATA_DIR or <repo>/data")
     p.add_argument("--force", action="store_true", help="recollect the demos even if cached")
@@ -403,6 +434,7 @@ def main(argv: list[str] | None = None) -> None:
         args.name, args.num_demos, args.noise, args.seed, quality=args.quality, data_dir=args.data_dir,
         expert_steps=args.expert_steps, medium_fraction=args.medium_fraction,
         max_episode_steps=args.max_episode_steps, force=args.force, retrain_expert=args.retrain_expert,
+        min_expert_return=args.min_expert_return,
     )
     meta = read_meta(path)
     keys = ("num_demos", "num_steps", "return_mean", "return_std", "success_rate", "collection_s")

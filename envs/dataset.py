@@ -11,7 +11,6 @@ import numpy as np
 import torch
 
 from envs.hdf5 import (
-    DEFAULT_OBS_KEY,
     DatasetError,
     Episode,
     list_demos,
@@ -35,7 +34,9 @@ class DemoDataset(torch.utils.data.Dataset):
         filter_key: ``"train"``/``"valid"``/any mask name, or None for all demos. When the file has no
             ``mask/train``/``mask/valid``, those two keys split the demos by ``valid_fraction`` and
             ``split_seed`` (the same split as :func:`envs.hdf5.write_demos` would write).
-        obs_keys: ``obs/<key>`` arrays concatenated into the flat observation.
+        obs_keys: ``obs/<key>`` arrays concatenated, in this order, into the flat observation. None (default):
+            every low-dim key of the file in sorted order (``["state"]`` for the files flowpolicy writes;
+            e.g. ``["object", "robot0_eef_pos", ...]`` for a robomimic low-dim file).
         expected_obs_dim / expected_act_dim: validated against the file when given.
 
     Attributes:
@@ -50,7 +51,7 @@ class DemoDataset(torch.utils.data.Dataset):
         obs_horizon: int = 1,
         action_horizon: int = 1,
         filter_key: str | None = "train",
-        obs_keys: Sequence[str] = (DEFAULT_OBS_KEY,),
+        obs_keys: Sequence[str] | None = None,
         valid_fraction: float = 0.1,
         split_seed: int = 0,
         expected_obs_dim: int | None = None,

@@ -2,9 +2,16 @@
 
 Names (see ``FAMILY_EXAMPLES``):
 
-- gymnasium MuJoCo locomotion: ``Hopper-v5``, ``Walker2d-v5``, ``HalfCheetah-v5``, ``Ant-v5``;
+- gymnasium MuJoCo v5: ``Hopper-v5``, ``Walker2d-v5``, ``HalfCheetah-v5``, ``Ant-v5`` and every other
+  gymnasium MuJoCo v5 env (``Swimmer-v5``, ``Reacher-v5``, ``InvertedPendulum-v5``, ...), family "locomotion";
 - Meta-World v3 single tasks: ``metaworld/<task>-v3`` (alias ``mw/<task>-v3``), e.g. ``metaworld/pick-place-v3``;
-- robosuite tasks (optional extra ``pip install -e ".[robosuite]"``): ``robosuite/Lift``, ``robosuite/Can``.
+- robosuite tasks (optional extra ``pip install -e ".[robosuite]"``): ``robosuite/Lift``, ``robosuite/Can``;
+- any other registered gymnasium env: ``gym/<id>``, also ``gym/<module>:<id>`` (the module is imported first
+  and registers the id), e.g. an env of your own.
+
+Envs with dict observations (robosuite, ``gym/`` envs with a ``Dict`` space) are flattened by concatenating
+low-dim keys in sorted order, or in the order a name suffix states: ``robosuite/Lift@object,robot0_eef_pos``
+(robomimic's key ``object`` is robosuite's ``object-state``). A demo file's keys and the env's keys then match.
 
 Every env returned by :func:`make_env` has a float32 ``Box`` observation space, reports
 ``info["success"]`` as a Python ``bool`` on every step (always ``False`` for locomotion), and
@@ -29,6 +36,10 @@ import numpy as np
 from envs.wrappers import ActionChunk, ObservationHistory, SuccessInfo
 
 LOCOMOTION_TASKS = ("Hopper-v5", "Walker2d-v5", "HalfCheetah-v5", "Ant-v5")
+# every gymnasium MuJoCo v5 env (family "locomotion": no success signal)
+MUJOCO_TASKS = ("Ant-v5", "HalfCheetah-v5", "Hopper-v5", "Humanoid-v5", "HumanoidStandup-v5",
+                "InvertedDoublePendulum-v5", "InvertedPendulum-v5", "Pusher-v5", "Reacher-v5", "Swimmer-v5",
+                "Walker2d-v5")
 ROBOSUITE_TASKS = ("Lift", "Can")
 # robosuite's own environment class for each of our task names ("Can" is robomimic's name for PickPlaceCan).
 _ROBOSUITE_ENV_NAMES = {"Lift": "Lift", "Can": "PickPlaceCan"}
@@ -36,6 +47,7 @@ FAMILY_EXAMPLES = {
     "locomotion": list(LOCOMOTION_TASKS),
     "metaworld": ["metaworld/pick-place-v3", "mw/reach-v3", "metaworld/<any Meta-World v3 task>"],
     "robosuite": [f"robosuite/{t}" for t in ROBOSUITE_TASKS],
+    "gym": ["gym/<gymnasium id>", "gym/<module>:<id>"],
 }
 METAWORLD_DEFAULT_MAX_STEPS = 500
 ROBOSUITE_DEFAULT_MAX_STEPS = 500
@@ -51,11 +63,13 @@ class EnvName:
 
     family: str
     task: str
+    obs_keys: tuple[str, ...] | None = None
 
     @property
     def canonical(self) -> str:
         """The name written to datasets and checkpoints (``mw/`` is spelled ``metaworld/``)."""
-        return self.task if self.family == "locomotion" else f"{self.family}/{self.task}"
+        base = self.task if self.family == "locomotion" else f"{self.family}/{self.task}"
+        return base + ("@" + ",".join(self.obs_keys) if self.obs_keys else "")
 
 
 def _unknown_name_error(name: str, detail: str = "") -> ValueError:
@@ -65,9 +79,24 @@ def _unknown_name_error(name: str, detail: str = "") -> ValueError:
 
 def parse_env_name(name: str) -> EnvName:
     """Split ``name`` into family and task, raising a ValueError listing the families for unknown names."""
-    if name in LOCOMOTION_TASKS:
+    name = str(name)
+    if "@" in name:
+        base, _, keys = name.partition("@")
+        parsed = parse_env_name(base)
+        obs_keys = tuple(k.strip() for k in keys.split(",") if k.strip())
+        if not obs_keys:
+            raise _unknown_name_error(name, " (no observation keys after '@')")
+        if parsed.family not in ("robosuite", "gym"):
+            raise _unknown_name_error(name, f" (observation keys '@...' apply to envs with dict observations, "
+                                            f"not to {parsed.family} envs)")
+        return EnvName(parsed.family, parsed.task, obs_keys)
+    if name in LOCOMOTION_TASKS or name in MUJOCO_TASKS:
         return EnvName("locomotion", name)
     prefix, sep, task = name.partition("/")
+    if sep and prefix == "gym":
+        if not task:
+            raise _unknown_name_error(name, " (give a gymnasium id after 'gym/')")
+        return EnvName("gym", task)
     if sep and prefix in ("metaworld", "mw"):
         from metaworld.env_dict import ALL_V3_ENVIRONMENTS
 
@@ -149,6 +178,51 @@ class _FlipRender(gym.Wrapper):
         return None if frame is None else np.ascontiguousarray(frame[::-1])
 
 
+class _FlattenDict(gym.ObservationWrapper):
+    """Concatenates the low-dim entries of a ``Dict`` observation in ``keys`` order (default: sorted)."""
+
+    def __init__(self, env: gym.Env, keys: tuple[str, ...] | None):
+        super().__init__(env)
+        space = env.observation_space
+        low_dim = sorted(k for k, v in space.spaces.items() if isinstance(v, gym.spaces.Box) and len(v.shape) <= 1)
+        keys = tuple(keys) if keys else tuple(low_dim)
+        missing = [k for k in keys if k not in low_dim]
+        if missing:
+            raise ValueError(f"observation keys {missing} are not low-dim keys of this env (it has {low_dim})")
+        self.keys = keys
+        lows = [np.broadcast_to(space[k].low, space[k].shape or (1,)).reshape(-1) for k in keys]
+        highs = [np.broadcast_to(space[k].high, space[k].shape or (1,)).reshape(-1) for k in keys]
+        self.observation_space = gym.spaces.Box(np.concatenate(lows).astype(np.float32),
+                                                np.concatenate(highs).astype(np.float32), dtype=np.float32)
+
+    def observation(self, observation):
+        return np.concatenate([np.asarray(observation[k], np.float32).reshape(-1) for k in self.keys])
+
+
+class _IsSuccess(gym.Wrapper):
+    """Maps gymnasium-robotics' ``info["is_success"]`` onto ``info["success"]``."""
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        if "success" not in info and "is_success" in info:
+            info["success"] = bool(info["is_success"])
+        return obs, reward, terminated, truncated, info
+
+
+def _make_gym(task: str, render_mode: str | None, max_episode_steps: int | None,
+              obs_keys: tuple[str, ...] | None = None, render_size: tuple[int, int] | None = None, **kwargs: Any):
+    try:
+        env = gym.make(task, render_mode=render_mode, max_episode_steps=max_episode_steps, **kwargs)
+    except (gym.error.Error, ModuleNotFoundError, ImportError) as err:
+        raise ValueError(f"gym/{task}: gymnasium cannot make this env ({err}); give a registered id, or "
+                         "gym/<module>:<id> with a module that registers it") from err
+    if isinstance(env.observation_space, gym.spaces.Dict):
+        env = _FlattenDict(env, obs_keys)
+    elif obs_keys:
+        raise ValueError(f"gym/{task}: observation keys {list(obs_keys)} given, but its observations are not a dict")
+    return SuccessInfo(_IsSuccess(env))
+
+
 def _make_locomotion(task: str, render_mode: str | None, max_episode_steps: int | None, **kwargs: Any):
     width, height = kwargs.pop("render_size", (256, 256))
     render_kwargs = {"width": width, "height": height} if render_mode is not None else {}
@@ -199,6 +273,7 @@ def _make_robosuite(
     terminate_on_success: bool = False,
     render_size: tuple[int, int] = (256, 256),
     camera_name: str = "agentview",
+    obs_keys: tuple[str, ...] | None = None,
     **kwargs: Any,
 ):
     try:
@@ -224,7 +299,9 @@ def _make_robosuite(
         camera_heights=height,
         **kwargs,
     )
-    env = _RobosuiteGym(GymWrapper(rs_env), rs_env, render_mode, camera_name, width, height)
+    # robomimic names robosuite's "object-state" key "object"
+    keys = [("object-state" if k == "object" else k) for k in obs_keys] if obs_keys else None
+    env = _RobosuiteGym(GymWrapper(rs_env, keys=keys), rs_env, render_mode, camera_name, width, height)
     env = gym.wrappers.TimeLimit(env, steps)
     return SuccessInfo(env, success_fn=rs_env._check_success, terminate_on_success=terminate_on_success)
 
@@ -291,7 +368,10 @@ def make_env(
     if render_mode not in (None, "rgb_array"):
         raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
     parsed = parse_env_name(name)
-    builders = {"locomotion": _make_locomotion, "metaworld": _make_metaworld, "robosuite": _make_robosuite}
+    builders = {"locomotion": _make_locomotion, "metaworld": _make_metaworld, "robosuite": _make_robosuite,
+                "gym": _make_gym}
+    if parsed.obs_keys:
+        task_kwargs["obs_keys"] = parsed.obs_keys
     env = builders[parsed.family](parsed.task, render_mode, max_episode_steps, **task_kwargs)
     env = _Float32Observation(env)
     env = _SeedOnFirstReset(env, seed)
@@ -360,15 +440,55 @@ def env_meta(name: str, max_episode_steps: int | None = None, **task_kwargs: Any
             "obs_dim": int(np.prod(env.observation_space.shape)),
             "act_dim": int(np.prod(env.action_space.shape)),
             "max_episode_steps": _max_episode_steps(env),
-            "has_success": parsed.family != "locomotion",
+            "has_success": parsed.family in ("metaworld", "robosuite"),
         }
+        if parsed.family == "gym":  # a gym env has success when its step info reports one
+            env.reset(seed=0)
+            meta["has_success"] = "success" in _base_info(env)
     finally:
         env.close()
     if parsed.family == "metaworld":
         meta["metaworld_task_seed"] = METAWORLD_TASK_SEED
+    task_kwargs.pop("obs_keys", None)
     if task_kwargs:
         meta["task_kwargs"] = {k: _jsonable(v) for k, v in task_kwargs.items()}
     return meta
+
+
+def _base_info(env: gym.Env) -> dict:
+    """The info of one random step of ``env`` as the base env reports it (before SuccessInfo fills in False)."""
+    inner = env
+    while isinstance(inner, gym.Wrapper) and not isinstance(inner, SuccessInfo):
+        inner = inner.env
+    inner = inner.env if isinstance(inner, SuccessInfo) else inner
+    return inner.step(inner.action_space.sample())[4]
+
+
+def env_name_from_env_args(env_args: dict[str, Any], obs_keys=None, where: str = "") -> str:
+    """Our env name for a robomimic ``env_args`` (``{"env_name", "type", "env_kwargs"}``): robosuite (type 1)
+    ``Lift``/``PickPlaceCan`` -> ``robosuite/Lift``/``robosuite/Can``; gym (type 2) names we know (``Hopper-v5``,
+    ``metaworld/...``) as they are, other gymnasium ids as ``gym/<id>``. ``obs_keys`` are appended for envs with
+    dict observations (``@k1,k2``) so the env flattens them in the dataset's order."""
+    if not env_args or "env_name" not in env_args:
+        raise ValueError(f"{where}: data.attrs['env_args'] has no env_name; name the env with task.env=<name>")
+    raw, kind = str(env_args["env_name"]), env_args.get("type")
+    keys = list(obs_keys or [])
+    if kind == 1 or raw in _ROBOSUITE_ENV_NAMES.values():
+        task = {v: k for k, v in _ROBOSUITE_ENV_NAMES.items()}.get(raw, raw)
+        if task not in ROBOSUITE_TASKS:
+            raise ValueError(f"{where}: env_args name the robosuite env {raw!r}; supported: "
+                             f"{sorted(_ROBOSUITE_ENV_NAMES.values())}")
+        return f"robosuite/{task}" + ("@" + ",".join(keys) if keys else "")
+    if kind not in (None, 2):
+        raise ValueError(f"{where}: env_args type {kind} (env {raw!r}) is not supported; robosuite (1) and "
+                         "gym (2) are")
+    try:
+        parsed = parse_env_name(raw)
+    except ValueError:
+        parsed = EnvName("gym", raw)
+    if parsed.family == "gym" and keys and keys != ["flat"]:
+        return parsed.canonical + "@" + ",".join(keys)
+    return parsed.canonical
 
 
 def _max_episode_steps(env: gym.Env) -> int | None:

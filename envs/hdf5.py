@@ -213,10 +213,43 @@ def write_demos(
 def _open(path: str | os.PathLike) -> h5py.File:
     path = Path(path)
     if not path.exists():
-        raise DatasetError(f"{path}: dataset file does not exist")
+        raise DatasetError(f"{path}: dataset file does not exist; check task.demos.path")
     if not path.is_file() or not h5py.is_hdf5(path):
-        raise DatasetError(f"{path}: not an HDF5 file")
-    return h5py.File(path, "r")
+        raise DatasetError(f"{path}: not an HDF5 file; give a robomimic-layout .hdf5 demo file")
+    try:
+        return h5py.File(path, "r")
+    except OSError as err:
+        raise DatasetError(f"{path}: cannot be read as HDF5, the file is truncated or corrupt ({err}); copy or "
+                           "regenerate it") from err
+
+
+def low_dim_keys(obs_group: h5py.Group) -> list[str]:
+    """The low-dim observation keys of one demo's ``obs`` group, sorted: arrays of shape (T,) or (T, D)
+    (image keys, (T, H, W, C), are left out). This is the default observation of a robomimic file."""
+    return sorted(k for k, v in obs_group.items() if isinstance(v, h5py.Dataset) and v.ndim <= 2)
+
+
+def describe(path: str | os.PathLike) -> dict[str, Any]:
+    """What a demo file holds, read from its first demo: ``{"num_demos", "obs_keys"`` (low-dim, sorted),
+    ``"obs_dims"``, ``"other_obs_keys"`` (images...), ``"action_dim"``, ``"action_dtype"``, ``"env_args"``,
+    ``"ours"`` (written by flowpolicy)``}``."""
+    path = Path(path)
+    names = list_demos(path)
+    if not names:
+        raise DatasetError(f"{path}: no demos in data")
+    with _open(path) as f:
+        g = _data_group(f, path)[names[0]]
+        where = f"{path}: data/{names[0]}"
+        if "obs" not in g or "actions" not in g:
+            raise DatasetError(f"{where}: needs 'obs' and 'actions' (robomimic layout)")
+        keys = low_dim_keys(g["obs"])
+        dims = {k: int(np.prod(g["obs"][k].shape[1:])) for k in keys}
+        out = {"num_demos": len(names), "obs_keys": keys, "obs_dims": dims,
+               "other_obs_keys": sorted(set(g["obs"].keys()) - set(keys)),
+               "action_dim": int(np.prod(g["actions"].shape[1:])), "action_dtype": str(g["actions"].dtype),
+               "ours": "flowpolicy_format" in f.attrs}
+    out["env_args"] = read_env_args(path)
+    return out
 
 
 def _data_group(f: h5py.File, path: Path) -> h5py.Group:
@@ -280,14 +313,26 @@ def _parse_json(raw: Any, path: Path, what: str) -> dict[str, Any]:
         raise DatasetError(f"{path}: {what} is not valid JSON: {err}") from err
 
 
-def _read_obs(g: h5py.Group, group: str, obs_keys: Sequence[str], where: str) -> np.ndarray:
+def _numeric(ds: h5py.Dataset, where: str) -> np.ndarray:
+    """A dataset as float32; a DatasetError naming it when its values are not numbers (strings, objects)."""
+    if ds.dtype.kind not in "biuf":
+        raise DatasetError(f"{where}: holds {ds.dtype} values, not numbers; store numeric arrays (float32)")
+    return np.asarray(ds[()], dtype=np.float32)
+
+
+def _read_obs(g: h5py.Group, group: str, obs_keys: Sequence[str] | None, where: str) -> np.ndarray:
     if group not in g:
         raise DatasetError(f"{where}: missing '{group}' group")
+    if obs_keys is None:
+        obs_keys = low_dim_keys(g[group])
+        if not obs_keys:
+            raise DatasetError(f"{where}/{group}: no low-dim observation keys")
     parts = []
     for key in obs_keys:
         if key not in g[group]:
-            raise DatasetError(f"{where}/{group}/{key}: missing obs key (available: {sorted(g[group].keys())})")
-        arr = np.asarray(g[group][key][()], dtype=np.float32)
+            raise DatasetError(f"{where}/{group}/{key}: missing obs key (available: {sorted(g[group].keys())}); "
+                               "set task.obs_keys=[...] to keys the file has")
+        arr = _numeric(g[group][key], f"{where}/{group}/{key}")
         if arr.ndim == 0:
             raise DatasetError(f"{where}/{group}/{key}: expected shape (T, ...), got a scalar")
         parts.append(arr.reshape(arr.shape[0], int(np.prod(arr.shape[1:]))))  # (T, ...) -> (T, D)
@@ -301,7 +346,7 @@ def _read_obs(g: h5py.Group, group: str, obs_keys: Sequence[str], where: str) ->
 
 def read_demos(
     path: str | os.PathLike,
-    obs_keys: Sequence[str] = (DEFAULT_OBS_KEY,),
+    obs_keys: Sequence[str] | None = (DEFAULT_OBS_KEY,),
     filter_key: str | None = None,
     demos: Sequence[str] | None = None,
     expected_obs_dim: int | None = None,
@@ -313,7 +358,8 @@ def read_demos(
 
     Args:
         obs_keys: ``obs/<key>`` arrays concatenated (in this order) into the flat (T, Do) observation;
-            for a real robomimic low-dim file e.g. ``("object", "robot0_eef_pos", ...)``.
+            for a real robomimic low-dim file e.g. ``("object", "robot0_eef_pos", ...)``. None: every
+            low-dim key of the file, sorted (:func:`low_dim_keys`).
         filter_key: read only the demos in ``mask/<filter_key>``; ``demos``: read exactly these.
         expected_obs_dim / expected_act_dim: checked against every demo when given.
         check_action_bounds: reject actions outside [-1, 1].
@@ -330,30 +376,40 @@ def read_demos(
         raise DatasetError(f"{path}: no demos in {which}")
     episodes = []
     with _open(path) as f:
-        data = _data_group(f, path)
-        for name in names:
-            where = f"{path}: data/{name}"
-            if name not in data:
-                raise DatasetError(f"{where}: no such demo")
-            g = data[name]
-            if "actions" not in g:
-                raise DatasetError(f"{where}/actions: missing")
-            actions = np.asarray(g["actions"][()], dtype=np.float32)
-            n = actions.shape[0] if actions.ndim else 0
-            rewards = np.asarray(g["rewards"][()], dtype=np.float32) if "rewards" in g else np.zeros(n, np.float32)
-            dones = np.asarray(g["dones"][()]) if "dones" in g else None
-            obs = _read_obs(g, "obs", obs_keys, where)
-            next_obs = _read_obs(g, "next_obs", obs_keys, where) if load_next_obs and "next_obs" in g else None
-            success = bool(g.attrs["success"]) if "success" in g.attrs else None
-            ep = Episode(
-                obs=obs, actions=actions, rewards=rewards, dones=dones, next_obs=next_obs, success=success,
-                terminated=bool(g.attrs.get("terminated", False)), name=name,
-                attrs={k: _to_str(v) if isinstance(v, bytes) else v for k, v in g.attrs.items()},
-            )
-            _check_episode(ep, where, expected_obs_dim, expected_act_dim, check_action_bounds)
-            if expected_obs_dim is None:
-                expected_obs_dim = ep.obs.shape[1]
-            if expected_act_dim is None:
-                expected_act_dim = ep.actions.shape[1]
-            episodes.append(ep)
+        try:
+            _read_all(f, path, names, obs_keys, expected_obs_dim, expected_act_dim, check_action_bounds,
+                      load_next_obs, episodes)
+        except OSError as err:  # h5py reads lazily: a truncated file fails here, not at open
+            raise DatasetError(f"{path}: cannot be read, the file is truncated or corrupt ({err}); copy or "
+                               "regenerate it") from err
     return episodes
+
+
+def _read_all(f, path, names, obs_keys, expected_obs_dim, expected_act_dim, check_action_bounds, load_next_obs,
+              episodes) -> None:
+    data = _data_group(f, path)
+    for name in names:
+        where = f"{path}: data/{name}"
+        if name not in data:
+            raise DatasetError(f"{where}: no such demo")
+        g = data[name]
+        if "actions" not in g:
+            raise DatasetError(f"{where}/actions: missing")
+        actions = _numeric(g["actions"], f"{where}/actions")
+        n = actions.shape[0] if actions.ndim else 0
+        rewards = _numeric(g["rewards"], f"{where}/rewards") if "rewards" in g else np.zeros(n, np.float32)
+        dones = np.asarray(g["dones"][()]) if "dones" in g else None
+        obs = _read_obs(g, "obs", obs_keys, where)
+        next_obs = _read_obs(g, "next_obs", obs_keys, where) if load_next_obs and "next_obs" in g else None
+        success = bool(g.attrs["success"]) if "success" in g.attrs else None
+        ep = Episode(
+            obs=obs, actions=actions, rewards=rewards, dones=dones, next_obs=next_obs, success=success,
+            terminated=bool(g.attrs.get("terminated", False)), name=name,
+            attrs={k: _to_str(v) if isinstance(v, bytes) else v for k, v in g.attrs.items()},
+        )
+        _check_episode(ep, where, expected_obs_dim, expected_act_dim, check_action_bounds)
+        if expected_obs_dim is None:
+            expected_obs_dim = ep.obs.shape[1]
+        if expected_act_dim is None:
+            expected_act_dim = ep.actions.shape[1]
+        episodes.append(ep)

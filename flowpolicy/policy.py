@@ -153,15 +153,17 @@ class BasePolicy(nn.Module):
     def predict(self, observation, state=None, episode_start=None, deterministic: bool = True, steps=None):
         """stable-baselines3 API: (n_envs, Do) numpy observations -> ((n_envs, Da) actions, state).
 
-        Keeps, per env, the observation history (To) and the queue of chunked actions; ``episode_start``
-        (n_envs,) resets both for the envs whose episode just began.
+        Keeps, per env, the observation history (To) and the queue of chunked actions, so a chunk is predicted
+        every ``exec_horizon`` calls; ``episode_start`` (n_envs,) resets both for the envs whose episode just
+        began. Without ``episode_start`` (plain ``predict(obs)``) the queue is kept: call ``reset()`` at each
+        new episode.
         """
         obs = np.asarray(observation, dtype=np.float32)
         single = obs.ndim == 1
         if single:
             obs = obs[None]
         n = obs.shape[0]
-        starts = np.ones(n, bool) if episode_start is None else np.asarray(episode_start, bool).reshape(n)
+        starts = np.zeros(n, bool) if episode_start is None else np.asarray(episode_start, bool).reshape(n)
         need = []
         for i in range(n):
             st = self._sb3_state.get(i)

@@ -77,4 +77,4 @@ def test_train_py_runs_through_hydra(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "train.py"), "stage=pretrain", f"hydra.run.dir={tmp_path}",
                           f"data_dir={tmp_path / 'data'}", *TINY], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "run directory" in out.stdout and "| reflow (BC) | 2 |" in out.stdout
+    assert "run directory" in out.stdout and "| reflow (BC) | metaworld/pick-place-v3 | 2 |" in out.stdout

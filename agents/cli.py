@@ -1,0 +1,81 @@
+"""What ``train.py`` needs before Hydra composes a config: ``--help`` text and the run-name resolver.
+
+Kept free of torch/MuJoCo imports so ``python train.py --help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import re
+
+HELP = """\
+usage: python train.py [key=value ...] [--multirun key=a,b]
+
+flowpolicy: flow-matching robot policies (behavior cloning, ReinFlow fine-tuning, alignment, few-step eval).
+Every option is a Hydra override; the run directory is outputs/<date>/<time>_<task>_<env>_<stage>/.
+
+stages (stage=...):
+  pipeline   (default) demos -> pretrain -> eval -> ReinFlow fine-tuning -> eval
+  pretrain   behavior cloning on demos, then evaluation at task.eval.steps
+  eval       evaluate checkpoint=DIR on the env stored with it (stage.steps=[1,2,4])
+  finetune   ReinFlow PPO from checkpoint=DIR; prints a before/after table
+  reflow     2-rectified flow + 1-step distillation of checkpoint=DIR
+  align      Flow-DPO / Flow-RWR from checkpoint=DIR
+  image      image generation with the same flow core (task=digits)
+
+task families (task=...):
+  metaworld  task.env=metaworld/<any Meta-World v3 task>   scripted-expert demos, collected on first use
+  mujoco     task.env=<gymnasium MuJoCo v5 env>             PPO expert + demos made on first use
+             (task.demos.expert_steps=..., task.demos.quality=expert|medium)
+  robomimic  task.demos.path=FILE                           a robomimic low-dim HDF5 file; the env comes
+             from its env_args, obs keys = all low-dim keys (sorted) unless task.obs_keys=[a,b]
+  presets    pick_place (default), hopper_medium, walker2d_medium, digits (images)
+
+examples:
+  python train.py                                                   # default pick-place pipeline
+  python train.py task=metaworld task.env=metaworld/door-open-v3 stage=pretrain
+  python train.py task=mujoco task.env=HalfCheetah-v5 task.demos.expert_steps=1000000
+  python train.py task=robomimic task.demos.path=/data/lift/low_dim.hdf5 task.obs_keys=[object,robot0_eef_pos]
+  python train.py stage=eval checkpoint=outputs/2026-01-01/12-00-00_pick_place_pipeline/pretrain
+
+other keys: policy=reflow|shortcut|gaussian  device=cpu|cuda  seed=0  logger=tensorboard|wandb|none
+            data_dir=DIR  progress=false  debug=true (full tracebacks; also HYDRA_FULL_ERROR=1)
+errors: a bad input prints one line `error: ...` and exits with code 2.
+Hydra's own help: python train.py --hydra-help; the composed config: python train.py --cfg job
+"""
+
+
+def slug(text: str) -> str:
+    """A path-safe piece of a run name: ``metaworld/door-open-v3`` -> ``door-open-v3``."""
+    text = str(text).split("@")[0]
+    text = text.rsplit("/", 1)[-1].rsplit(":", 1)[-1]
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "env"
+
+
+def run_tag(name, env=None, demos_path=None) -> str:
+    """``<task.name>_<env>`` for the run directory (the env is read from a demo file's env_args when the task
+    names none, as for task=robomimic); just the name when it already says the env (pick_place)."""
+    env_name = env
+    if env_name in (None, "None", "null", "") and demos_path not in (None, "None", "null", ""):
+        try:
+            import json
+
+            import h5py
+
+            with h5py.File(demos_path, "r") as f:
+                env_name = json.loads(f["data"].attrs["env_args"])["env_name"]
+        except Exception:  # noqa: BLE001 - the run name must never fail; train.py reports the file itself
+            env_name = str(demos_path).rsplit("/", 1)[-1].split(".")[0]
+    if env_name in (None, "None", "null", ""):
+        return str(name)
+    tag = slug(env_name)
+    base = re.sub(r"_v\d+$", "", tag.lower().replace("-", "_"))
+    if str(name).lower().startswith(base):  # pick_place / pick-place-v3, hopper_medium / Hopper-v5
+        return str(name)
+    return f"{name}_{tag}"
+
+
+def register_resolvers() -> None:
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("run_tag"):
+        OmegaConf.register_new_resolver("run_tag", run_tag)
