@@ -121,7 +121,7 @@ class Pretrainer:
             if int(env[key]) != got:
                 raise ValueError(f"{self.cfg.dataset}: dataset {key}={got} but env {self.cfg.env_name} has "
                                  f"{env[key]}; the dataset was made for {self.env_meta.get('name', 'another env')}")
-        if self.env_meta.get("name") != env["name"]:
+        if self.env_meta.get("name") != env["name"] or "obs_dim" not in self.env_meta:  # files of other tools
             self.env_meta = env
 
     # --- checkpoints -------------------------------------------------------------------------------------
