@@ -7,14 +7,20 @@ with the same PPO, and stable-baselines3 PPO from scratch, on the same env-step 
 
 Steps: demos (cached) -> BC pretraining of each policy kind -> fine-tuning runs (method x variant x seed) in
 parallel worker processes, each on one CPU thread -> deterministic evaluation curves (return / success vs env
-steps). Writes bench/results/finetune_<task>.{json,md,png}: final and best return, net growth over the
-pretrained policy in %, and wall time per 100k env steps.
+steps) at ``--eval-points`` points with ``--eval-episodes`` episodes each, the same evaluation episodes (env
+seeds) for every method, SB3 included. Writes bench/results/finetune_<task>.{json,md,png}: per run the final
+and best return and their ratio, per method the mean over seeds with a 95% bootstrap interval and the
+interquartile mean, the ratio to the Gaussian + same-PPO baseline, and wall time per 100k env steps (also as a
+ratio to SB3 PPO's in the same command). The JSON keeps every curve and the PPO diagnostics of every
+iteration (KL per executed action dim, clip fraction, log-ratio spread, sigma, stochastic rollout return,
+explained variance, value loss).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import multiprocessing as mp
 import os
 import time
@@ -72,6 +78,11 @@ def _pretrain(args):
     return kind, out["checkpoint"], time.perf_counter() - t0
 
 
+DIAG_KEYS = ("train/approx_kl", "train/kl_per_dim", "train/clipfrac", "train/log_ratio_std", "train/sigma_mean",
+             "train/sigma_obs_min", "train/sigma_obs_max", "rollout/return_mean", "train/explained_variance",
+             "train/value_loss", "train/actor_updated", "train/epochs")
+
+
 def _finetune(args):
     method, variant, overrides, seed, task, ckpt, env_steps = args
     import torch
@@ -90,10 +101,13 @@ def _finetune(args):
     eval_envs = make_vec_env(t["env"], cfg.eval_num_envs, seed=cfg.eval_seed, action_horizon=policy.exec_horizon,
                              max_episode_steps=t["max_episode_steps"])
     agent = ReinFlowPPO(policy, envs, eval_envs, cfg)
-    curve = []
+    curve, diag = [], []
     t0 = time.perf_counter()
 
     def cb(a, m):
+        if "train/policy_loss" in m or "train/value_loss" in m:
+            diag.append({"env_steps": int(m["charts/env_steps"]),
+                         **{k.split("/")[1] if k.startswith("train/") else k: m[k] for k in DIAG_KEYS if k in m}})
         if "eval/return_mean" in m:
             curve.append({"env_steps": int(m["charts/env_steps"]), "return": m["eval/return_mean"],
                           "success": m["eval/success_rate"], "wall_s": time.perf_counter() - t0})
@@ -103,18 +117,48 @@ def _finetune(args):
         m = agent.evaluate()
         curve.append({"env_steps": agent.env_steps, "return": m["eval/return_mean"],
                       "success": m["eval/success_rate"], "wall_s": time.perf_counter() - t0})
-    return {"method": method, "variant": variant, "seed": seed, "curve": curve,
+    return {"method": method, "variant": variant, "seed": seed, "curve": curve, "diagnostics": diag,
             "wall_s": time.perf_counter() - t0, "env_steps": agent.env_steps}
 
 
+def _evaluate_sb3(model, task: str, n_episodes: int, eval_seed: int, num_envs: int) -> float:
+    """SB3 model on the same evaluation episodes as ReinFlowPPO.evaluate: ``num_envs`` envs reset with
+    ``eval_seed``, env i running ``n // M`` (+1 for the first ``n % M``) episodes, deterministic actions."""
+    from envs.factory import make_vec_env
+
+    t = TASKS[task]
+    envs = make_vec_env(t["env"], num_envs, seed=eval_seed, action_horizon=1,
+                        max_episode_steps=t["max_episode_steps"])
+    try:
+        from agents.ppo_utils import VecEnvStepper
+
+        m = envs.num_envs
+        quota = np.array([n_episodes // m + (i < n_episodes % m) for i in range(m)])
+        stepper = VecEnvStepper(envs)
+        obs = stepper.reset(seed=eval_seed)
+        ep_ret, done_count, returns = np.zeros(m), np.zeros(m, int), []
+        while (done_count < quota).any():
+            act, _ = model.predict(obs, deterministic=True)
+            res = stepper.step(act)
+            ep_ret += res.reward
+            for i in np.flatnonzero(res.terminated | res.truncated):
+                if done_count[i] < quota[i]:
+                    returns.append(float(ep_ret[i]))
+                done_count[i] += 1
+                ep_ret[i] = 0.0
+            obs = res.obs
+        return float(np.mean(returns))
+    finally:
+        envs.close()
+
+
 def _sb3_ppo(args):
-    seed, task, env_steps, eval_every_steps, eval_episodes = args
+    seed, task, env_steps, eval_every_steps, eval_episodes, eval_seed, eval_num_envs = args
     import torch
 
     torch.set_num_threads(1)
     from stable_baselines3 import PPO
     from stable_baselines3.common.callbacks import BaseCallback
-    from stable_baselines3.common.evaluation import evaluate_policy
     from stable_baselines3.common.monitor import Monitor
     from stable_baselines3.common.vec_env import DummyVecEnv
 
@@ -124,8 +168,6 @@ def _sb3_ppo(args):
     venv = DummyVecEnv([lambda i=i: Monitor(make_env(t["env"], seed=1000 * seed + i,
                                                      max_episode_steps=t["max_episode_steps"]))
                         for i in range(8)])
-    eval_env = DummyVecEnv([lambda: Monitor(make_env(t["env"], seed=100_000,
-                                                     max_episode_steps=t["max_episode_steps"]))])
     curve = []
     t0 = time.perf_counter()
 
@@ -137,14 +179,14 @@ def _sb3_ppo(args):
         def _on_step(self) -> bool:
             if self.num_timesteps >= self.next:
                 self.next += eval_every_steps
-                mean, _ = evaluate_policy(self.model, eval_env, n_eval_episodes=eval_episodes, deterministic=True)
+                mean = _evaluate_sb3(self.model, task, eval_episodes, eval_seed, eval_num_envs)
                 curve.append({"env_steps": int(self.num_timesteps), "return": float(mean), "success": None,
                               "wall_s": time.perf_counter() - t0})
             return True
 
     model = PPO("MlpPolicy", venv, seed=seed, verbose=0, device="cpu")
     model.learn(env_steps, callback=Eval())
-    mean, _ = evaluate_policy(model, eval_env, n_eval_episodes=eval_episodes, deterministic=True)
+    mean = _evaluate_sb3(model, task, eval_episodes, eval_seed, eval_num_envs)
     curve.append({"env_steps": int(model.num_timesteps), "return": float(mean), "success": None,
                   "wall_s": time.perf_counter() - t0})
     return {"method": "sb3_ppo", "variant": "default", "seed": seed, "curve": curve,
@@ -175,6 +217,9 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="results folder (default bench/results)")
     p.add_argument("--work", default="/tmp/flowpolicy_bench", help="folder for pretraining checkpoints")
     p.add_argument("--pretrain-steps", type=int, default=None, help="override the budget's BC gradient steps")
+    p.add_argument("--eval-episodes", type=int, default=20, help="deterministic episodes per evaluation point")
+    p.add_argument("--eval-points", type=int, default=10,
+                   help="evaluation points along the curve (plus the initial one)")
     args = p.parse_args(argv)
     from bench.common import RESULTS, save_results
     from envs.collect import ensure_demos
@@ -193,22 +238,28 @@ def main(argv=None):
     work = Path(args.work) / args.task
     kinds = [m for m in args.methods if m in POLICY_SPECS]
     variants = [("default", {})] + [_parse_variant(v) for v in args.variant]
+    ft_defaults = _task_finetune_defaults(args.task)
+    steps_per_iter = int(ft_defaults.get("n_steps", 256)) * int(ft_defaults.get("num_envs", 16)) * t["exec_horizon"]
+    iters = max(1, math.ceil(budget["env_steps"] / steps_per_iter))
+    eval_every = max(1, math.ceil(iters / max(1, args.eval_points)))
+    eval_over = {"eval_every": eval_every, "eval_episodes": args.eval_episodes}
+    eval_every_steps = eval_every * steps_per_iter
+    eval_seed = int(ft_defaults.get("eval_seed", 100_000))
+    eval_num_envs = int(ft_defaults.get("eval_num_envs", 8))
     ctx = mp.get_context("spawn")
     with ctx.Pool(args.workers) as pool:
         pre = pool.map(_pretrain, [(k, args.task, dataset, work / k, budget["pretrain_steps"], 0) for k in kinds])
         ckpts = {k: c for k, c, _ in pre}
         pre_wall = {k: w for k, _, w in pre}
-        ft_defaults = _task_finetune_defaults(args.task)
-        eval_every_steps = int(ft_defaults.get("eval_every", 10)) * int(ft_defaults.get("n_steps", 256)) * \
-            int(ft_defaults.get("num_envs", 16)) * t["exec_horizon"]
-        jobs = [(m, vn, vo, s, args.task, ckpts[m], budget["env_steps"]) for m in kinds for vn, vo in variants
-                for s in args.seeds]
-        async_ft = pool.map_async(_finetune, jobs)
+        jobs = [(m, vn, {**eval_over, **vo}, s, args.task, ckpts[m], budget["env_steps"]) for m in kinds
+                for vn, vo in variants for s in args.seeds]
         async_sb3 = pool.map_async(_sb3_ppo, [(s, args.task, budget["env_steps"], eval_every_steps,
-                                               int(ft_defaults.get("eval_episodes", 10))) for s in args.seeds]) \
+                                               args.eval_episodes, eval_seed, eval_num_envs) for s in args.seeds]) \
             if "sb3_ppo" in args.methods else None
+        async_ft = pool.map_async(_finetune, jobs)
         runs = async_ft.get() + (async_sb3.get() if async_sb3 else [])
     has_success = t["env"].startswith("metaworld")
+    score = "success" if has_success else "return"
     rows = []
     sb3_final = {r["seed"]: r["curve"][-1]["return"] for r in runs if r["method"] == "sb3_ppo"}
     for r in runs:
@@ -216,55 +267,127 @@ def main(argv=None):
         init, final = c[0]["return"], c[-1]["return"]
         best = max(x["return"] for x in c)
         row = {"method": r["method"], "variant": r["variant"], "seed": r["seed"], "env_steps": r["env_steps"],
-               "initial_return": init, "final_return": final, "best_return": best,
+               "eval_points": len(c), "initial_return": init, "final_return": final, "best_return": best,
+               "final_over_best": final / best if best > 0 else None,
                "growth_pct": 100.0 * (final - init) / abs(init) if r["method"] != "sb3_ppo" and init else None,
                "wall_s": round(r["wall_s"], 1), "wall_s_per_100k": round(100_000 * r["wall_s"] / max(r["env_steps"], 1), 1)}
         if has_success:
+            succ = [x["success"] for x in c if x["success"] is not None]
             row["initial_success"], row["final_success"] = c[0]["success"], c[-1]["success"]
-            row["best_success"] = max(x["success"] for x in c)
+            row["best_success"] = max(succ) if succ else None
         if r["seed"] in sb3_final and r["method"] != "sb3_ppo":
             row["final_vs_sb3_ppo"] = final / sb3_final[r["seed"]] if sb3_final[r["seed"]] else None
         rows.append(row)
+    summary = _summarize(rows, score)
     wall = time.perf_counter() - t_start
     name = f"finetune_{args.task}"
     out_dir = Path(args.out) if args.out else None
     (Path(args.out or RESULTS) / f"{name}_curves.json").write_text(json.dumps(runs, indent=1))
     _plot(runs, Path(args.out or RESULTS) / f"{name}.png", args.task, has_success)
-    cols = ["method", "variant", "seed", "env_steps", "initial_return", "final_return", "best_return", "growth_pct",
-            "final_vs_sb3_ppo", "wall_s_per_100k"]
+    cols = ["method", "variant", "seed", "env_steps", "initial_return", "final_return", "best_return",
+            "final_over_best", "growth_pct", "final_vs_sb3_ppo", "wall_s_per_100k"]
     if has_success:
         cols[7:7] = ["initial_success", "final_success", "best_success"]
+    from bench.common import markdown_table
+
+    sum_cols = ["method", "variant", "n", f"initial_{score}", f"final_{score}", "final_ci95", f"final_{score}_iqm",
+                f"best_{score}", "min_final_over_best", "final_vs_gaussian", "wall_s_per_100k", "wall_vs_sb3_ppo"]
+    extra = (f"\n**Per method** (mean over seeds; 95% percentile-bootstrap interval of the mean; IQM = "
+             f"interquartile mean; final_vs_gaussian = ratio of mean final {score} to the Gaussian + same-PPO "
+             f"default's; min_final_over_best: the worst seed's final / best return):\n\n"
+             f"{markdown_table(summary, sum_cols)}\n\n"
+             f"Demo mean return {np.mean(demo_returns):.1f}; each run on one CPU thread, {args.workers} worker "
+             f"processes in parallel. {args.eval_episodes} deterministic evaluation episodes every {eval_every} "
+             f"iterations ({eval_every_steps} env steps), the same episodes (env seeds from {eval_seed}) for every "
+             "method. growth_pct: final vs the pretrained policy's deterministic return at the same K.\n")
     save_results(name, rows, cols, {"task": args.task, "budget": args.budget, **budget, "seeds": args.seeds,
                                     "methods": args.methods, "variants": dict(variants),
-                                    "finetune_defaults": ft_defaults, "pretrain_wall_s": pre_wall,
-                                    "dataset": dataset, "demo_return_mean": float(np.mean(demo_returns)),
-                                    "workers": args.workers},
-                 wall, extra_md=f"\nDemo mean return {np.mean(demo_returns):.1f}; each run on one CPU thread, "
-                                f"{args.workers} worker processes in parallel. growth_pct: final vs the pretrained "
-                                "policy's deterministic return at the same K.\n", out_dir=out_dir,
-                 module="bench.finetune")
+                                    "finetune_defaults": ft_defaults, "eval": {**eval_over, "seed": eval_seed},
+                                    "pretrain_wall_s": pre_wall, "dataset": dataset,
+                                    "demo_return_mean": float(np.mean(demo_returns)), "workers": args.workers,
+                                    "summary": summary},
+                 wall, extra_md=extra, out_dir=out_dir, module="bench.finetune")
+
+
+def _summarize(rows: list[dict], score: str) -> list[dict]:
+    """One row per (method, variant): statistics over seeds, ratios to the Gaussian baseline and to SB3."""
+    from bench.stats import summarize
+
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["variant"]), []).append(r)
+    key = "final_success" if score == "success" else "final_return"
+    rows = [r for r in rows if r.get(key) is not None]  # SB3 has no success signal on Meta-World
+    base = groups.get(("gaussian", "default"))
+    base_mean = float(np.mean([r[key] for r in base])) if base else None
+    sb3 = groups.get(("sb3_ppo", "default"))
+    sb3_wall = float(np.mean([r["wall_s_per_100k"] for r in sb3])) if sb3 else None
+    out = []
+    for (method, variant), rs in groups.items():
+        fin = summarize([r[key] for r in rs])
+        init_key, best_key = key.replace("final", "initial"), key.replace("final", "best")
+        fob = [r["final_over_best"] for r in rs if r.get("final_over_best") is not None]
+        wall = float(np.mean([r["wall_s_per_100k"] for r in rs]))
+        out.append({
+            "method": method, "variant": variant, "n": fin["n"],
+            f"initial_{score}": float(np.mean([r[init_key] for r in rs])) if all(
+                r.get(init_key) is not None for r in rs) else None,
+            f"final_{score}": fin["mean"], "final_ci95": f"[{fin['ci_lo']:.3g}, {fin['ci_hi']:.3g}]",
+            f"final_{score}_iqm": fin["iqm"], f"final_{score}_ci_lo": fin["ci_lo"], f"final_{score}_ci_hi": fin["ci_hi"],
+            f"best_{score}": float(np.mean([r[best_key] for r in rs if r.get(best_key) is not None])),
+            "min_final_over_best": min(fob) if fob else None,
+            "final_vs_gaussian": fin["mean"] / base_mean if base_mean else None,
+            "wall_s_per_100k": round(wall, 1),
+            "wall_vs_sb3_ppo": wall / sb3_wall if sb3_wall else None,
+        })
+    return out
 
 
 def _plot(runs, path, task, has_success):
+    """Mean evaluation curve per (method, variant) with its 95% bootstrap band over seeds; thin lines are the
+    seeds. A last panel shows the KL per executed action dim of every PPO update (mean over seeds)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     from bench.common import save_figure
+    from bench.stats import mean_curve
 
     keys = ["return"] + (["success"] if has_success else [])
-    fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4), squeeze=False)
+    groups: dict[str, list[dict]] = {}
+    for r in runs:
+        groups.setdefault(f"{r['method']}/{r['variant']}", []).append(r)
+    fig, axes = plt.subplots(1, len(keys) + 1, figsize=(6 * (len(keys) + 1), 4), squeeze=False)
     for ax, key in zip(axes[0], keys):
-        for r in runs:
-            pts = [(x["env_steps"], x[key]) for x in r["curve"] if x[key] is not None]
-            if pts:
-                xs, ys = zip(*pts)
-                ax.plot(xs, ys, label=f"{r['method']}/{r['variant']}/s{r['seed']}")
+        for i, (label, rs) in enumerate(sorted(groups.items())):
+            curves = [[(x["env_steps"], x[key]) for x in r["curve"] if x[key] is not None] for r in rs]
+            curves = [c for c in curves if c]
+            if not curves:
+                continue
+            color = f"C{i}"
+            for c in curves:
+                ax.plot(*zip(*c), color=color, alpha=0.25, lw=0.8)
+            xs, mean, lo, hi = mean_curve(curves)
+            ax.plot(xs, mean, color=color, lw=2, label=f"{label} (n={len(curves)})")
+            ax.fill_between(xs, lo, hi, color=color, alpha=0.2)
         ax.set_xlabel("env steps")
         ax.set_ylabel(f"eval {key} (deterministic)")
         ax.set_title(task)
         ax.legend(fontsize=7)
+    ax = axes[0][-1]
+    for i, (label, rs) in enumerate(sorted(groups.items())):
+        curves = [[(d["env_steps"], d["kl_per_dim"]) for d in r.get("diagnostics", [])
+                   if d.get("kl_per_dim", 0) > 0]
+                  for r in rs]
+        curves = [c for c in curves if c]
+        if curves:
+            xs, mean, _, _ = mean_curve(curves, n_boot=200)
+            ax.plot(xs, mean, color=f"C{i}", label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("env steps")
+    ax.set_ylabel("KL per executed action dim (mean of update)")
+    ax.legend(fontsize=7)
     save_figure(fig, path)
 
 

@@ -1,0 +1,68 @@
+"""Statistics for RL benchmark tables: mean with a percentile-bootstrap 95% interval, interquartile mean.
+
+Seeds are the unit of replication: every function takes one value per seed (or per run). With few seeds the
+bootstrap interval is optimistic; the tables therefore also print n.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def iqm(values: Sequence[float]) -> float:
+    """Interquartile mean: the mean of the middle 50% of the sorted values (a fraction of a value is weighted
+    in at each end, as in Agarwal et al. 2021). Equals the mean for n <= 2."""
+    x = np.sort(np.asarray(values, dtype=float))
+    n = len(x)
+    if n == 0:
+        return math.nan
+    if n <= 2:
+        return float(x.mean())
+    lo, hi = 0.25 * n, 0.75 * n
+    w = np.clip(np.minimum(np.arange(1, n + 1), hi) - np.maximum(np.arange(n), lo), 0.0, 1.0)
+    return float((w * x).sum() / w.sum())
+
+
+def bootstrap_ci(values: Sequence[float], stat=np.mean, n_boot: int = 10_000, level: float = 0.95,
+                 seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``stat`` over resamples of ``values`` (seeded: reproducible)."""
+    x = np.asarray(values, dtype=float)
+    if len(x) == 0:
+        return math.nan, math.nan
+    if len(x) == 1:
+        return float(x[0]), float(x[0])
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(x), size=(n_boot, len(x)))
+    if stat is np.mean:
+        boots = x[idx].mean(axis=1)
+    else:
+        boots = np.array([stat(x[i]) for i in idx])
+    a = (1.0 - level) / 2.0
+    return float(np.quantile(boots, a)), float(np.quantile(boots, 1.0 - a))
+
+
+def summarize(values: Sequence[float]) -> dict[str, float]:
+    """n, mean, its 95% bootstrap interval, IQM, min and max of one value per seed."""
+    x = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+    lo, hi = bootstrap_ci(x)
+    return {"n": len(x), "mean": float(np.mean(x)) if x else math.nan, "ci_lo": lo, "ci_hi": hi, "iqm": iqm(x),
+            "min": float(min(x)) if x else math.nan, "max": float(max(x)) if x else math.nan}
+
+
+def mean_curve(curves: Sequence[Sequence[tuple[float, float]]], n_boot: int = 2000):
+    """Align curves of (x, y) points by index (the same evaluation schedule) and return x, the mean and the
+    95% bootstrap band at each point, over the curves that reach it."""
+    length = max((len(c) for c in curves), default=0)
+    xs, mean, lo, hi = [], [], [], []
+    for i in range(length):
+        pts = [c[i] for c in curves if len(c) > i]
+        ys = [p[1] for p in pts]
+        xs.append(float(np.mean([p[0] for p in pts])))
+        mean.append(float(np.mean(ys)))
+        a, b = bootstrap_ci(ys, n_boot=n_boot)
+        lo.append(a)
+        hi.append(b)
+    return np.array(xs), np.array(mean), np.array(lo), np.array(hi)

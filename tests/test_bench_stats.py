@@ -1,0 +1,34 @@
+"""Benchmark statistics (bench/stats.py): the interquartile mean and the bootstrap interval."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from bench.stats import bootstrap_ci, iqm, mean_curve, summarize
+
+
+def test_iqm_is_the_mean_of_the_middle_half_and_ignores_outliers():
+    assert iqm([1, 2, 3, 4]) == 2.5
+    assert iqm([0, 1, 2, 3, 4, 5, 6, 1000]) == np.mean([2, 3, 4, 5])
+    # n = 5: a quarter of the 2nd and 4th value is cut away (1.25 to 3.75 of the sorted ranks)
+    assert abs(iqm([10, 0, 2, 3, 4]) - (0.75 * 2 + 3 + 0.75 * 4) / 2.5) < 1e-12
+    assert iqm([7.0]) == 7.0
+
+
+def test_bootstrap_interval_covers_the_mean_and_shrinks_with_more_seeds():
+    rng = np.random.default_rng(0)
+    few, many = rng.normal(10, 2, 5), rng.normal(10, 2, 200)
+    lo, hi = bootstrap_ci(few)
+    assert lo < few.mean() < hi
+    lo2, hi2 = bootstrap_ci(many)
+    assert lo2 < many.mean() < hi2 and (hi2 - lo2) < (hi - lo)
+    assert bootstrap_ci(few) == bootstrap_ci(few)  # seeded
+    assert bootstrap_ci([3.0]) == (3.0, 3.0)
+
+
+def test_summarize_and_mean_curve():
+    s = summarize([1.0, 2.0, 3.0, None])
+    assert s["n"] == 3 and s["mean"] == 2.0 and s["min"] == 1.0 and s["max"] == 3.0
+    xs, mean, lo, hi = mean_curve([[(0, 1.0), (10, 3.0)], [(0, 3.0), (10, 5.0)]])
+    assert list(xs) == [0.0, 10.0] and list(mean) == [2.0, 4.0]
+    assert (lo <= mean).all() and (mean <= hi).all()
