@@ -1,0 +1,167 @@
+"""User errors: one line `error: ...` and exit code 2 from train.py, raised before any work or any write."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from agents.errors import UserError, is_user_error, one_line  # noqa: E402
+from envs.hdf5 import DatasetError  # noqa: E402
+from tests.fixture_envs import write_robomimic_file  # noqa: E402
+
+QUIET = ["logger=none", "progress=false", "task.eval.videos=0", "task.eval.episodes=2", "task.eval.num_envs=1",
+         "task.eval.steps=[1]"]
+
+
+def _compose(*overrides):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def _run(*overrides, run_dir):
+    from agents.stages import run
+
+    return run(_compose(*overrides, *QUIET), run_dir)
+
+
+@pytest.fixture(scope="module")
+def demo_file(tmp_path_factory):
+    return write_robomimic_file(tmp_path_factory.mktemp("d") / "good.hdf5", 6)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(demo_file, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("ck")
+    _run("task=robomimic", f"task.demos.path={demo_file}", "stage=pretrain", "stage.steps=5", "stage.eval_every=0",
+         "stage.save_every=5", "stage.val_every=5", "policy.hidden=16", "policy.depth=1", run_dir=run_dir)
+    return run_dir
+
+
+def _copy(path, tmp_path, name, edit):
+    import shutil
+
+    out = tmp_path / name
+    shutil.copy(path, out)
+    with h5py.File(out, "a") as f:
+        edit(f)
+    return str(out)
+
+
+def test_truncated_file_is_one_line_and_exit_2_and_leaves_the_run_dir_alone(demo_file, tmp_path):
+    bad = tmp_path / "truncated.hdf5"
+    data = Path(demo_file).read_bytes()
+    bad.write_bytes(data[: len(data) // 2])
+    run_dir = tmp_path / "existing_run"
+    run_dir.mkdir()
+    (run_dir / "config_resolved.yaml").write_text("precious\n")
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    out = subprocess.run([sys.executable, str(ROOT / "train.py"), "task=robomimic", f"task.demos.path={bad}",
+                          "stage=pretrain", f"hydra.run.dir={run_dir}", *QUIET],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
+    assert lines[-1].startswith("error: ") and str(bad) in lines[-1] and "truncated or corrupt" in lines[-1]
+    assert "Traceback" not in out.stderr
+    assert (run_dir / "config_resolved.yaml").read_text() == "precious\n"
+    assert sorted(p.name for p in run_dir.iterdir()) in (["config_resolved.yaml"], ["config_resolved.yaml", "train.log"])
+    # debug=true shows the traceback instead
+    out = subprocess.run([sys.executable, str(ROOT / "train.py"), "task=robomimic", f"task.demos.path={bad}",
+                          "stage=pretrain", f"hydra.run.dir={run_dir}", "debug=true", *QUIET],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+    assert out.returncode != 0 and "DatasetError" in out.stderr
+
+
+def test_bad_data_is_a_user_error_naming_file_demo_and_key(demo_file, tmp_path):
+    def strings(f):
+        del f["data/demo_1/actions"]
+        f["data/demo_1/actions"] = np.array([[b"a", b"b", b"c"]] * 3)
+
+    def nan_in_valid(f):
+        valid = f["mask/valid"][0].decode()
+        f[f"data/{valid}/obs/object"][1, 0] = np.nan
+
+    not_hdf5 = tmp_path / "notes.hdf5"
+    not_hdf5.write_text("not hdf5")
+    cases = [(_copy(demo_file, tmp_path, "s.hdf5", strings), r"s.hdf5: data/demo_1/actions: holds \|S1 values, not numbers"),
+             (_copy(demo_file, tmp_path, "n.hdf5", nan_in_valid), r"n.hdf5: data/demo_\d/obs: contains NaN or Inf \(first at step 1\)"),
+             (str(not_hdf5), "notes.hdf5: not an HDF5 file")]
+    for path, pattern in cases:
+        with pytest.raises(DatasetError, match=pattern) as info:
+            _run("task=robomimic", f"task.demos.path={path}", "stage=pretrain", run_dir=tmp_path / "r")
+        assert is_user_error(info.value)
+    assert not (tmp_path / "r").exists()
+
+
+def test_integer_actions_are_converted_with_a_note(demo_file, tmp_path, capsys):
+    from agents.stages import resolve_task
+
+    def ints(f):
+        for name in f["data"]:
+            a = np.sign(f[f"data/{name}/actions"][()]).astype(np.int64)
+            del f[f"data/{name}/actions"]
+            f[f"data/{name}/actions"] = a
+
+    path = _copy(demo_file, tmp_path, "i.hdf5", ints)
+    resolve_task(_compose("task=robomimic", f"task.demos.path={path}"))
+    assert "actions are int64; converted to float32" in capsys.readouterr().err
+
+
+def test_budgets_and_device_fail_before_any_work(tmp_path):
+    with pytest.raises(UserError, match=r"stage.finetune.total_env_steps must be >= 1, got -1"):
+        _run("stage.finetune.total_env_steps=-1", run_dir=tmp_path / "a")
+    with pytest.raises(UserError, match=r"stage.steps must be >= 1"):
+        _run("stage=pretrain", "stage.steps=0", run_dir=tmp_path / "b")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match=r"device=cuda but .*use device=cpu"):
+            _run("device=cuda", run_dir=tmp_path / "c")
+    with pytest.raises(UserError, match="task=metaworld needs task.env"):
+        _run("task=metaworld", run_dir=tmp_path / "d")
+    assert not any((tmp_path / d).exists() for d in "abcd")  # nothing written, nothing collected
+
+
+def test_checkpoint_that_does_not_fit_the_env_fails_before_the_first_rollout(checkpoint, tmp_path, monkeypatch):
+    import envs.factory
+    from agents import evaluate
+
+    real = envs.factory.env_meta
+    # the env the checkpoint names has changed since training (say, another obs key set): 11-dim observations
+    monkeypatch.setattr(envs.factory, "env_meta", lambda name, **kw: {**real(name, **kw), "obs_dim": 11})
+    monkeypatch.setattr(evaluate, "rollout_episodes", lambda *a, **k: pytest.fail("rolled out"))
+    with pytest.raises(UserError, match=r"expects observations of size 6 but env gym/.*PointReach-v0.* has 11"):
+        _run("stage=eval", f"checkpoint={checkpoint}", run_dir=tmp_path / "e")
+    with pytest.raises(UserError, match=r"expects observations of size 6"):
+        _run("stage=finetune", f"checkpoint={checkpoint}", run_dir=tmp_path / "f")
+    assert not (tmp_path / "e").exists() and not (tmp_path / "f").exists()
+
+
+def test_corrupt_extra_safetensors_is_a_user_error(checkpoint, tmp_path):
+    import shutil
+
+    from agents.checkpoint import CheckpointError
+
+    ck = tmp_path / "ck"
+    shutil.copytree(checkpoint / "checkpoints" / "last", ck, symlinks=False)
+    extra = sorted((ck / "extra").glob("*.safetensors"))[0]
+    extra.write_bytes(b"\xff" * 64)
+    with pytest.raises(CheckpointError, match=extra.name) as info:
+        _run("stage=eval", f"checkpoint={ck}", run_dir=tmp_path / "e")
+    assert is_user_error(info.value) and one_line(info.value).startswith("error: ")
+    assert not (tmp_path / "e").exists()
+
+
+def test_library_errors_are_not_user_errors_and_messages_are_one_line():
+    try:
+        np.zeros(3).reshape(2)
+    except ValueError as err:
+        assert not is_user_error(err)
+    assert one_line(UserError("a\n  b\n")) == "error: a; b"
