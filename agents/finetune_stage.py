@@ -1,13 +1,19 @@
 """``stage=finetune``: ReinFlow PPO from a pretrained checkpoint, with TensorBoard, checkpoints and resume.
 
 Checkpoints hold the fine-tuned policy (``model.safetensors``; no ``policy_ema`` extra, so loading picks the
-fine-tuned weights), the noise network, and ``agent.state_dict()`` as training state. Re-running the same
-command in the same run directory resumes from ``checkpoints/last`` at the iteration where it stopped.
+fine-tuned weights), the noise network, and ``agent.state_dict()`` plus the evaluation history as training
+state. Re-running the same command in the same run directory resumes from ``checkpoints/last`` (or the newest
+intact checkpoint) at the iteration where it stopped and prints ``resuming from <dir> (step N)``; ``resume=false``
+deletes the run's checkpoints and starts fresh. The run directory is locked while the stage runs.
+
+Every source of randomness is seeded from ``stage.seed`` (torch's global RNG, which initializes the critic and
+the noise network, NumPy, the envs), so two fresh runs with the same seed give identical weights. Ctrl-C finishes
+the current iteration, saves once and raises :class:`TrainingInterrupted` (``stopped at step N; saved <dir>``,
+N = iterations); resuming from there gives the same weights as not stopping.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -17,7 +23,17 @@ from omegaconf import DictConfig, OmegaConf
 
 from envs.factory import make_vec_env
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import (
+    RunLock,
+    StopOnInterrupt,
+    TrainingInterrupted,
+    atomic_write_json,
+    open_checkpoints,
+    read_json,
+    save_checkpoint,
+    seed_everything,
+    tag_checkpoint,
+)
 from .finetune import FinetuneConfig, ReinFlowPPO
 from .policies import extra_modules, policy_config, policy_from_checkpoint
 from .tblog import Logger
@@ -27,13 +43,19 @@ RUNNER_KEYS = ("name", "total_env_steps", "save_every")
 
 def run_finetune_stage(cfg: DictConfig, run_dir: str | Path, checkpoint: str, stage_cfg) -> dict[str, Any]:
     run_dir = Path(run_dir)
-    ckpt_dir = run_dir / "checkpoints"
     s = OmegaConf.to_container(stage_cfg, resolve=True) if isinstance(stage_cfg, DictConfig) else dict(stage_cfg)
     total = int(s.get("total_env_steps", 200_000))
     save_every = int(s.get("save_every", 10))
     if total < 1:
         raise ValueError(f"finetune total_env_steps must be >= 1, got {total}")
     fcfg = FinetuneConfig.from_dict({k: v for k, v in s.items() if k not in RUNNER_KEYS})
+    with RunLock(run_dir):
+        return _run(cfg, run_dir, checkpoint, fcfg, total, save_every)
+
+
+def _run(cfg, run_dir: Path, checkpoint: str, fcfg: FinetuneConfig, total: int, save_every: int) -> dict[str, Any]:
+    ckpt_dir = run_dir / "checkpoints"
+    seed_everything(fcfg.seed)  # before anything draws: the critic and noise network initialize from it
     policy, ck = policy_from_checkpoint(checkpoint, device=fcfg.device)
     if policy.kind not in ("reflow", "shortcut", "gaussian"):
         raise ValueError(f"{checkpoint}: cannot fine-tune a {policy.kind!r} policy")
@@ -43,30 +65,47 @@ def run_finetune_stage(cfg: DictConfig, run_dir: str | Path, checkpoint: str, st
                         action_horizon=policy.exec_horizon, max_episode_steps=max_steps)
     eval_envs = make_vec_env(env_name, fcfg.eval_num_envs, seed=fcfg.eval_seed, obs_horizon=policy.obs_horizon,
                              action_horizon=policy.exec_horizon, max_episode_steps=max_steps)
-    agent = ReinFlowPPO(policy, envs, eval_envs, fcfg)
+    try:
+        return _train(cfg, run_dir, ckpt_dir, ck, fcfg, total, save_every, ReinFlowPPO(policy, envs, eval_envs, fcfg))
+    finally:
+        envs.close()
+        eval_envs.close()
+
+
+def _train(cfg, run_dir: Path, ckpt_dir: Path, ck: dict, fcfg: FinetuneConfig, total: int, save_every: int,
+           agent: ReinFlowPPO) -> dict[str, Any]:
     spec = dict(ck["config"]["policy"])
-    if policy.kind != "gaussian":
+    if agent.policy.kind != "gaussian":
         spec["default_steps"] = fcfg.steps
     has_success = bool(ck["env_meta"].get("has_success"))
-    state = {"best": -math.inf, "history": []}
-    if (ckpt_dir / "last").exists():
-        last = load_checkpoint(ckpt_dir / "last")
-        agent.load_state_dict(last["training_state"]["agent"])
-        state["best"] = float(last["training_state"]["best"])
-        state["history"] = json.loads((run_dir / "history.json").read_text()) if (run_dir / "history.json").exists() else []
+    state: dict[str, Any] = {"best": -math.inf, "history": [], "saved": None}  # saved: (iteration, dir)
+    last = open_checkpoints(ckpt_dir, resume=bool(cfg.get("resume", True)))
+    if last is not None:
+        ts = last["training_state"]
+        agent.load_state_dict(ts["agent"])
+        state["best"] = float(ts["best"])
+        state["history"] = ts["history"] if "history" in ts else read_json(run_dir / "history.json", default=[])
+        state["saved"] = (agent.iteration, Path(last["path"]))
 
-    def save(tags):
+    def save(tags) -> Path:
+        """Save this iteration (once: a second call only adds tags; the state has not changed)."""
+        if state["saved"] is not None and state["saved"][0] == agent.iteration and state["saved"][1].is_dir():
+            return tag_checkpoint(state["saved"][1], tuple(tags))
         extras = {**extra_modules(agent.policy)}
         if hasattr(agent.actor, "noise_net"):
             extras["noise_net"] = agent.actor.noise_net
         cfg_out = {**policy_config(agent.policy, spec), "stage": "finetune", "pretrained_from": str(ck["path"]),
                    "finetune": fcfg.to_dict(), "total_env_steps": total}
-        save_checkpoint(ckpt_dir, agent.iteration, cfg_out, agent.policy, ck["env_meta"],
-                        {"agent": agent.state_dict(), "best": state["best"]}, extras, tags=tags)
-        (run_dir / "history.json").write_text(json.dumps(state["history"], indent=1))
+        path = save_checkpoint(ckpt_dir, agent.iteration, cfg_out, agent.policy, ck["env_meta"],
+                               {"agent": agent.state_dict(), "best": state["best"], "history": state["history"]},
+                               extras, tags=tags)
+        state["saved"] = (agent.iteration, path)
+        atomic_write_json(run_dir / "history.json", state["history"], indent=1)
+        return path
 
     logger = Logger(run_dir / "tb" if cfg.logger.name != "none" else None)
     t0 = time.perf_counter()
+    stop = StopOnInterrupt("fine-tuning")
 
     def callback(agent_, metrics):
         step = int(metrics.get("charts/env_steps", agent_.env_steps))
@@ -81,17 +120,21 @@ def run_finetune_stage(cfg: DictConfig, run_dir: str | Path, checkpoint: str, st
                 tags.append("best")
         if agent_.iteration > 0 and (agent_.iteration % save_every == 0 or agent_.env_steps >= total or tags):
             save(("last", *tags))
-        return True
+        return not stop.requested  # Ctrl-C: stop here, at an iteration boundary
 
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
-        agent.learn(total, callback=callback, progress=bool(cfg.get("progress", True)))
+        with stop:
+            agent.learn(total, callback=callback, progress=bool(cfg.get("progress", True)))
+        if stop.requested:
+            if agent.iteration == 0:
+                raise TrainingInterrupted("stopped at step 0; nothing saved (no iteration had finished)")
+            path = save(("last",))
+            raise TrainingInterrupted(f"stopped at step {agent.iteration}; saved {path}")
         if agent.iteration > 0:
             save(("last",))
     finally:
         logger.close()
-        envs.close()
-        eval_envs.close()
     hist = state["history"]
     return {"checkpoint": str((ckpt_dir / "last").resolve()),
             "best": str((ckpt_dir / "best").resolve()) if (ckpt_dir / "best").exists() else None,

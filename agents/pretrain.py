@@ -3,15 +3,17 @@
 ``Pretrainer(cfg).run()``: AdamW with cosine decay, EMA weights for evaluation, validation loss, periodic
 rollout evaluation at the policy's default K, tqdm progress, TensorBoard scalars (``train/loss``, ``train/lr``,
 ``val/loss``, ``eval/return_mean``, ``eval/success_rate``), checkpoints ``last`` and ``best`` (by success rate,
-else return) with the full training state for exact resume. A non-finite loss stops training with an error
-naming the step; Ctrl-C saves ``last`` and exits cleanly.
+else return) with the full training state for exact resume. The run directory is locked while the trainer
+lives (:class:`agents.checkpoint.RunLock`); a re-run resumes from ``last`` (or the newest intact checkpoint)
+and prints ``resuming from <dir> (step N)``. A non-finite loss stops training with an error naming the step
+and the last verified checkpoint; Ctrl-C finishes the step, saves once and raises :class:`TrainingInterrupted`
+(``stopped at step N; saved <dir>``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,18 @@ from envs.hdf5 import read_meta
 from flowpolicy import EMA
 from flowpolicy.policy import BasePolicy
 
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (
+    RunLock,
+    StopOnInterrupt,
+    TrainingInterrupted,
+    load_checkpoint,
+    open_checkpoints,
+    rng_state,
+    save_checkpoint,
+    seed_everything,
+    set_rng_state,
+    tag_checkpoint,
+)
 from .evaluate import rollout_episodes
 from .policies import build_policy, extra_modules, policy_config, stats_pair, validate_spec
 from .tblog import Logger
@@ -56,7 +69,7 @@ class PretrainConfig:
     save_every: int = 1000
     seed: int = 0
     device: str = "cpu"
-    resume: bool = True
+    resume: bool = True  # False: delete the run's checkpoints and start fresh (True: resume when there are any)
     progress: bool = True
     tensorboard: bool = True
 
@@ -74,8 +87,7 @@ class PretrainConfig:
         validate_spec(self.policy)
 
 
-class TrainingInterrupted(KeyboardInterrupt):
-    """Raised after Ctrl-C once ``last`` has been saved."""
+__all__ = ["PretrainConfig", "Pretrainer", "TrainingInterrupted"]
 
 
 class Pretrainer:
@@ -84,8 +96,7 @@ class Pretrainer:
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        torch.manual_seed(cfg.seed)
-        np.random.seed(cfg.seed)
+        seed_everything(cfg.seed)
         self.train_ds = DemoDataset(cfg.dataset, cfg.obs_horizon, cfg.action_horizon, filter_key="train",
                                     split_seed=cfg.seed, obs_keys=cfg.obs_keys)
         try:
@@ -107,10 +118,18 @@ class Pretrainer:
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.step = 0
         self.best = -math.inf
+        self.verified: Path | None = None  # the newest checkpoint written (hashed) or loaded (verified)
+        self._saved_step: int | None = None  # step of self.verified
         self._tensors = _materialize(self.train_ds)
         self._valid = _materialize(self.valid_ds) if self.valid_ds is not None and len(self.valid_ds) else None
-        if cfg.resume and (self.ckpt_dir / "last").exists():
-            self.load(self.ckpt_dir / "last")
+        self._lock = RunLock(self.run_dir).acquire()  # released at the end of run() (or when garbage collected)
+        try:
+            ck = open_checkpoints(self.ckpt_dir, resume=cfg.resume, expect_kind=cfg.policy["kind"])
+            if ck is not None:
+                self._restore(ck)
+        except BaseException:
+            self._lock.release()
+            raise
 
     def _check_dims(self) -> None:
         """The dataset must fit the environment the policy will act in (checked against the real env)."""
@@ -132,14 +151,22 @@ class Pretrainer:
                 "shortcut_ema_updates": getattr(getattr(self.policy, "flow", None), "ema", self.ema).num_updates}
 
     def save(self, tags=("last",)) -> Path:
+        """Save this step (or only add ``tags`` when this step is already saved: the state is the same)."""
+        if self._saved_step == self.step and self.verified is not None and self.verified.is_dir():
+            return tag_checkpoint(self.verified, tuple(tags))
         cfg = {**policy_config(self.policy, self.cfg.policy), "stage": "pretrain",
                "train": dataclasses.asdict(self.cfg)}
         extras = {"policy_ema": self.ema.model, **extra_modules(self.policy)}
-        return save_checkpoint(self.ckpt_dir, self.step, cfg, self.policy, self.env_meta, self.training_state(),
-                               extras, tags=tags)
+        self.verified = save_checkpoint(self.ckpt_dir, self.step, cfg, self.policy, self.env_meta,
+                                        self.training_state(), extras, tags=tags)
+        self._saved_step = self.step
+        return self.verified
 
     def load(self, path) -> None:
-        ck = load_checkpoint(path, expect_kind=self.cfg.policy["kind"])
+        """Restore the full training state from a checkpoint (a run directory falls back past a broken last)."""
+        self._restore(load_checkpoint(path, expect_kind=self.cfg.policy["kind"]))
+
+    def _restore(self, ck: dict[str, Any]) -> None:
         self.policy.load_state_dict(ck["model"])
         self.ema.model.load_state_dict(ck["extras"]["policy_ema"])
         ts = ck["training_state"]
@@ -152,6 +179,12 @@ class Pretrainer:
         self.ema.num_updates = int(ts["ema_updates"])
         self.gen.set_state(ts["generator"])
         set_rng_state(ts["rng"])
+        self.verified, self._saved_step = Path(ck["path"]), self.step
+
+    def _last_good(self) -> str:
+        if self.verified is None:
+            return "no checkpoint has been saved yet"
+        return f"the last verified checkpoint is {self.verified} (step {self._saved_step})"
 
     # --- training ----------------------------------------------------------------------------------------
     def _batch(self) -> dict[str, torch.Tensor]:
@@ -186,26 +219,21 @@ class Pretrainer:
         bar = tqdm(total=cfg.steps, initial=self.step, desc=f"pretrain {cfg.policy['kind']}", disable=not cfg.progress,
                    mininterval=1.0)
         last_metrics: dict[str, float] = {}
-        interrupted = {"flag": False}
-
-        def on_sigint(signum, frame):  # finish the current step, save, then stop
-            interrupted["flag"] = True
-
-        old = signal.signal(signal.SIGINT, on_sigint)
+        stop = StopOnInterrupt("pretraining").__enter__()  # Ctrl-C: finish the current step, save, then stop
+        self._lock.acquire()
         try:
             while self.step < cfg.steps:
                 self.policy.train()
                 loss, info = self.policy.loss(self._batch(), generator=self.gen)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
-                        f"non-finite loss ({float(loss)}) at pretraining step {self.step}; the last good "
-                        f"checkpoint is {self.ckpt_dir / 'last'}")
+                        f"non-finite loss ({float(loss)}) at pretraining step {self.step}; {self._last_good()}")
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
                 gnorm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip)
                 if not torch.isfinite(gnorm):
-                    raise FloatingPointError(f"non-finite gradient at pretraining step {self.step}; the last good "
-                                             f"checkpoint is {self.ckpt_dir / 'last'}")
+                    raise FloatingPointError(f"non-finite gradient at pretraining step {self.step}; "
+                                             f"{self._last_good()}")
                 self.opt.step()
                 self.sched.step()
                 self.ema.update(self.policy)
@@ -234,15 +262,16 @@ class Pretrainer:
                         tags.append("best")
                 if self.step % cfg.save_every == 0 or self.step == cfg.steps or len(tags) > 1:
                     self.save(tuple(tags))
-                if interrupted["flag"]:
-                    self.save(("last",))
-                    raise TrainingInterrupted(f"interrupted at step {self.step}; saved {self.ckpt_dir / 'last'}")
+                if stop.requested:
+                    path = self.save(("last",))
+                    raise TrainingInterrupted(f"stopped at step {self.step}; saved {path}")
+            if not (self.ckpt_dir / "best").exists():
+                self.save(("last", "best"))
         finally:
-            signal.signal(signal.SIGINT, old)
+            stop.__exit__()
             bar.close()
             logger.close()
-        if not (self.ckpt_dir / "best").exists():
-            self.save(("last", "best"))
+            self._lock.release()
         return {"checkpoint": str((self.ckpt_dir / "last").resolve()), "best": str((self.ckpt_dir / "best").resolve()),
                 "step": self.step, **last_metrics}
 

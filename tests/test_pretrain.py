@@ -54,7 +54,7 @@ def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(demos, tmp_pat
     full.run()
     half = Pretrainer(_cfg(demos, tmp_path / "half", policy=policy, steps=20))
     _interrupt_at(half, 10)
-    with pytest.raises(TrainingInterrupted, match="interrupted at step 10"):
+    with pytest.raises(TrainingInterrupted, match="stopped at step 10; saved "):
         half.run()
     resumed = Pretrainer(_cfg(demos, tmp_path / "half", policy=policy, steps=20))
     assert resumed.step == 10
