@@ -44,7 +44,14 @@ from flowpolicy.align import flow_dpo_loss, rwr_weights
 from flowpolicy.flow import ShortcutFlow
 from flowpolicy.policy import FlowPolicy
 
-from .checkpoint import save_checkpoint
+from .checkpoint import (
+    StopOnInterrupt,
+    TrainingInterrupted,
+    atomic_write_json,
+    save_checkpoint,
+    seed_everything,
+    stop_requested,
+)
 from .evaluate import evaluate_policy_steps, write_eval
 from .policies import extra_modules, policy_config, policy_from_checkpoint
 from .tblog import Logger
@@ -411,6 +418,9 @@ def align_policy(policy: FlowPolicy, trajs: list[Trajectory], pairs: list[tuple[
             logger.log(rec, step)
         if step % 20 == 0:
             bar.set_postfix(loss=f"{rec['train/loss']:.4f}")
+        if stop_requested():  # Ctrl-C: stop after this step; the stage saves what was aligned so far
+            info["stopped_at"] = step + 1
+            break
     bar.close()
     info["final"] = {k: float(np.mean([h[k] for h in history[-20:]])) for k in history[-1]}
     info["history"] = history
@@ -479,6 +489,7 @@ def run_align_stage(cfg, run_dir: str | Path, checkpoint: str) -> dict[str, Any]
     acfg = AlignConfig.from_dict(s)
     acfg.validate()
     t_start = time.perf_counter()
+    seed_everything(acfg.seed)
     policy, ck = policy_from_checkpoint(checkpoint, device=acfg.device)
     if not isinstance(policy, FlowPolicy):
         raise ValueError(f"{checkpoint}: alignment needs a flow policy (reflow or shortcut), got "
@@ -496,17 +507,24 @@ def run_align_stage(cfg, run_dir: str | Path, checkpoint: str) -> dict[str, Any]
     logger = Logger(run_dir / "tb" if cfg.get("logger", {}).get("name", "none") != "none" else None)
     try:
         t0 = time.perf_counter()
-        aligned, info = align_policy(policy, trajs, pairs, acfg, logger)
+        with StopOnInterrupt("alignment"):
+            aligned, info = align_policy(policy, trajs, pairs, acfg, logger)
         train_s = time.perf_counter() - t0
     finally:
         logger.close()
-    label = f"{policy.kind} ({acfg.method})"
-    after = evaluate(aligned, env_name, acfg, max_steps, label) if evaluated else []
     spec = dict(ck["config"]["policy"])
     if acfg.K:  # the aligned policy acts with the K it was aligned and evaluated at
         spec["default_steps"] = aligned.default_steps = int(acfg.K)
     cfg_out = {**policy_config(aligned, spec), "stage": "align", "aligned_from": str(ck["path"]),
                "align": acfg.to_dict(), "preference_data": data_desc}
+    if "stopped_at" in info:  # Ctrl-C: save the policy as aligned so far, once, and stop
+        n = info["stopped_at"]
+        path = save_checkpoint(run_dir / "checkpoints", n, {**cfg_out, "stopped_at_step": n}, aligned,
+                               ck["env_meta"], {"step": n}, extra_modules(aligned), tags=("last",))
+        atomic_write_json(run_dir / "align_history.json", info["history"], indent=None)
+        raise TrainingInterrupted(f"stopped at step {n}; saved {path}")
+    label = f"{policy.kind} ({acfg.method})"
+    after = evaluate(aligned, env_name, acfg, max_steps, label) if evaluated else []
     path = save_checkpoint(run_dir / "checkpoints", acfg.steps, cfg_out, aligned, ck["env_meta"],
                            {"step": acfg.steps}, extra_modules(aligned), tags=("last",))
     md = []
@@ -517,7 +535,7 @@ def run_align_stage(cfg, run_dir: str | Path, checkpoint: str) -> dict[str, Any]
                "preference_data": data_desc, "train": {k: v for k, v in info.items() if k != "history"},
                "train_s": train_s, "eval_before": before, "eval_after": after,
                "wall_s": time.perf_counter() - t_start, "config": acfg.to_dict()}
-    (run_dir / "align.json").write_text(json.dumps(summary, indent=2, default=str))
-    (run_dir / "align_history.json").write_text(json.dumps(info["history"]))
+    atomic_write_json(run_dir / "align.json", summary, default=str)
+    atomic_write_json(run_dir / "align_history.json", info["history"], indent=None)
     summary["markdown"] = "\n\n".join(md)
     return summary

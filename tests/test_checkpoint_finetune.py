@@ -104,3 +104,25 @@ def test_a_second_process_on_the_run_directory_is_refused(pretrained, tmp_path):
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_ctrl_c_in_image_training_stops_after_the_step_with_the_model(tmp_path):
+    from agents.checkpoint import StopOnInterrupt
+    from agents.images.trainer import TrainedModel, _Stopped, fit, save_checkpoint
+    from flowpolicy import EMA, RectifiedFlow, make_network
+
+    flow = RectifiedFlow(make_network("mlp", (2,), cond_dim=0, step_input=False, hidden=8, depth=1), (2,))
+    model = TrainedModel("toy", flow, EMA(flow.net, decay=0.9), {"net": {}})
+    x1 = torch.randn(16, 2)
+    calls = []
+
+    def loss_fn():
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return flow.loss(x1)
+
+    with StopOnInterrupt("image training"), pytest.raises(_Stopped) as stopped:
+        fit(model, loss_fn, steps=50, lr=1e-3, progress=False)
+    assert stopped.value.step == 3 and len(calls) == 3 and stopped.value.model is model
+    assert (save_checkpoint(model, tmp_path / "toy") / "model.safetensors").exists()

@@ -19,7 +19,6 @@ and ``eval.json``.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import shutil
@@ -46,6 +45,13 @@ from flowpolicy import (
     straightness,
 )
 
+from ..checkpoint import (
+    StopOnInterrupt,
+    TrainingInterrupted,
+    atomic_write_json,
+    seed_everything,
+    stop_requested,
+)
 from .classifier import FrechetScorer, load_or_train_classifier
 from .data import ImageData, load_dataset, to_uint8
 
@@ -122,6 +128,14 @@ def build_flow(method: str, x_shape: tuple[int, ...], stage: DictConfig) -> tupl
     return flow, spec
 
 
+class _Stopped(Exception):
+    """Ctrl-C inside :func:`fit`: ``model`` stopped after ``step`` optimizer steps (run() saves it)."""
+
+    def __init__(self, model: TrainedModel, step: int) -> None:
+        super().__init__(f"{model.name} stopped at step {step}")
+        self.model, self.step = model, step
+
+
 class _Logger:
     """TensorBoard scalars (optional) with one global step across the models of a run."""
 
@@ -188,6 +202,11 @@ def fit(
                     logger.scalar("train/" + k.split("/", 1)[-1], v, logger.step + 1)
         if logger is not None:
             logger.step += 1
+        if stop_requested():  # Ctrl-C: stop after this step; run() saves this model once
+            bar.close()
+            net.eval()
+            model.train_s += time.perf_counter() - start
+            raise _Stopped(model, i + 1)
     bar.close()
     net.eval()
     model.train_s += time.perf_counter() - start
@@ -504,7 +523,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     seed = int(cfg.get("seed", 0))
     device = torch.device(str(cfg.get("device", "cpu")))
     progress = bool(stage.get("progress") if stage.get("progress") is not None else cfg.get("progress", True))
-    torch.manual_seed(seed)
+    seed_everything(seed)
 
     data = load_dataset(str(task.dataset), task.get("path"), task.get("image_size"), int(task.get("channels", 3)))
     summary: dict = {"method": method, "run_dir": str(out), "seed": seed, "device": str(device),
@@ -542,6 +561,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
                                                       {**data_meta, "method": method, "seed": seed}))
         summary["models"][model.name] = entry
 
+    stop = StopOnInterrupt("image training").__enter__()
     try:
         if method == "shortcut":
             finish(train_base("shortcut", "shortcut", data, stage, device, logger, progress))
@@ -554,9 +574,15 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
                 if int(stage.distill.get("steps", 0)) > 0:
                     for student in train_distilled(rf2, stage, seed, logger, progress):
                         finish(student)
+    except _Stopped as s:  # Ctrl-C: save the model being trained, once, with the step it reached
+        path = save_checkpoint(s.model, out / "checkpoints" / s.model.name,
+                               {**data_meta, "method": method, "seed": seed, "stopped_at_step": s.step})
+        summary["stopped"] = {"model": s.model.name, "step": s.step, "checkpoint": str(path)}
+        atomic_write_json(out / "eval.json", summary)
+        raise TrainingInterrupted(f"stopped at step {s.step}; saved {path}") from None
     finally:
+        stop.__exit__()
         logger.close()
-    with open(out / "eval.json", "w") as f:
-        json.dump(summary, f, indent=2)
+    atomic_write_json(out / "eval.json", summary)
     return summary
 
