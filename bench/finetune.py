@@ -282,6 +282,7 @@ def main(argv=None):
     wall = time.perf_counter() - t_start
     name = f"finetune_{args.task}"
     out_dir = Path(args.out) if args.out else None
+    Path(args.out or RESULTS).mkdir(parents=True, exist_ok=True)
     (Path(args.out or RESULTS) / f"{name}_curves.json").write_text(json.dumps(runs, indent=1))
     _plot(runs, Path(args.out or RESULTS) / f"{name}.png", args.task, has_success)
     cols = ["method", "variant", "seed", "env_steps", "initial_return", "final_return", "best_return",
