@@ -119,7 +119,7 @@ def test_bad_dataset_paths_and_files(tmp_path):
     from agents.stages import run
     from envs.hdf5 import DatasetError, read_demos
 
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(ValueError, match="missing.hdf5' does not exist"):  # agents.errors.UserError
         run(_compose("stage=pretrain", f"task.demos.path={tmp_path / 'missing.hdf5'}"), tmp_path / "run")
     junk = tmp_path / "junk.hdf5"
     junk.write_text("not hdf5")
