@@ -65,6 +65,7 @@ from agents.ppo_utils import (
     iteration_seed,
     lr_factor,
 )
+from flowpolicy import rng
 from flowpolicy.reinflow import NoiseNet, NoisyFlowSampler, gaussian_log_prob
 
 STATE_FORMAT_VERSION = 1
@@ -310,7 +311,7 @@ class GaussianActor(PPOActor):
         dist = self.policy.distribution(cond)
         a = dist.mean
         if not deterministic:
-            a = a + dist.stddev * torch.randn(a.shape, generator=generator, device=a.device)
+            a = a + dist.stddev * rng.randn(a.shape, generator, a.device)
         ex = self._executed
         logp = gaussian_log_prob(ex(a), ex(dist.mean), ex(dist.stddev)).sum(-1) * self.scale
         latent = self._shape(a)

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import rng
+
 from .flow import RectifiedFlow, ShortcutFlow, linear_path
 from .losses import mse
 from .solvers import SOLVERS, check_grid, integrate, time_grid
@@ -114,7 +116,7 @@ def flow_dpo_loss(
     if (cond_w is None) != (cond_l is None):
         raise ValueError("give conditions for both winners and losers, or for neither")
     if x0 is None:
-        x0 = torch.randn(x_w.shape, generator=generator, device=x_w.device, dtype=x_w.dtype)
+        x0 = rng.randn(x_w.shape, generator, x_w.device, x_w.dtype)
     if t is None:
         t = flow.time_sampler(n, generator=generator, device=x_w.device)
     # one forward per network over [winners; losers], sharing x0 and t between the two halves

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import rng
 from .ema import EMA
 from .losses import per_sample_loss
 from .solvers import integrate, time_grid
@@ -80,7 +81,7 @@ class RectifiedFlow(nn.Module):
         """
         b = x1.shape[0]
         if x0 is None:
-            x0 = torch.randn(x1.shape, generator=generator, device=x1.device, dtype=x1.dtype)
+            x0 = rng.randn(x1.shape, generator, x1.device, x1.dtype)
         if t is None:
             t = self.time_sampler(b, generator=generator, device=x1.device)
         path = linear_path(x0, x1, t)
@@ -91,7 +92,7 @@ class RectifiedFlow(nn.Module):
 
     # --- sampling -----------------------------------------------------------------------------------
     def noise(self, batch: int, device="cpu", generator=None) -> torch.Tensor:
-        return torch.randn((batch, *self.x_shape), generator=generator, device=device)
+        return rng.randn((batch, *self.x_shape), generator, device)
 
     def sample(
         self,
@@ -165,11 +166,18 @@ class ShortcutFlow(RectifiedFlow):
     def update_ema(self) -> None:
         self.ema.update(self.net)
 
+    def _apply(self, fn, recurse=True):
+        """``.to(device/dtype)``, ``.cuda()``, ``.double()`` ... move the EMA copy too (it is not a submodule,
+        so that the flow's state_dict stays the online network's; checkpoints save the EMA separately)."""
+        super()._apply(fn, recurse)
+        self.ema.model._apply(fn, recurse)
+        return self
+
     def loss(self, x1, cond=None, x0=None, t=None, weights=None, generator=None):
         b = x1.shape[0]
         dev = x1.device
         if x0 is None:
-            x0 = torch.randn(x1.shape, generator=generator, device=dev, dtype=x1.dtype)
+            x0 = rng.randn(x1.shape, generator, dev, x1.dtype)
         n_sc = int(round(self.sc_fraction * b)) if b > 1 else 0
         n_fm = b - n_sc
         # flow-matching part, finest level
@@ -184,11 +192,11 @@ class ShortcutFlow(RectifiedFlow):
             loss = per_fm.mean() if weights is None else (weights * per_fm).sum() / weights.sum()
             return loss, info
         # self-consistency part: big step 2d = 1 / 2^k for k in 0..M-1, small step d = 1 / 2^(k+1)
-        k = torch.randint(0, self.max_level, (n_sc,), generator=generator, device="cpu").to(dev)
+        k = rng.randint(0, self.max_level, (n_sc,), generator, dev)
         d_big = 1.0 / (2.0**k)
         d_small = d_big / 2
         n_cells = (1.0 / d_big).long()
-        j = (torch.rand(n_sc, generator=generator, device="cpu").to(dev) * n_cells).floor().clamp(max=n_cells - 1)
+        j = (rng.rand((n_sc,), generator, dev) * n_cells).floor().clamp(max=n_cells - 1)
         t_sc = j * d_big
         path_sc = linear_path(x0[n_fm:], x1[n_fm:], t_sc)
         c_sc = None if cond is None else cond[n_fm:]

@@ -24,12 +24,14 @@ class SinusoidalEmbedding(nn.Module):
             raise ValueError(f"SinusoidalEmbedding dim must be even, got {dim}")
         self.dim = dim
         self.scale = scale
+        # follows .to(dtype) of the model (not saved): the output has the dtype of the layers that read it
+        self.register_buffer("_dtype_probe", torch.zeros(()), persistent=False)
 
     def forward(self, s: torch.Tensor) -> torch.Tensor:
         half = self.dim // 2
         freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=s.device, dtype=torch.float32) / half)
         arg = self.scale * s.float()[:, None] * freqs[None]
-        return torch.cat([arg.sin(), arg.cos()], dim=-1)
+        return torch.cat([arg.sin(), arg.cos()], dim=-1).to(self._dtype_probe.dtype)
 
 
 class _Conditioning(nn.Module):

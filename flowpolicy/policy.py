@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import rng
 from .flow import RectifiedFlow, ShortcutFlow
 
 
@@ -252,8 +253,8 @@ class GaussianPolicy(BasePolicy):
 
     def predict_normalized(self, cond, steps=None, deterministic=True, generator=None, **kw):
         dist = self.distribution(cond)
-        a = dist.mean if deterministic else dist.mean + dist.stddev * torch.randn(
-            dist.mean.shape, generator=generator, device=cond.device)
+        a = dist.mean if deterministic else dist.mean + dist.stddev * rng.randn(
+            dist.mean.shape, generator, cond.device)
         return a.reshape(cond.shape[0], self.action_horizon, self.act_dim)
 
 

@@ -24,6 +24,7 @@ import math
 import torch
 from torch import nn
 
+from . import rng
 from .flow import ShortcutFlow
 from .nets import SinusoidalEmbedding
 from .solvers import time_grid
@@ -259,7 +260,7 @@ class NoisyFlowSampler(nn.Module):
         grid = self.grid(steps)
         b = cond.shape[0]
         if x0 is None:
-            x0 = torch.randn((b, *self.x_shape), generator=generator, device=cond.device)
+            x0 = rng.randn((b, *self.x_shape), generator, cond.device)
         sigma = self.sigmas(cond, grid)
         x, chain, means = x0, [x0], []
         for k in range(len(grid) - 1):
@@ -269,7 +270,7 @@ class NoisyFlowSampler(nn.Module):
             if deterministic:
                 x = mu
             else:
-                eps = torch.randn(mu.shape, generator=generator, device=mu.device)
+                eps = rng.randn(mu.shape, generator, mu.device)
                 x = mu + sigma[:, k] * eps
             chain.append(x)
             means.append(mu)

@@ -11,9 +11,11 @@ from dataclasses import dataclass
 
 import torch
 
+from . import rng
+
 
 def _uniform(n: int, generator: torch.Generator | None, device: torch.device | str) -> torch.Tensor:
-    return torch.rand(n, generator=generator, device=device)
+    return rng.rand((n,), generator, device)
 
 
 @dataclass
@@ -37,7 +39,7 @@ class LogitNormalTime:
     s: float = 1.0
 
     def __call__(self, n: int, generator=None, device="cpu") -> torch.Tensor:
-        u = self.m + self.s * torch.randn(n, generator=generator, device=device)
+        u = self.m + self.s * rng.randn((n,), generator, device)
         return torch.sigmoid(-u)
 
 
