@@ -50,8 +50,8 @@ def main(cfg: DictConfig) -> None:
     run_dir = HydraConfig.get().runtime.output_dir
     try:
         out = run(cfg, run_dir)
-    except KeyboardInterrupt as err:
-        print(f"\nstopped: {err}", file=sys.stderr)
+    except KeyboardInterrupt as err:  # the stage saved once and says where ("stopped at step N; saved <dir>")
+        print(f"\n{err}" if str(err) else "\nstopped (Ctrl-C)", file=sys.stderr)
         sys.exit(130)
     except Exception as err:
         if full_traceback_wanted(cfg.get("debug", False)) or not is_user_error(err):

@@ -7,7 +7,6 @@ the first episodes are written when rendering works (``MUJOCO_GL``); otherwise a
 
 from __future__ import annotations
 
-import json
 import os
 import time
 import warnings
@@ -19,6 +18,8 @@ import torch
 
 from envs.factory import make_env, make_vec_env
 from flowpolicy.policy import BasePolicy, FlowPolicy
+
+from .checkpoint import atomic_write_json, atomic_write_text
 
 
 @torch.no_grad()
@@ -185,7 +186,7 @@ def write_eval(rows: list[dict[str, Any]], out_dir: str | Path, name: str = "eva
     """Save rows as JSON and Markdown in ``out_dir``; return the Markdown table."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(rows, indent=2))
+    atomic_write_json(out / f"{name}.json", rows)
     cols = ["policy", "env", "steps", "episodes", "return_mean", "return_std", "success_rate", "length_mean",
             "latency_us_per_call", "latency_us_per_env_step"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -196,5 +197,5 @@ def write_eval(rows: list[dict[str, Any]], out_dir: str | Path, name: str = "eva
             cells.append(f"{v:.2f}" if isinstance(v, float) else ("" if v is None else str(v)))
         lines.append("| " + " | ".join(cells) + " |")
     md = "\n".join(lines)
-    (out / f"{name}.md").write_text(md + "\n")
+    atomic_write_text(out / f"{name}.md", md + "\n")
     return md

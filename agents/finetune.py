@@ -574,11 +574,21 @@ class ReinFlowPPO:
                         stats["policy_loss"].append(float(pg_loss.detach()))
                         stats["entropy"].append(float(entropy.detach().mean()))
                         if actor_active:
+                            if not torch.isfinite(actor_loss):
+                                raise FloatingPointError(
+                                    f"non-finite actor loss ({float(actor_loss)}) at fine-tuning iteration "
+                                    f"{self.iteration}; no parameter was changed by it")
                             self.actor_optim.zero_grad(set_to_none=True)
                             actor_loss.backward()
-                            nn.utils.clip_grad_norm_(actor_params, c.max_grad_norm)
+                            gnorm = nn.utils.clip_grad_norm_(actor_params, c.max_grad_norm)
+                            if not torch.isfinite(gnorm):
+                                raise FloatingPointError(f"non-finite actor gradient at fine-tuning iteration "
+                                                         f"{self.iteration}; no parameter was changed by it")
                             self.actor_optim.step()
                 v_loss = 0.5 * (self.critic(cond[idx]) - ret[idx]).pow(2).mean()
+                if not torch.isfinite(v_loss):
+                    raise FloatingPointError(f"non-finite value loss ({float(v_loss)}) at fine-tuning iteration "
+                                             f"{self.iteration} (rewards or observations with NaN/Inf?)")
                 self.critic_optim.zero_grad(set_to_none=True)
                 v_loss.backward()
                 nn.utils.clip_grad_norm_(self.critic.parameters(), c.max_grad_norm)

@@ -125,7 +125,13 @@ def _train(cfg, run_dir: Path, ckpt_dir: Path, ck: dict, fcfg: FinetuneConfig, t
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
         with stop:
-            agent.learn(total, callback=callback, progress=bool(cfg.get("progress", True)))
+            try:
+                agent.learn(total, callback=callback, progress=bool(cfg.get("progress", True)))
+            except FloatingPointError as err:
+                saved = state.get("saved")
+                where = (f"the last checkpoint saved and verified is {saved[1]} (iteration {saved[0]})" if saved
+                         else f"no checkpoint was saved in this run; resume from {ckpt_dir}/last if any")
+                raise FloatingPointError(f"{err}; {where}") from err
         if stop.requested:
             if agent.iteration == 0:
                 raise TrainingInterrupted("stopped at step 0; nothing saved (no iteration had finished)")

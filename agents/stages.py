@@ -11,7 +11,6 @@ image:    image generation with the same flow core (agents.images).
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from envs.collect import DEFAULT_EXPERT_STEPS, ensure_demos
 
+from .checkpoint import RunLock, atomic_write_json, atomic_write_text
 from .errors import UserError
 from .evaluate import evaluate_policy_steps, write_eval
 from .policies import policy_from_checkpoint
@@ -338,14 +338,14 @@ def _prechecks(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _write_config(cfg: DictConfig, run_dir: Path) -> None:
-    (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    atomic_write_text(run_dir / "config_resolved.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     try:
         from hydra.core.hydra_config import HydraConfig
 
         overrides = list(HydraConfig.get().overrides.task)
     except Exception:  # noqa: BLE001 - not under Hydra (tests, Python API)
         return
-    (run_dir / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(overrides)))
+    atomic_write_text(run_dir / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(overrides)))
 
 
 def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
@@ -358,6 +358,11 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     pre = _prechecks(cfg)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    with RunLock(run_dir):  # one process per run directory, every stage (the trainers' own locks re-enter)
+        return _run_locked(cfg, run_dir, pre)
+
+
+def _run_locked(cfg: DictConfig, run_dir: Path, pre: dict[str, Any]) -> dict[str, Any]:
     _write_config(cfg, run_dir)
     name = cfg.stage.name
     out: dict[str, Any] = {"stage": name, "run_dir": str(run_dir)}
@@ -396,7 +401,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             out["finetune"] = ft
             out["eval_finetuned"] = run_eval(cfg, run_dir, ft["checkpoint"], steps=[int(cfg.stage.finetune.steps)],
                                              name="eval_finetuned", label=f"{cfg.policy.kind} (ReinFlow)")
-    (run_dir / "summary.json").write_text(json.dumps(_jsonable(out), indent=2))
+    atomic_write_json(run_dir / "summary.json", _jsonable(out))
     return out
 
 

@@ -418,8 +418,10 @@ def make_vec_env(
         )
         for i in range(num_envs)
     ]
-    if asynchronous:
-        return gym.vector.AsyncVectorEnv(fns)
+    if asynchronous:  # a dead or frozen worker is an error within a timeout, not a hang
+        from .async_guard import GuardedAsyncVectorEnv
+
+        return GuardedAsyncVectorEnv(fns)
     return gym.vector.SyncVectorEnv(fns)
 
 

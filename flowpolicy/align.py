@@ -28,7 +28,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import rng
-
 from .flow import RectifiedFlow, ShortcutFlow, linear_path
 from .losses import mse
 from .solvers import SOLVERS, check_grid, integrate, time_grid

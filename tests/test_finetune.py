@@ -353,3 +353,11 @@ def test_diagnostics_are_logged_for_every_actor():
                     "train/sigma_obs_max", "train/explained_variance", "train/value_loss", "rollout/return_mean"):
             assert key in m and math.isfinite(m[key]), (kind, key)
         assert m["train/sigma_obs_min"] <= m["train/sigma_mean"] <= m["train/sigma_obs_max"]
+
+
+def test_non_finite_loss_stops_fine_tuning_with_the_iteration_named():
+    agent = ReinFlowPPO(make_policy(), make_envs(4), None, small_cfg())
+    with torch.no_grad():
+        agent.critic.mlp[-1].bias.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="iteration 0"):
+        run(agent, 1)
