@@ -54,6 +54,10 @@ class GuardedAsyncVectorEnv(gym.vector.AsyncVectorEnv):
             raise self._failure(what, frozen=False) from err
 
     def _failure(self, what: str, frozen: bool) -> EnvWorkerError:
+        if not frozen:  # a broken pipe: the worker is exiting; give the OS a moment to reap it (busy machines)
+            deadline = time.monotonic() + 2.0
+            while time.monotonic() < deadline and all(p.is_alive() for p in self.processes):
+                time.sleep(0.01)
         dead = [f"{i} (pid {p.pid}, exit code {p.exitcode})" for i, p in enumerate(self.processes)
                 if not p.is_alive()]
         silent = []
