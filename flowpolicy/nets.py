@@ -112,7 +112,11 @@ class MLPVelocity(nn.Module):
         self.out = nn.Linear(hidden, self.x_dim)
 
     def forward(self, x, t, cond=None, d=None):
-        emb = self.embed(t, cond, d)
+        return self.forward_emb(x, self.embed(t, cond, d))
+
+    def forward_emb(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """The network after the conditioning: ``forward(x, t, cond, d) == forward_emb(x, embed(t, cond, d))``.
+        Lets a K-step sampler embed what does not change between steps once (:mod:`flowpolicy.fast`)."""
         h = self.inp(torch.cat([x.reshape(x.shape[0], -1), emb], dim=-1))
         for block in self.blocks:
             h = block(h, emb)

@@ -95,3 +95,52 @@ def test_shortcut_loss_on_cuda_with_a_cpu_generator():
     x1, cond = torch.randn(8, 3, 2, device="cuda"), torch.randn(8, 4, device="cuda")
     loss, _ = flow.loss(x1, cond, generator=torch.Generator().manual_seed(0))
     assert loss.is_cuda and torch.isfinite(loss)
+
+
+# --- fast K-step sampling ------------------------------------------------------------------------------
+
+
+def _policy(kind: str):
+    import numpy as np
+
+    from flowpolicy.flow import RectifiedFlow
+    from flowpolicy.policy import FlowPolicy
+
+    torch.manual_seed(0)
+    net = MLPVelocity((4, 3), cond_dim=5, hidden=32, depth=2, emb_dim=16, step_input=kind == "shortcut")
+    flow = ShortcutFlow(net, (4, 3), max_level=4) if kind == "shortcut" else RectifiedFlow(net, (4, 3))
+    return FlowPolicy(flow, 5, 3, 1, 4, obs_stats=(np.full(5, -2.0), np.full(5, 3.0)),
+                      action_stats=(np.full(3, -1.0), np.full(3, 2.0))).eval()
+
+
+@pytest.mark.parametrize("kind", ["reflow", "shortcut"])
+def test_fast_sampling_gives_bit_identical_actions_and_follows_weight_changes(kind):
+    policy = _policy(kind)
+    obs = torch.randn(16, 5)
+
+    def both(steps, batch):
+        out = []
+        for fast in (True, False):
+            policy.fast_sampling = fast
+            out.append(policy.predict_action_chunk(obs[:batch], steps=steps,
+                                                   generator=torch.Generator().manual_seed(steps)))
+        return out
+
+    for steps in (1, 2, 4, 8):
+        for batch in (1, 16):
+            fast, slow = both(steps, batch)
+            assert torch.equal(fast, slow), (steps, batch)
+    before, _ = both(4, 16)
+    with torch.no_grad():  # an in-place update (what an optimizer step does) invalidates the cached embeddings
+        policy.flow.net.embed.t_embed[1].weight.mul_(1.5)
+        policy.act_norm.high.add_(1.0)
+    fast, slow = both(4, 16)
+    assert torch.equal(fast, slow) and not torch.equal(fast, before)
+
+
+def test_fast_sampling_is_off_where_gradients_flow():
+    policy = _policy("reflow")
+    cond = policy.encode_obs(torch.randn(3, 5))
+    with torch.enable_grad():
+        a = policy.predict_normalized(cond, steps=2, generator=torch.Generator().manual_seed(0))
+    assert a.requires_grad  # the plain path: a gradient reaches the velocity network
