@@ -31,7 +31,13 @@ def machine() -> str:
             gpu = f", GPU {torch.cuda.get_device_name(0)}"
     except Exception:  # noqa: BLE001 - torch is optional for this description
         pass
-    return f"{platform.node()} ({os.cpu_count()} CPUs, {cpu}{gpu}), Python {platform.python_version()}"
+    try:
+        import torch
+
+        tv = f", torch {torch.__version__}"
+    except Exception:  # noqa: BLE001
+        tv = ""
+    return f"{platform.node()} ({os.cpu_count()} CPUs, {cpu}{gpu}), Python {platform.python_version()}{tv}"
 
 
 def markdown_table(rows: list[dict], columns: list[str], floatfmt: str = ".3f") -> str:
