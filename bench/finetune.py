@@ -220,6 +220,9 @@ def main(argv=None):
     p.add_argument("--eval-episodes", type=int, default=20, help="deterministic episodes per evaluation point")
     p.add_argument("--eval-points", type=int, default=10,
                    help="evaluation points along the curve (plus the initial one)")
+    p.add_argument("--eval-seed", type=int, default=None,
+                   help="first env seed of the evaluation episodes (default: the task's, 100000); tune settings "
+                        "with another one (and other training seeds) than the one whose numbers you report")
     args = p.parse_args(argv)
     from bench.common import RESULTS, save_results
     from envs.collect import ensure_demos
@@ -243,8 +246,10 @@ def main(argv=None):
     iters = max(1, math.ceil(budget["env_steps"] / steps_per_iter))
     eval_every = max(1, math.ceil(iters / max(1, args.eval_points)))
     eval_over = {"eval_every": eval_every, "eval_episodes": args.eval_episodes}
+    if args.eval_seed is not None:
+        eval_over["eval_seed"] = args.eval_seed
     eval_every_steps = eval_every * steps_per_iter
-    eval_seed = int(ft_defaults.get("eval_seed", 100_000))
+    eval_seed = int(args.eval_seed if args.eval_seed is not None else ft_defaults.get("eval_seed", 100_000))
     eval_num_envs = int(ft_defaults.get("eval_num_envs", 8))
     ctx = mp.get_context("spawn")
     with ctx.Pool(args.workers) as pool:
