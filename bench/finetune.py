@@ -244,7 +244,7 @@ def main(argv=None):
     ft_defaults = _task_finetune_defaults(args.task)
     steps_per_iter = int(ft_defaults.get("n_steps", 256)) * int(ft_defaults.get("num_envs", 16)) * t["exec_horizon"]
     iters = max(1, math.ceil(budget["env_steps"] / steps_per_iter))
-    eval_every = max(1, math.ceil(iters / max(1, args.eval_points)))
+    eval_every = max(1, iters // max(1, args.eval_points))  # at least --eval-points points
     eval_over = {"eval_every": eval_every, "eval_episodes": args.eval_episodes}
     if args.eval_seed is not None:
         eval_over["eval_seed"] = args.eval_seed
