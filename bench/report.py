@@ -19,7 +19,9 @@ SECTIONS = [
     ("pretrain_pick_place", "Behavior cloning on pick-place: few-step evaluation, peers on the same HDF5 and budget"),
     ("pretrain_hopper_medium", "Behavior cloning on Hopper-v5 medium demos: few-step evaluation and peers"),
     ("finetune_hopper_medium", "Online fine-tuning on Hopper-v5 from medium demos (ReinFlow vs peers)"),
-    ("finetune_pick_place", "Online fine-tuning on Meta-World pick-place: settings compared side by side"),
+    ("finetune_pick_place", "Online fine-tuning on Meta-World pick-place: settings compared side by side "
+                            "(2026-11-26, before log-probs were normalized by the executed action dims)"),
+    ("latency", "Policy latency: eager vs fast K-step sampling, and policies in the env loop"),
     ("images", "Image generation on digits with the same flow core"),
     ("align", "Reward and preference alignment"),
 ]
