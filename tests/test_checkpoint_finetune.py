@@ -63,6 +63,7 @@ def test_fresh_runs_with_the_same_seed_give_identical_weights(pretrained, tmp_pa
 
 
 def test_ctrl_c_saves_once_at_an_iteration_boundary_and_resumes_exactly(pretrained, tmp_path, monkeypatch, capsys):
+    handler_before = signal.getsignal(signal.SIGINT)  # SIG_IGN when pytest runs as a background job
     run_finetune_stage(_cfg(), tmp_path / "full", pretrained, STAGE)
     orig = ReinFlowPPO.collect_rollout
 
@@ -77,7 +78,7 @@ def test_ctrl_c_saves_once_at_an_iteration_boundary_and_resumes_exactly(pretrain
         run_finetune_stage(_cfg(), run, pretrained, STAGE)
     monkeypatch.undo()
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best", "last", "step_000000002"]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    assert signal.getsignal(signal.SIGINT) is handler_before  # handler restored
     capsys.readouterr()
     out = run_finetune_stage(_cfg(), run, pretrained, STAGE)
     assert f"resuming from {run}/checkpoints/step_000000002 (step 2)" in capsys.readouterr().err
