@@ -111,9 +111,10 @@ def _check_reflow_policy(policy) -> None:
 
 
 def dataset_observations(path: str | os.PathLike, obs_horizon: int = 1, filter_key: str | None = "train",
-                         split_seed: int = 0) -> torch.Tensor:
-    """All observation histories of a demo file, (N, To, Do) in environment units (the pretraining inputs)."""
-    ds = DemoDataset(path, obs_horizon, 1, filter_key=filter_key, split_seed=split_seed)
+                         split_seed: int = 0, obs_keys=None) -> torch.Tensor:
+    """All observation histories of a demo file, (N, To, Do) in environment units (the pretraining inputs).
+    ``obs_keys``: the file's obs keys in the pretraining's order (None: every low-dim key, sorted)."""
+    ds = DemoDataset(path, obs_horizon, 1, filter_key=filter_key, split_seed=split_seed, obs_keys=obs_keys)
     return torch.stack([ds[i]["obs"] for i in range(len(ds))])
 
 

@@ -312,7 +312,10 @@ def run_reflow(cfg: DictConfig, run_dir: Path, checkpoint: str) -> dict[str, Any
     s = _plain(cfg.stage)
     s.pop("name", None)
     rcfg = PolicyReflowConfig(**s, seed=int(cfg.seed), progress=bool(cfg.progress))
-    obs = dataset_observations(dataset, policy.obs_horizon)
+    # the observation keys the policy was pretrained on (a robomimic file's chosen keys, in their order)
+    train = ck["config"].get("train", {})
+    obs_keys = train.get("obs_keys") or (list(cfg.task.obs_keys) if cfg.task.get("obs_keys") else None)
+    obs = dataset_observations(dataset, policy.obs_horizon, obs_keys=obs_keys)
     res = rectify_policy(policy, obs, rcfg)
     spec = ck["config"]["policy"]
     out = {"info": res.info, "rectified": str(save_reflow_checkpoint(

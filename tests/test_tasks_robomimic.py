@@ -84,3 +84,31 @@ def test_errors_name_the_file_and_its_env(rm_file, tmp_path):
             resolve_task(_compose("task=robomimic", f"task.demos.path={lift}"))
     with pytest.raises(UserError, match=r"obs_dim=6 .* but env Hopper-v5 has 11"):
         resolve_task(_compose("task=robomimic", f"task.demos.path={rm_file}", "task.env=Hopper-v5"))
+
+
+def test_reflow_stage_reads_the_observation_keys_the_policy_was_pretrained_on(rm_file, tmp_path, monkeypatch):
+    import agents.policy_reflow as pr
+    from agents.stages import run
+
+    keys = "task.obs_keys=[robot0_eef_pos,object]"
+    run(_compose("task=robomimic", f"task.demos.path={rm_file}", keys, "stage=pretrain", "stage.steps=20",
+                 *TINY), tmp_path / "pre")
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def capture(policy, obs, cfg):
+        seen["obs"] = obs
+        raise Stop
+
+    monkeypatch.setattr(pr, "rectify_policy", capture)
+    with pytest.raises(Stop):  # no task.obs_keys given: the checkpoint's own keys are used
+        run(_compose("task=robomimic", f"task.demos.path={rm_file}", "stage=reflow",
+                     f"checkpoint={tmp_path / 'pre'}", "logger=none", "progress=false"), tmp_path / "rf")
+    from envs.dataset import DemoDataset
+
+    chosen = DemoDataset(rm_file, obs_keys=["robot0_eef_pos", "object"], filter_key="train")
+    assert seen["obs"].shape[-1] == 6
+    first_eef = chosen[0]["obs"][-1, :3].numpy()
+    np.testing.assert_allclose(seen["obs"][0, -1, :3].numpy(), first_eef, rtol=1e-6)  # eef first, not object
