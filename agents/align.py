@@ -54,6 +54,7 @@ from .checkpoint import (
 )
 from .evaluate import evaluate_policy_steps, write_eval
 from .policies import extra_modules, policy_config, policy_from_checkpoint
+from .tasks import demos_for
 from .tblog import Logger
 
 METHODS = ("dpo", "rwr", "sft")
@@ -498,8 +499,6 @@ def run_align_stage(cfg, run_dir: str | Path, checkpoint: str) -> dict[str, Any]
     max_steps = cfg.task.get("max_episode_steps")
     dataset = acfg.dataset
     if acfg.source != "rollouts" and not dataset:
-        from .stages import demos_for
-
         dataset = demos_for(cfg)
     trajs, pairs, data_desc = preference_data(policy, acfg, env_name, max_steps, dataset)
     evaluated = acfg.eval_episodes > 0
