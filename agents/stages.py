@@ -83,6 +83,13 @@ def validate_config(cfg: DictConfig) -> None:
     name = cfg.stage.name
     if name in CHECKPOINT_STAGES and not cfg.get("checkpoint"):
         raise UserError(f"stage={name} needs checkpoint=<checkpoint dir or run dir>")
+    if name == "eval":  # its own episodes, num_envs, videos and seed (defaults: task.eval's and 100000)
+        s = cfg.stage
+        if any(int(k) < 1 for k in s.get("steps") or []):
+            raise UserError(f"stage.steps must be positive, got {list(s.steps)}")
+        for key, least in (("episodes", 1), ("num_envs", 1), ("videos", 0)):
+            if s.get(key) is None or int(s[key]) < least:
+                raise UserError(f"stage.{key} must be >= {least}, got {s.get(key)}")
     # budgets: checked here so that a bad fine-tuning budget fails before pretraining runs
     if name in ("pretrain", "pipeline"):
         s = _plain(cfg.stage.pretrain if name == "pipeline" else cfg.stage)
@@ -175,14 +182,20 @@ def eval_target(cfg: DictConfig, checkpoint: str, policy=None, ck=None) -> EvalT
 
 
 def run_eval(cfg: DictConfig, run_dir: Path, checkpoint: str, steps=None, name: str = "eval", label: str = "",
-             target: EvalTarget | None = None) -> dict:
+             target: EvalTarget | None = None, settings=None) -> dict:
+    """Evaluate ``checkpoint`` at ``steps`` (default ``settings.steps``). ``settings`` holds ``episodes``,
+    ``num_envs``, ``videos`` and optionally ``seed`` (of the eval envs and the sampler); it is ``task.eval``
+    unless given (``stage=eval`` gives its own stage config, whose defaults are ``task.eval``'s)."""
     policy, ckpt = policy_from_checkpoint(checkpoint, device=cfg.device)
     target = target or eval_target(cfg, checkpoint, policy, ckpt)
-    e = cfg.task.eval
-    rows = evaluate_policy_steps(policy, target.env, list(steps or e.steps), episodes=int(e.episodes),
+    e = settings if settings is not None else cfg.task.eval
+    seed = {"seed": int(e.seed)} if e.get("seed") is not None else {}  # else evaluate_policy_steps' default
+    steps = list(steps or e.get("steps") or cfg.task.eval.steps)
+    rows = evaluate_policy_steps(policy, target.env, steps, episodes=int(e.episodes),
                                  num_envs=int(e.num_envs), max_episode_steps=target.max_episode_steps,
                                  videos=int(e.get("videos", 0)), out_dir=run_dir, label=label,
-                                 has_success=target.has_success, video_prefix=name, progress=bool(cfg.progress))
+                                 has_success=target.has_success, video_prefix=name, progress=bool(cfg.progress),
+                                 **seed)
     md = write_eval(rows, run_dir, name)
     return {"rows": rows, "markdown": md}
 
@@ -285,8 +298,8 @@ def _run_locked(cfg: DictConfig, run_dir: Path, pre: dict[str, Any]) -> dict[str
         out["pretrain"] = run_pretrain(cfg, run_dir, data=pre["data"])
         out["eval"] = run_eval(cfg, run_dir, out["pretrain"]["best"], label=f"{cfg.policy.kind} (BC)")
     elif name == "eval":
-        steps = cfg.stage.get("steps")
-        out["eval"] = run_eval(cfg, run_dir, cfg.checkpoint, steps, target=pre["target"])
+        out["eval"] = run_eval(cfg, run_dir, cfg.checkpoint, cfg.stage.get("steps"), target=pre["target"],
+                               settings=cfg.stage)
     elif name == "finetune":
         out["finetune"] = run_finetune(cfg, run_dir, cfg.checkpoint)
         out["finetune_table"] = {"markdown": finetune_table(out["finetune"], pre["target"].env,

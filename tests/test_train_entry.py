@@ -47,6 +47,37 @@ def test_eval_stage_reads_a_run_directory(pretrained, tmp_path):
     assert [r["steps"] for r in out["eval"]["rows"]] == [4]
 
 
+def test_eval_stage_reads_its_episodes_num_envs_videos_and_seed(pretrained, tmp_path, monkeypatch):
+    import agents.stages as stages
+
+    run_dir, data, _ = pretrained
+    calls = []
+    real = stages.evaluate_policy_steps
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **{**kwargs, "videos": 0})  # rendering needs a GL backend; the value is what counts
+
+    monkeypatch.setattr(stages, "evaluate_policy_steps", spy)
+    # TINY sets task.eval.episodes=2, num_envs=2, videos=0; the stage's own values must win
+    out = stages.run(_compose("stage=eval", f"checkpoint={run_dir}", f"data_dir={data}", "stage.steps=[1]",
+                              "stage.episodes=3", "stage.num_envs=3", "stage.videos=1", "stage.seed=7", *TINY[4:]),
+                     tmp_path)
+    assert [r["episodes"] for r in out["eval"]["rows"]] == [3]
+    assert {k: calls[0][k] for k in ("episodes", "num_envs", "videos", "seed")} == {
+        "episodes": 3, "num_envs": 3, "videos": 1, "seed": 7}
+    # defaults: task.eval's episodes, num_envs and videos, and the stage's seed 100000
+    calls.clear()
+    stages.run(_compose("stage=eval", f"checkpoint={run_dir}", f"data_dir={data}", "stage.steps=[1]", *TINY[4:]),
+               tmp_path / "defaults")
+    assert {k: calls[0][k] for k in ("episodes", "num_envs", "videos", "seed")} == {
+        "episodes": 2, "num_envs": 2, "videos": 0, "seed": 100000}
+    from agents.errors import UserError
+
+    with pytest.raises(UserError, match="stage.episodes must be >= 1"):
+        stages.run(_compose("stage=eval", f"checkpoint={run_dir}", "stage.episodes=0", *TINY[4:]), tmp_path / "bad")
+
+
 def test_reflow_stage_saves_rectified_and_distilled_policies(pretrained, tmp_path):
     from agents.policies import policy_from_checkpoint
     from agents.stages import run
