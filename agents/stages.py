@@ -27,6 +27,7 @@ from .evaluate import evaluate_policy_steps, write_eval
 from .policies import policy_from_checkpoint
 from .pretrain import PretrainConfig, Pretrainer
 from .tasks import TaskData, _env_meta_for, demos_for, note, resolve_task  # noqa: F401 - agents.stages API
+from .tblog import import_wandb, start_wandb
 
 STAGES = ("pipeline", "pretrain", "finetune", "eval", "align", "image", "reflow")
 CHECKPOINT_STAGES = ("eval", "finetune", "align", "reflow")
@@ -80,6 +81,11 @@ def validate_config(cfg: DictConfig) -> None:
                 raise UserError(f"task.demos.num must be >= 1, got {d.num}")
             if int(d.get("expert_steps") or DEFAULT_EXPERT_STEPS) < 1:
                 raise UserError(f"task.demos.expert_steps must be >= 1, got {d.expert_steps}")
+    if cfg.get("logger") is not None and cfg.logger.get("name") == "wandb":
+        try:
+            import_wandb()
+        except ImportError as err:
+            raise UserError(str(err)) from err
     name = cfg.stage.name
     if name in CHECKPOINT_STAGES and not cfg.get("checkpoint"):
         raise UserError(f"stage={name} needs checkpoint=<checkpoint dir or run dir>")
@@ -283,7 +289,12 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     with RunLock(run_dir):  # one process per run directory, every stage (the trainers' own locks re-enter)
-        return _run_locked(cfg, run_dir, pre)
+        wandb_run = start_wandb(cfg.get("logger"), run_dir, _plain(cfg))  # None unless logger=wandb
+        try:
+            return _run_locked(cfg, run_dir, pre)
+        finally:
+            if wandb_run is not None:
+                wandb_run.finish()
 
 
 def _run_locked(cfg: DictConfig, run_dir: Path, pre: dict[str, Any]) -> dict[str, Any]:

@@ -78,6 +78,38 @@ def test_eval_stage_reads_its_episodes_num_envs_videos_and_seed(pretrained, tmp_
         stages.run(_compose("stage=eval", f"checkpoint={run_dir}", "stage.episodes=0", *TINY[4:]), tmp_path / "bad")
 
 
+def test_logger_wandb_opens_a_run_with_the_configs_project_and_mode(pretrained, tmp_path, monkeypatch):
+    import types
+
+    from agents.errors import UserError
+    from agents.stages import run
+
+    run_dir, data, _ = pretrained
+    overrides = ["stage=eval", f"checkpoint={run_dir}", f"data_dir={data}", "stage.steps=[1]", *TINY[4:],
+                 "logger=wandb", "logger.project=tiny-project", "logger.mode=offline"]
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setitem(sys.modules, "wandb", None)  # not installed: a user error before anything runs
+    with pytest.raises(UserError, match="pip install wandb"):
+        run(_compose(*overrides), tmp_path / "missing")
+    assert not (tmp_path / "missing").exists()
+    runs = []
+
+    class FakeRun:
+        def __init__(self, **kwargs):
+            self.kwargs, self.finished = kwargs, False
+            runs.append(self)
+
+        def finish(self):
+            self.finished = True
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=FakeRun))
+    run(_compose(*overrides), tmp_path / "ok")
+    assert len(runs) == 1 and runs[0].finished
+    kw = runs[0].kwargs
+    assert (kw["project"], kw["mode"], kw["sync_tensorboard"]) == ("tiny-project", "offline", True)
+    assert kw["config"]["logger"]["project"] == "tiny-project" and kw["dir"] == str(tmp_path / "ok")
+
+
 def test_reflow_stage_saves_rectified_and_distilled_policies(pretrained, tmp_path):
     from agents.policies import policy_from_checkpoint
     from agents.stages import run
