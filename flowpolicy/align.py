@@ -1,7 +1,7 @@
 """Reward and preference alignment of a flow: Flow-DPO, Flow-RWR, reward-guided sampling, FlowChef steering.
 
-Pure torch and agnostic of what x is (action chunks, images, points). Convention (DESIGN.md): t = 0 noise,
-t = 1 data, x_t = (1 - t) x0 + t x1, target velocity v* = x1 - x0.
+Pure torch and agnostic of what x is (action chunks, images, points). Convention (:mod:`flowpolicy.flow`'s
+docstring): t = 0 noise, t = 1 data, x_t = (1 - t) x0 + t x1, target velocity v* = x1 - x0.
 
 - :func:`flow_dpo_loss` (Flow-DPO, Liu et al. 2025 "VideoAlign"): winner w and loser l share the noise x0 and
   the time t; with e(x) = ||v* - v(x_t, t)||^2 per sample, Delta = (e_theta(w) - e_ref(w)) - (e_theta(l) -

@@ -1,6 +1,7 @@
 """Action policies behind one interface, flow-based or Gaussian (pure torch; no environment code).
 
-Interface (DESIGN.md): ``loss(batch) -> (loss, info)``, ``predict_action_chunk(obs, steps=K, deterministic=True)``,
+Interface (of every policy kind here; the README's "Python API" section shows it in use):
+``loss(batch) -> (loss, info)``, ``predict_action_chunk(obs, steps=K, deterministic=True)``,
 ``select_action(obs)`` with an action queue for chunked execution, ``reset()``, and
 ``predict(obs, state=None, episode_start=None, deterministic=True)`` so that stable-baselines3's
 ``evaluate_policy`` runs a policy unchanged.
