@@ -6,11 +6,9 @@ Light imports only here; ``envs.dataset`` (torch), ``envs.collect`` (stable-base
 
 from envs.factory import FAMILY_EXAMPLES, LOCOMOTION_TASKS, env_meta, make_env, make_vec_env, parse_env_name
 from envs.hdf5 import DatasetError, Episode, read_demos, write_demos
-from envs.normalize import normalize, unnormalize
 from envs.wrappers import ActionChunk, ObservationHistory, SuccessInfo
 
 __all__ = [
     "FAMILY_EXAMPLES", "LOCOMOTION_TASKS", "ActionChunk", "DatasetError", "Episode", "ObservationHistory",
-    "SuccessInfo", "env_meta", "make_env", "make_vec_env", "normalize", "parse_env_name", "read_demos",
-    "unnormalize", "write_demos",
+    "SuccessInfo", "env_meta", "make_env", "make_vec_env", "parse_env_name", "read_demos", "write_demos",
 ]

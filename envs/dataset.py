@@ -127,7 +127,8 @@ class DemoDataset(torch.utils.data.Dataset):
 
         Returns:
             ``{"obs": {"min", "max", "mean", "std"}, "action": {...}}``, each a float32 array of shape (Do,)
-            or (Da,); usable by :func:`envs.normalize.normalize`.
+            or (Da,); min and max are the policies' normalizer statistics
+            (:class:`flowpolicy.policy.MinMaxNormalizer`).
         """
         return {"obs": _array_stats(self._obs), "action": _array_stats(self._actions)}
 

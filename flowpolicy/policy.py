@@ -27,7 +27,10 @@ from .flow import RectifiedFlow, ShortcutFlow
 
 
 class MinMaxNormalizer(nn.Module):
-    """Maps x in [low, high] (per dimension) to [-1, 1]. Constant dimensions map to 0."""
+    """Maps x in [low, high] (per dimension) to [-1, 1]; the one normalizer of observations and actions.
+
+    A dimension whose range ``high - low`` is not above ``eps`` (constant in the data) maps to 0, and back with
+    scale 1 around its center, so 0 comes back as the constant (instead of dividing by ~0)."""
 
     def __init__(self, low, high, eps: float = 1e-6) -> None:
         super().__init__()

@@ -1,10 +1,9 @@
-"""ObservationHistory, ActionChunk, SuccessInfo and min/max normalization, on a tiny exact env."""
+"""ObservationHistory, ActionChunk and SuccessInfo, on a tiny exact env."""
 
 import gymnasium as gym
 import numpy as np
 import pytest
 
-from envs.normalize import normalize, unnormalize
 from envs.wrappers import ActionChunk, ObservationHistory, SuccessInfo
 
 
@@ -115,13 +114,3 @@ def test_success_info_makes_bool_and_can_terminate():
     env.reset()
     assert [env.step(np.zeros(1))[4]["success"] for _ in range(2)] == [False, True]
 
-
-def test_normalize_maps_min_max_to_unit_range_and_back():
-    stats = {"min": np.array([0.0, -2.0, 5.0]), "max": np.array([10.0, 2.0, 5.0])}
-    x = np.array([[0.0, -2.0, 5.0], [10.0, 2.0, 5.0], [5.0, 0.0, 5.0]])
-    y = normalize(x, stats)
-    np.testing.assert_allclose(y, [[-1, -1, 0], [1, 1, 0], [0, 0, 0]], atol=1e-6)
-    assert y.dtype == np.float32
-    np.testing.assert_allclose(unnormalize(y, stats), x, atol=1e-5)
-    # A constant dim maps to 0 whatever its value and comes back as the constant.
-    np.testing.assert_allclose(unnormalize(np.array([0.3, 0.3, 0.7]), stats)[2], 5.0)

@@ -156,3 +156,15 @@ def test_shortcut_passes_step_size_to_the_network():
     seen.clear()
     flow.sample(steps=64, batch=1)  # finer than the finest level: clamped to 1/16
     assert set(seen) == {1 / 16}
+
+
+def test_min_max_normalizer_maps_to_unit_range_and_back_and_keeps_constant_dims():
+    from flowpolicy.policy import MinMaxNormalizer
+
+    norm = MinMaxNormalizer([0.0, -2.0, 5.0], [10.0, 2.0, 5.0])  # the last dimension is constant in the data
+    x = torch.tensor([[0.0, -2.0, 5.0], [10.0, 2.0, 5.0], [5.0, 0.0, 5.0], [2.5, 1.0, 7.0]])
+    y = norm.normalize(x)
+    torch.testing.assert_close(y, torch.tensor([[-1.0, -1, 0], [1, 1, 0], [0, 0, 0], [-0.5, 0.5, 0]]))
+    # a constant dimension maps to 0 whatever its value, and 0 comes back as the constant
+    torch.testing.assert_close(norm.unnormalize(y[:3]), x[:3])
+    assert norm.unnormalize(torch.zeros(1, 3))[0, 2] == 5.0
