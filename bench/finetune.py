@@ -102,6 +102,17 @@ def _finetune(args):
                              max_episode_steps=t["max_episode_steps"])
     agent = ReinFlowPPO(policy, envs, eval_envs, cfg)
     curve, diag = [], []
+    eval_s = [0.0]  # evaluation time, kept out of the training wall time per 100k env steps
+    evaluate = agent.evaluate
+
+    def timed_evaluate(*a, **kw):
+        te = time.perf_counter()
+        try:
+            return evaluate(*a, **kw)
+        finally:
+            eval_s[0] += time.perf_counter() - te
+
+    agent.evaluate = timed_evaluate
     t0 = time.perf_counter()
 
     def cb(a, m):
@@ -118,7 +129,7 @@ def _finetune(args):
         curve.append({"env_steps": agent.env_steps, "return": m["eval/return_mean"],
                       "success": m["eval/success_rate"], "wall_s": time.perf_counter() - t0})
     return {"method": method, "variant": variant, "seed": seed, "curve": curve, "diagnostics": diag,
-            "wall_s": time.perf_counter() - t0, "env_steps": agent.env_steps}
+            "wall_s": time.perf_counter() - t0, "eval_s": eval_s[0], "env_steps": agent.env_steps}
 
 
 def _evaluate_sb3(model, task: str, n_episodes: int, eval_seed: int, num_envs: int) -> float:
@@ -168,8 +179,14 @@ def _sb3_ppo(args):
     venv = DummyVecEnv([lambda i=i: Monitor(make_env(t["env"], seed=1000 * seed + i,
                                                      max_episode_steps=t["max_episode_steps"]))
                         for i in range(8)])
-    curve = []
+    curve, eval_s = [], [0.0]
     t0 = time.perf_counter()
+
+    def timed_evaluate(model):
+        te = time.perf_counter()
+        mean = _evaluate_sb3(model, task, eval_episodes, eval_seed, eval_num_envs)
+        eval_s[0] += time.perf_counter() - te
+        return mean
 
     class Eval(BaseCallback):
         def __init__(self):
@@ -179,18 +196,18 @@ def _sb3_ppo(args):
         def _on_step(self) -> bool:
             if self.num_timesteps >= self.next:
                 self.next += eval_every_steps
-                mean = _evaluate_sb3(self.model, task, eval_episodes, eval_seed, eval_num_envs)
+                mean = timed_evaluate(self.model)
                 curve.append({"env_steps": int(self.num_timesteps), "return": float(mean), "success": None,
                               "wall_s": time.perf_counter() - t0})
             return True
 
     model = PPO("MlpPolicy", venv, seed=seed, verbose=0, device="cpu")
     model.learn(env_steps, callback=Eval())
-    mean = _evaluate_sb3(model, task, eval_episodes, eval_seed, eval_num_envs)
+    mean = timed_evaluate(model)
     curve.append({"env_steps": int(model.num_timesteps), "return": float(mean), "success": None,
                   "wall_s": time.perf_counter() - t0})
     return {"method": "sb3_ppo", "variant": "default", "seed": seed, "curve": curve,
-            "wall_s": time.perf_counter() - t0, "env_steps": int(model.num_timesteps)}
+            "wall_s": time.perf_counter() - t0, "eval_s": eval_s[0], "env_steps": int(model.num_timesteps)}
 
 
 def _parse_variant(text: str) -> tuple[str, dict]:
@@ -275,7 +292,8 @@ def main(argv=None):
                "eval_points": len(c), "initial_return": init, "final_return": final, "best_return": best,
                "final_over_best": final / best if best > 0 else None,
                "growth_pct": 100.0 * (final - init) / abs(init) if r["method"] != "sb3_ppo" and init else None,
-               "wall_s": round(r["wall_s"], 1), "wall_s_per_100k": round(100_000 * r["wall_s"] / max(r["env_steps"], 1), 1)}
+               "wall_s": round(r["wall_s"], 1), "wall_s_per_100k": round(100_000 * r["wall_s"] / max(r["env_steps"], 1), 1),
+               "train_s_per_100k": round(100_000 * (r["wall_s"] - r.get("eval_s", 0.0)) / max(r["env_steps"], 1), 1)}
         if has_success:
             succ = [x["success"] for x in c if x["success"] is not None]
             row["initial_success"], row["final_success"] = c[0]["success"], c[-1]["success"]
@@ -291,13 +309,14 @@ def main(argv=None):
     (Path(args.out or RESULTS) / f"{name}_curves.json").write_text(json.dumps(runs, indent=1))
     _plot(runs, Path(args.out or RESULTS) / f"{name}.png", args.task, has_success)
     cols = ["method", "variant", "seed", "env_steps", "initial_return", "final_return", "best_return",
-            "final_over_best", "growth_pct", "final_vs_sb3_ppo", "wall_s_per_100k"]
+            "final_over_best", "growth_pct", "final_vs_sb3_ppo", "wall_s_per_100k", "train_s_per_100k"]
     if has_success:
         cols[7:7] = ["initial_success", "final_success", "best_success"]
     from bench.common import markdown_table
 
     sum_cols = ["method", "variant", "n", f"initial_{score}", f"final_{score}", "final_ci95", f"final_{score}_iqm",
-                f"best_{score}", "min_final_over_best", "final_vs_gaussian", "wall_s_per_100k", "wall_vs_sb3_ppo"]
+                f"best_{score}", "min_final_over_best", "final_vs_gaussian", "wall_s_per_100k", "train_s_per_100k",
+                "train_vs_sb3_ppo"]
     extra = (f"\n**Per method** (mean over seeds; 95% percentile-bootstrap interval of the mean; IQM = "
              f"interquartile mean; final_vs_gaussian = ratio of mean final {score} to the Gaussian + same-PPO "
              f"default's; min_final_over_best: the worst seed's final / best return):\n\n"
@@ -305,7 +324,9 @@ def main(argv=None):
              f"Demo mean return {np.mean(demo_returns):.1f}; each run on one CPU thread, {args.workers} worker "
              f"processes in parallel. {args.eval_episodes} deterministic evaluation episodes every {eval_every} "
              f"iterations ({eval_every_steps} env steps), the same episodes (env seeds from {eval_seed}) for every "
-             "method. growth_pct: final vs the pretrained policy's deterministic return at the same K.\n")
+             "method. growth_pct: final vs the pretrained policy's deterministic return at the same K. wall_s_per_100k: "
+             "wall time of a run per 100k env steps, evaluations included; train_s_per_100k: the same without "
+             "the evaluations (training rollouts and updates only).\n")
     save_results(name, rows, cols, {"task": args.task, "budget": args.budget, **budget, "seeds": args.seeds,
                                     "methods": args.methods, "variants": dict(variants),
                                     "finetune_defaults": ft_defaults, "eval": {**eval_over, "seed": eval_seed},
@@ -328,12 +349,14 @@ def _summarize(rows: list[dict], score: str) -> list[dict]:
     base_mean = float(np.mean([r[key] for r in base])) if base else None
     sb3 = groups.get(("sb3_ppo", "default"))
     sb3_wall = float(np.mean([r["wall_s_per_100k"] for r in sb3])) if sb3 else None
+    sb3_train = float(np.mean([r["train_s_per_100k"] for r in sb3])) if sb3 else None
     out = []
     for (method, variant), rs in groups.items():
         fin = summarize([r[key] for r in rs])
         init_key, best_key = key.replace("final", "initial"), key.replace("final", "best")
         fob = [r["final_over_best"] for r in rs if r.get("final_over_best") is not None]
         wall = float(np.mean([r["wall_s_per_100k"] for r in rs]))
+        train = float(np.mean([r["train_s_per_100k"] for r in rs]))
         out.append({
             "method": method, "variant": variant, "n": fin["n"],
             f"initial_{score}": float(np.mean([r[init_key] for r in rs])) if all(
@@ -345,6 +368,8 @@ def _summarize(rows: list[dict], score: str) -> list[dict]:
             "final_vs_gaussian": fin["mean"] / base_mean if base_mean else None,
             "wall_s_per_100k": round(wall, 1),
             "wall_vs_sb3_ppo": wall / sb3_wall if sb3_wall else None,
+            "train_s_per_100k": round(train, 1),
+            "train_vs_sb3_ppo": train / sb3_train if sb3_train else None,
         })
     return out
 
