@@ -100,6 +100,7 @@ class FinetuneConfig:
     noise_hidden: int = 128
     noise_depth: int = 2
     include_x0_logprob: bool = True  # add log N(x0; 0, I) (cancels in ratios)
+    init_noise_scale: float = 1.0  # tau: chains start from x0 ~ N(0, tau^2 I) in rollouts and evaluation
     normalize_logprob: bool = True  # divide log-probs by the executed action dims Te * Da (every actor alike)
     clip_intermediate: float | None = None  # clamp chain states inside the transition mean (None: off)
     clip_action: float = 1.0  # clamp the normalized action sent to the env
@@ -141,6 +142,7 @@ class FinetuneConfig:
             (self.lr_schedule in LR_SCHEDULES, f"lr_schedule must be one of {LR_SCHEDULES}"),
             (self.critic_warmup_iters >= 0 and self.eval_every >= 0, "iteration counts must be >= 0"),
             (self.clip_action is None or self.clip_action > 0, "clip_action must be > 0"),
+            (0.0 <= self.init_noise_scale <= 1.0, "init_noise_scale must be in [0, 1]"),
         ]
         lo, hi = self.final_bounds()
         checks.append((0.0 < lo <= hi, "need 0 < sigma_min_final <= sigma_max_final"))
@@ -239,7 +241,8 @@ class FlowActor(PPOActor):
         noise_net = NoiseNet(policy.cond_dim, (ta, da), cfg.sigma_min, cfg.sigma_max, cfg.noise_time_dependent,
                              cfg.noise_hidden, cfg.noise_depth)
         self.sampler = NoisyFlowSampler(policy, noise_net, cfg.steps, cfg.clip_intermediate, cfg.clip_action,
-                                        cfg.include_x0_logprob, cfg.normalize_logprob, exec_horizon=exec_horizon)
+                                        cfg.include_x0_logprob, cfg.normalize_logprob, exec_horizon=exec_horizon,
+                                        init_noise_scale=cfg.init_noise_scale)
         self.logprob_count = self.sampler.logprob_count
         self.logprob_scale = 1.0 / self.logprob_count if cfg.normalize_logprob else 1.0
         self.reference = clone_module(policy)
@@ -576,7 +579,7 @@ class ReinFlowPPO:
                         if actor_active:
                             if not torch.isfinite(actor_loss):
                                 raise FloatingPointError(
-                                    f"non-finite actor loss ({float(actor_loss)}) at fine-tuning iteration "
+                                    f"non-finite actor loss ({float(actor_loss.detach())}) at fine-tuning iteration "
                                     f"{self.iteration}; no parameter was changed by it")
                             self.actor_optim.zero_grad(set_to_none=True)
                             actor_loss.backward()
@@ -587,7 +590,7 @@ class ReinFlowPPO:
                             self.actor_optim.step()
                 v_loss = 0.5 * (self.critic(cond[idx]) - ret[idx]).pow(2).mean()
                 if not torch.isfinite(v_loss):
-                    raise FloatingPointError(f"non-finite value loss ({float(v_loss)}) at fine-tuning iteration "
+                    raise FloatingPointError(f"non-finite value loss ({float(v_loss.detach())}) at fine-tuning iteration "
                                              f"{self.iteration} (rewards or observations with NaN/Inf?)")
                 self.critic_optim.zero_grad(set_to_none=True)
                 v_loss.backward()

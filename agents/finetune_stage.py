@@ -77,6 +77,7 @@ def _train(cfg, run_dir: Path, ckpt_dir: Path, ck: dict, fcfg: FinetuneConfig, t
     spec = dict(ck["config"]["policy"])
     if agent.policy.kind != "gaussian":
         spec["default_steps"] = fcfg.steps
+        spec["init_noise_scale"] = fcfg.init_noise_scale  # evaluated from the initial noise it was tuned with
     has_success = bool(ck["env_meta"].get("has_success"))
     state: dict[str, Any] = {"best": -math.inf, "history": [], "saved": None}  # saved: (iteration, dir)
     last = open_checkpoints(ckpt_dir, resume=bool(cfg.get("resume", True)))

@@ -30,6 +30,9 @@ def validate_spec(spec: dict[str, Any]) -> None:
     for key in ("hidden", "depth", "default_steps"):
         if key in spec and spec[key] is not None and int(spec[key]) < 1:
             raise ValueError(f"policy.{key} must be >= 1, got {spec[key]}")
+    tau = spec.get("init_noise_scale")
+    if tau is not None and not 0.0 <= float(tau) <= 1.0:
+        raise ValueError(f"policy.init_noise_scale must be in [0, 1], got {tau}")
     if kind == "shortcut":
         if not is_power_of_two(int(spec.get("default_steps", 1))):
             raise ValueError(f"shortcut policies sample with a power-of-two K; policy.default_steps="
@@ -70,7 +73,7 @@ def build_policy(spec: dict[str, Any], obs_dim: int, act_dim: int, obs_horizon: 
     else:
         flow = RectifiedFlow(net, x_shape, time_sampler=sampler, loss=loss, huber_c=huber_c)
     return FlowPolicy(flow, **common, default_steps=int(spec.get("default_steps", 4)),
-                      solver=spec.get("solver", "euler"))
+                      solver=spec.get("solver", "euler"), init_noise_scale=float(spec.get("init_noise_scale", 1.0)))
 
 
 def policy_config(policy: BasePolicy, spec: dict[str, Any]) -> dict[str, Any]:

@@ -206,17 +206,23 @@ class FlowPolicy(BasePolicy):
     """A rectified-flow or shortcut policy: a flow over normalized action chunks conditioned on observations.
 
     ``default_steps`` is the number of denoising steps K used when a call does not name one.
+    ``init_noise_scale`` (tau, in [0, 1]) scales the initial noise the sampler starts from, x0 ~ N(0, tau^2 I):
+    1 samples the learned distribution; a policy fine-tuned with ReinFlow at tau < 1 keeps the tau it was
+    fine-tuned with, so it is evaluated the way it was trained.
     """
 
     def __init__(self, flow: RectifiedFlow, obs_dim: int, act_dim: int, obs_horizon: int = 1,
                  action_horizon: int = 1, exec_horizon: int | None = None, obs_stats=None, action_stats=None,
-                 default_steps: int = 4, solver: str = "euler") -> None:
+                 default_steps: int = 4, solver: str = "euler", init_noise_scale: float = 1.0) -> None:
         super().__init__(obs_dim, act_dim, obs_horizon, action_horizon, exec_horizon, obs_stats, action_stats)
         if tuple(flow.x_shape) != (self.action_horizon, self.act_dim):
             raise ValueError(f"flow x_shape {flow.x_shape} != (Ta={action_horizon}, Da={act_dim})")
         self.flow = flow
         self.default_steps = int(default_steps)
         self.solver = solver
+        if not 0.0 <= float(init_noise_scale) <= 1.0:
+            raise ValueError(f"init_noise_scale must be in [0, 1], got {init_noise_scale}")
+        self.init_noise_scale = float(init_noise_scale)
         self.kind = "shortcut" if isinstance(flow, ShortcutFlow) else "reflow"
         # K-step Euler without the repeated per-step conditioning work (bit-identical actions; tested)
         self.fast_sampling = True
@@ -230,6 +236,8 @@ class FlowPolicy(BasePolicy):
         steps = int(steps or self.default_steps)
         if x0 is None:
             x0 = self.flow.noise(cond.shape[0], cond.device, generator)
+            if self.init_noise_scale != 1.0:
+                x0 = x0 * self.init_noise_scale
         solver = self.solver if self.kind == "reflow" else "euler"
         if (self.fast_sampling and net is None and solver == "euler" and not torch.is_grad_enabled()
                 and fast_supports(self.flow.net)):

@@ -150,12 +150,20 @@ class NoisyFlowSampler(nn.Module):
         steps: default K.
         grid_kind, grid_shift: the one time grid, :func:`flowpolicy.solvers.time_grid` (``uniform``/``shifted``).
         exec_horizon: Te, executed actions per chunk (None: Ta).
+        init_noise_scale: tau, the chain starts from x_0 ~ N(0, tau^2 I) (1: the pretrained flow's own
+            distribution; 0: every chain starts at x_0 = 0, so the noise-free action is a deterministic function
+            of the observation). x_0 carries no parameter, so the log-prob stays exact for any tau; its term
+            is log N(x_0; 0, tau^2 I) (left out at tau = 0, where x_0 has no density).
     """
 
     def __init__(self, policy: nn.Module, noise_net: NoiseNet, steps: int = 4, clip_intermediate: float | None = None,
                  clip_action: float | None = 1.0, include_x0: bool = True, normalize_logprob: bool = True,
-                 grid_kind: str = "uniform", grid_shift: float = 1.0, exec_horizon: int | None = None) -> None:
+                 grid_kind: str = "uniform", grid_shift: float = 1.0, exec_horizon: int | None = None,
+                 init_noise_scale: float = 1.0) -> None:
         super().__init__()
+        if not 0.0 <= float(init_noise_scale) <= 1.0:
+            raise ValueError(f"init_noise_scale must be in [0, 1], got {init_noise_scale}")
+        self.init_noise_scale = float(init_noise_scale)
         if getattr(policy, "kind", None) not in ("reflow", "shortcut"):
             raise ValueError(f"NoisyFlowSampler needs a FlowPolicy (kind reflow/shortcut), got {policy.kind!r}")
         self.x_shape = (int(policy.action_horizon), int(policy.act_dim))
@@ -233,9 +241,11 @@ class NoisyFlowSampler(nn.Module):
         mask = self.term_mask(k).to(step_lp.device, step_lp.dtype)
         logp = (step_lp * mask).reshape(b, -1).sum(-1)
         ent = ((0.5 + _LOG_SQRT_2PI + torch.log(sigma)) * mask).reshape(b, -1).sum(-1)
-        if self.include_x0:
-            logp = logp + gaussian_log_prob(x0, torch.zeros_like(x0), torch.ones_like(x0)).reshape(b, -1).sum(-1)
-            ent = ent + (0.5 + _LOG_SQRT_2PI) * math.prod(self.x_shape)
+        tau = self.init_noise_scale
+        if self.include_x0 and tau > 0:
+            std0 = torch.full_like(x0, tau)
+            logp = logp + gaussian_log_prob(x0, torch.zeros_like(x0), std0).reshape(b, -1).sum(-1)
+            ent = ent + (0.5 + _LOG_SQRT_2PI + math.log(tau)) * math.prod(self.x_shape)
         if self.normalize_logprob:
             scale = 1.0 / self.logprob_count
             logp, ent = logp * scale, ent * scale
@@ -261,6 +271,8 @@ class NoisyFlowSampler(nn.Module):
         b = cond.shape[0]
         if x0 is None:
             x0 = rng.randn((b, *self.x_shape), generator, cond.device)
+            if self.init_noise_scale != 1.0:
+                x0 = x0 * self.init_noise_scale
         sigma = self.sigmas(cond, grid)
         x, chain, means = x0, [x0], []
         for k in range(len(grid) - 1):

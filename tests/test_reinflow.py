@@ -42,8 +42,9 @@ def brute_force(sampler: NoisyFlowSampler, chain: torch.Tensor, cond: torch.Tens
     b = chain.shape[0]
     logp = torch.zeros(b)
     ent = torch.zeros(b)
-    if sampler.include_x0:
-        std_normal = torch.distributions.Normal(torch.zeros_like(chain[:, 0]), torch.ones_like(chain[:, 0]))
+    tau = sampler.init_noise_scale
+    if sampler.include_x0 and tau > 0:
+        std_normal = torch.distributions.Normal(torch.zeros_like(chain[:, 0]), tau * torch.ones_like(chain[:, 0]))
         logp = logp + std_normal.log_prob(chain[:, 0]).sum((1, 2))
         ent = ent + std_normal.entropy().sum((1, 2))
     for i in range(k):
@@ -134,6 +135,29 @@ def test_chain_log_prob_equals_brute_force_sum_of_normal_log_densities(include_x
     assert torch.allclose(logp, ref_logp, atol=tol, rtol=0)
     assert torch.allclose(logp_sampled, ref_logp, atol=tol, rtol=0)
     assert torch.allclose(ent, ref_ent, atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("tau", [0.0, 0.3, 1.0])
+def test_initial_noise_scale_draws_x0_from_n_0_tau2_and_keeps_the_log_prob_exact(tau):
+    sampler = make_sampler("reflow", init_noise_scale=tau)
+    cond = torch.randn(4000, DO)
+    with torch.no_grad():
+        chain, logp_sampled = sampler.sample(cond, 4, generator=torch.Generator().manual_seed(2))
+        logp, ent = sampler.log_prob(chain, cond)
+        ref_logp, ref_ent = brute_force(sampler, chain, cond)
+        det, _ = sampler.sample(cond[:8], 4, deterministic=True, generator=torch.Generator().manual_seed(3))
+    assert abs(float(chain[:, 0].std()) - tau) < 0.02
+    assert torch.allclose(logp, ref_logp, atol=1e-5, rtol=0) and torch.allclose(logp_sampled, ref_logp, atol=1e-5)
+    assert torch.allclose(ent, ref_ent, atol=1e-5, rtol=0)
+    if tau == 0.0:  # every chain starts at 0: the noise-free action is a function of the observation alone
+        with torch.no_grad():
+            expected = sampler.policy.predict_normalized(cond[:8], steps=4, x0=torch.zeros(8, TA, DA))
+        assert torch.equal(det[:, 0], torch.zeros(8, TA, DA)) and torch.equal(det[:, -1], expected)
+
+
+def test_initial_noise_scale_outside_0_1_is_rejected():
+    with pytest.raises(ValueError, match="init_noise_scale"):
+        make_sampler("reflow", init_noise_scale=1.5)
 
 
 def test_shortcut_brute_force_uses_step_size_one_over_k():

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["stage.steps=20", "stage.eval_every=0", "stage.val_every=10", "stage.save_every=10", "task.eval.episodes=2",
@@ -134,6 +135,25 @@ def test_finetune_stage_runs_and_resumes_from_last(pretrained, tmp_path):
     again = run(_compose(*ft, "stage.total_env_steps=80"), tmp_path)["finetune"]
     assert again["env_steps"] == 80 and Path(again["checkpoint"]).name == "step_000000002"
     assert [h["iteration"] for h in again["history"]] == [0, 1, 2]
+
+
+def test_finetuned_policy_keeps_the_initial_noise_scale_it_was_tuned_with(pretrained, tmp_path):
+    from agents.policies import policy_from_checkpoint
+    from agents.stages import run
+
+    run_dir, data, _ = pretrained
+    ft = ["stage=finetune", f"checkpoint={run_dir}", f"data_dir={data}", "stage.num_envs=2", "stage.n_steps=10",
+          "stage.eval_num_envs=2", "stage.eval_episodes=2", "stage.eval_every=0", "stage.critic_warmup_iters=0",
+          "stage.minibatch_size=10", "stage.update_epochs=1", "stage.total_env_steps=40",
+          "stage.init_noise_scale=0.0", *TINY[4:]]
+    out = run(_compose(*ft), tmp_path)["finetune"]
+    policy, ck = policy_from_checkpoint(out["checkpoint"])
+    assert policy.init_noise_scale == 0.0 and ck["config"]["policy"]["init_noise_scale"] == 0.0
+    cond = torch.randn(3, policy.cond_dim)
+    with torch.no_grad():  # tau = 0: every chain starts at x0 = 0, whatever the generator
+        a = policy.predict_normalized(cond, generator=torch.Generator().manual_seed(1))
+        b = policy.predict_normalized(cond, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(a, b)
 
 
 def test_train_py_runs_through_hydra(tmp_path):
