@@ -306,9 +306,17 @@ class NoisyFlowSampler(nn.Module):
         grid = self.grid(k)
         t = torch.tensor(grid[:-1], dtype=torch.float32, device=chain.device)
         h = torch.tensor([grid[i + 1] - grid[i] for i in range(k)], dtype=torch.float32, device=chain.device)
-        x_prev = chain[:, :-1].reshape(b * k, *self.x_shape)
-        mu = self.transition_mean(x_prev, t.repeat(b), h.repeat(b), cond.repeat_interleave(k, dim=0))
-        mu = mu.reshape(b, k, *self.x_shape)
+        net = self.policy.flow.net
+        if hasattr(net, "forward_grid"):
+            # the same means with the conditioning's linear maps run on K + B rows instead of K * B
+            x_in = self._clip_state(chain[:, :-1])
+            d = h.clamp_min(self.policy.flow.finest_step) if self.is_shortcut else h
+            v = net.forward_grid(x_in, t, cond, d if getattr(net, "step_input", False) else None)
+            mu = x_in + h.reshape(1, k, *([1] * len(self.x_shape))) * v
+        else:
+            x_prev = chain[:, :-1].reshape(b * k, *self.x_shape)
+            mu = self.transition_mean(x_prev, t.repeat(b), h.repeat(b), cond.repeat_interleave(k, dim=0))
+            mu = mu.reshape(b, k, *self.x_shape)
         sigma = self.sigmas(cond, grid)
         return self._reduce(chain[:, 0], gaussian_log_prob(chain[:, 1:], mu, sigma), sigma)
 
