@@ -76,7 +76,7 @@ class FinetuneConfig:
     """PPO / ReinFlow fine-tuning settings (mirrored by ``configs/stage/finetune.yaml``).
 
     Units: a "step" of the rollout is one action chunk per env; ``gamma`` applies per chunk. Noise bounds are
-    in the policy's normalized action units ([-1, 1]). Defaults marked (D) follow DESIGN.md's ReinFlow facts;
+    in the policy's normalized action units ([-1, 1]). Defaults marked (D) follow the ReinFlow paper's recipe;
     the others are our starting points, to be tuned per task.
     """
 
