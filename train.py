@@ -58,6 +58,8 @@ def main(cfg: DictConfig) -> None:
             raise
         print(one_line(err), file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
+    if out.get("rank", 0) != 0:  # torchrun: rank 0 prints the results
+        return
     for key in ("eval", "finetune_table", "eval_finetuned", "align"):
         if isinstance(out.get(key), dict) and out[key].get("markdown"):
             print(f"\n## {key}\n{out[key]['markdown']}")
@@ -65,4 +67,23 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from agents import distributed
+
+    if not distributed.launched():
+        main()
+    else:  # a torchrun worker
+        import shutil
+        import tempfile
+
+        scratch = None
+        if int(os.environ.get("RANK", "0")) != 0:  # rank 0 owns the run directory; the others get a scratch one
+            scratch = tempfile.mkdtemp(prefix=f"flowpolicy_rank{os.environ['RANK']}_")
+            sys.argv.append(f"hydra.run.dir={scratch}")
+        try:
+            main()
+            code = 0
+        except SystemExit as err:
+            code = err.code if isinstance(err.code, int) else (0 if err.code is None else 1)
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+        distributed.exit_process(code)  # without interpreter teardown (see agents.distributed.exit_process)

@@ -54,6 +54,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from agents import distributed
 from agents.ppo_utils import (
     LR_SCHEDULES,
     RunningRewardScaler,
@@ -416,8 +417,26 @@ class ReinFlowPPO:
         self.critic_optim = torch.optim.Adam([{"params": list(self.critic.parameters()), "lr": c.critic_lr,
                                                "base_lr": c.critic_lr}], eps=1e-5)
         self.stepper = VecEnvStepper(envs, self.env_chunk)
-        self.num_envs = envs.num_envs
-        self.reward_scaler = RunningRewardScaler(self.num_envs, c.gamma)
+        self.num_envs = envs.num_envs  # this process's envs
+        # data-parallel (torchrun): this process holds envs [env_offset, env_offset + num_envs) of
+        # global_num_envs; every rank draws the global chain noise and minibatch permutations and keeps its part
+        self.dist = distributed.info()
+        self.env_offset = self.dist.rank * self.num_envs
+        self.global_num_envs = self.num_envs * self.dist.world_size
+        gather = None
+        if self.dist.enabled:
+            counts = distributed.all_gather_object(int(self.num_envs))
+            if len(set(counts)) != 1:
+                raise ValueError(f"data-parallel fine-tuning needs the same number of envs in every process, "
+                                 f"got {counts}")
+            if not c.reset_at_iteration:
+                raise ValueError("data-parallel fine-tuning needs reset_at_iteration=true")
+
+            def gather(ret: np.ndarray) -> np.ndarray:
+                return distributed.all_gather_cat(torch.from_numpy(np.ascontiguousarray(ret))).numpy()
+
+        self.reward_scaler = RunningRewardScaler(self.num_envs, c.gamma, gather=gather)
+        self._any_evaluates = distributed.any_rank(eval_envs is not None)
         # all randomness of training: chain noise / Gaussian samples, and minibatch permutations
         self.noise_gen = torch.Generator(device=self.device).manual_seed(c.seed)
         self.perm_gen = torch.Generator().manual_seed(c.seed + 1)
@@ -470,7 +489,7 @@ class ReinFlowPPO:
         """
         c, n, T = self.cfg, self.num_envs, self.cfg.n_steps
         if c.reset_at_iteration or self._obs is None:
-            self._obs = self.stepper.reset(seed=iteration_seed(c.seed, self.iteration))
+            self._obs = self.stepper.reset(seed=iteration_seed(c.seed, self.iteration) + self.env_offset)
             self.reward_scaler.reset_returns()
             self._ep_return = np.zeros(n)
             self._ep_success = np.zeros(n, bool)
@@ -479,7 +498,8 @@ class ReinFlowPPO:
         ep_returns, ep_successes, env_steps = [], [], 0
         cond = self._cond(self._obs)
         for t in range(T):
-            out = self.actor.act(cond, generator=self.noise_gen)
+            with rng.shard(self.dist.rank, self.dist.world_size):  # this rank's rows of the global noise
+                out = self.actor.act(cond, generator=self.noise_gen)
             res = self.stepper.step(self._env_actions(self.envs, out.action))
             done = res.terminated | res.truncated
             env_steps += int(res.chunk_steps.sum())
@@ -536,11 +556,18 @@ class ReinFlowPPO:
         # log-ratio per executed action dim, whatever the normalization: comparable across actors
         per_dim = self.actor.logprob_scale * self.actor.logprob_count
         ratio_first, epochs_done, stop = float("nan"), 0, False
-        mb = min(c.minibatch_size, n_total)
+        dist_on = self.dist.enabled
+        n_global = n_total * self.dist.world_size  # samples of every process (global env order t * E + e)
+        mb = min(c.minibatch_size, n_global)
         for _ in range(c.update_epochs):
-            perm = torch.randperm(n_total, generator=self.perm_gen).to(self.device)
-            for start in range(0, n_total, mb):
+            perm = torch.randperm(n_global, generator=self.perm_gen).to(self.device)
+            for start in range(0, n_global, mb):
                 idx = perm[start:start + mb]
+                n_mb = idx.numel()
+                if dist_on:  # this process's samples of the global minibatch, as local indices
+                    t_, e_ = idx // self.global_num_envs, idx % self.global_num_envs - self.env_offset
+                    own = (e_ >= 0) & (e_ < self.num_envs)
+                    idx = t_[own] * self.num_envs + e_[own]
                 first = math.isnan(ratio_first)
                 # the actor pass is needed when training it, and once for the first-minibatch ratio
                 with torch.set_grad_enabled(actor_active):
@@ -548,46 +575,89 @@ class ReinFlowPPO:
                         new_logp, entropy = self.actor.evaluate(cond[idx], latent[idx])
                         log_ratio = new_logp - old_logp[idx]
                         ratio = log_ratio.exp()
+                        a = adv[idx]
                         with torch.no_grad():
-                            approx_kl = float(((ratio - 1.0) - log_ratio).mean())
-                            # k3 estimate of the KL of the whole sample (chain), per executed action dim
                             lr_full = log_ratio / self.actor.logprob_scale
-                            kl_per_dim = float(((lr_full.exp() - 1.0) - lr_full).mean()) / self.actor.logprob_count
-                            clipfrac = float(((ratio - 1.0).abs() > c.clip_coef).float().mean())
                             lr_dim = log_ratio / per_dim
-                            stats["log_ratio_std"].append(float(lr_dim.std()) if lr_dim.numel() > 1 else 0.0)
-                            stats["log_ratio_absmax"].append(float(lr_dim.abs().max()))
+                            if dist_on:  # minibatch statistics over every process's share, in one all-reduce
+                                g = _global_minibatch_stats(ratio, log_ratio, lr_full, lr_dim, a, c.clip_coef, n_mb)
+                                approx_kl, kl_per_dim = g["approx_kl"], g["kl_full"] / self.actor.logprob_count
+                                clipfrac, lr_std = g["clipfrac"], g["lr_dim_std"]
+                                ratio_dev, adv_mean, adv_std = g["ratio_dev"], g["adv_mean"], g["adv_std"]
+                            else:
+                                approx_kl = float(((ratio - 1.0) - log_ratio).mean())
+                                # k3 estimate of the KL of the whole sample (chain), per executed action dim
+                                kl_per_dim = float(((lr_full.exp() - 1.0) - lr_full).mean()) / self.actor.logprob_count
+                                clipfrac = float(((ratio - 1.0).abs() > c.clip_coef).float().mean())
+                                lr_std = float(lr_dim.std()) if lr_dim.numel() > 1 else 0.0
+                                ratio_dev = None
+                            stats["log_ratio_std"].append(lr_std)
+                            if lr_dim.numel():
+                                stats["log_ratio_absmax"].append(float(lr_dim.abs().max()))
                             if first:
-                                ratio_first = float((ratio - 1.0).abs().mean())
+                                ratio_first = ratio_dev if dist_on else float((ratio - 1.0).abs().mean())
                         if actor_active and c.target_kl is not None and kl_per_dim > c.target_kl:
                             stop = True
                             break
-                        a = adv[idx]
-                        if c.norm_adv and a.numel() > 1:
-                            a = (a - a.mean()) / (a.std() + 1e-8)
-                        pg_loss = torch.max(-a * ratio, -a * ratio.clamp(1.0 - c.clip_coef, 1.0 + c.clip_coef)).mean()
-                        actor_loss = pg_loss - c.ent_coef * entropy.mean()
-                        if c.bc_coef > 0:
-                            bc = self.actor.bc_loss(cond[idx], latent[idx])
-                            actor_loss = actor_loss + c.bc_coef * bc
-                            stats["bc_loss"].append(float(bc.detach()))
+                        if dist_on:
+                            if c.norm_adv and n_mb > 1:
+                                a = (a - adv_mean) / (adv_std + 1e-8)
+                            pg_terms = torch.max(-a * ratio, -a * ratio.clamp(1.0 - c.clip_coef, 1.0 + c.clip_coef))
+                            # this process's share of the minibatch mean: the summed gradients are the mean's
+                            pg_loss = pg_terms.sum() / n_mb
+                            actor_loss = pg_loss - c.ent_coef * entropy.sum() / n_mb
+                            if c.bc_coef > 0 and idx.numel():
+                                bc = self.actor.bc_loss(cond[idx], latent[idx])
+                                actor_loss = actor_loss + c.bc_coef * bc * (idx.numel() / n_mb)
+                                stats["bc_loss"].append(float(bc.detach()))
+                            pg_log = float(pg_terms.mean()) if idx.numel() else None
+                            ent_log = float(entropy.detach().mean()) if idx.numel() else None
+                        else:
+                            if c.norm_adv and a.numel() > 1:
+                                a = (a - a.mean()) / (a.std() + 1e-8)
+                            pg_loss = torch.max(-a * ratio, -a * ratio.clamp(1.0 - c.clip_coef, 1.0 + c.clip_coef)).mean()
+                            actor_loss = pg_loss - c.ent_coef * entropy.mean()
+                            if c.bc_coef > 0:
+                                bc = self.actor.bc_loss(cond[idx], latent[idx])
+                                actor_loss = actor_loss + c.bc_coef * bc
+                                stats["bc_loss"].append(float(bc.detach()))
+                            pg_log, ent_log = float(pg_loss.detach()), float(entropy.detach().mean())
                         stats["approx_kl"].append(approx_kl)
                         stats["kl_per_dim"].append(kl_per_dim)
                         stats["clipfrac"].append(clipfrac)
-                        stats["policy_loss"].append(float(pg_loss.detach()))
-                        stats["entropy"].append(float(entropy.detach().mean()))
+                        if pg_log is not None:
+                            stats["policy_loss"].append(pg_log)
+                            stats["entropy"].append(ent_log)
                         if actor_active:
-                            if not torch.isfinite(actor_loss):
+                            if not dist_on and not torch.isfinite(actor_loss):
                                 raise FloatingPointError(
                                     f"non-finite actor loss ({float(actor_loss.detach())}) at fine-tuning iteration "
                                     f"{self.iteration}; no parameter was changed by it")
                             self.actor_optim.zero_grad(set_to_none=True)
+                            if dist_on:  # every parameter gets a gradient, also where this share is empty
+                                actor_loss = actor_loss + 0.0 * sum(p.sum() for p in actor_params)
                             actor_loss.backward()
+                            distributed.sum_gradients(actor_params)
                             gnorm = nn.utils.clip_grad_norm_(actor_params, c.max_grad_norm)
                             if not torch.isfinite(gnorm):
                                 raise FloatingPointError(f"non-finite actor gradient at fine-tuning iteration "
                                                          f"{self.iteration}; no parameter was changed by it")
                             self.actor_optim.step()
+                if dist_on:
+                    critic_params = list(self.critic.parameters())
+                    sq = 0.5 * (self.critic(cond[idx]) - ret[idx]).pow(2)
+                    v_loss = sq.sum() / n_mb + 0.0 * sum(p.sum() for p in critic_params)
+                    self.critic_optim.zero_grad(set_to_none=True)
+                    v_loss.backward()
+                    distributed.sum_gradients(critic_params)
+                    gn = nn.utils.clip_grad_norm_(critic_params, c.max_grad_norm)
+                    if not torch.isfinite(gn):
+                        raise FloatingPointError(f"non-finite value gradient at fine-tuning iteration "
+                                                 f"{self.iteration} (rewards or observations with NaN/Inf?)")
+                    self.critic_optim.step()
+                    if sq.numel():
+                        stats["value_loss"].append(float(sq.detach().mean()))
+                    continue
                 v_loss = 0.5 * (self.critic(cond[idx]) - ret[idx]).pow(2).mean()
                 if not torch.isfinite(v_loss):
                     raise FloatingPointError(f"non-finite value loss ({float(v_loss.detach())}) at fine-tuning iteration "
@@ -653,6 +723,11 @@ class ReinFlowPPO:
         f, lo, hi = self._apply_schedules()
         batch = self.collect_rollout()
         metrics = self.update(batch)
+        if self.dist.enabled:  # every process's env steps and finished episodes
+            batch["env_steps"] = int(distributed.all_reduce_sum(torch.tensor([float(batch["env_steps"])],
+                                                                             dtype=torch.float64))[0])
+            for key in ("ep_returns", "ep_successes"):
+                batch[key] = [x for part in distributed.all_gather_object(batch[key]) for x in part]
         self.iteration += 1
         self.env_steps += batch["env_steps"]
         self.episodes += len(batch["ep_returns"])
@@ -670,7 +745,13 @@ class ReinFlowPPO:
         return metrics
 
     def _eval_due(self) -> bool:
-        return self.eval_envs is not None and self.cfg.eval_every > 0 and self.iteration % self.cfg.eval_every == 0
+        """Evaluation at this iteration (data-parallel: rank 0 evaluates, with its own eval envs)."""
+        return (self.eval_envs is not None and self.dist.is_main and self.cfg.eval_every > 0
+                and self.iteration % self.cfg.eval_every == 0)
+
+    def _stop_from(self, answer: bool | None) -> bool:
+        """A callback's False stops every process (any process's answer counts)."""
+        return distributed.any_rank(answer is False)
 
     def learn(self, total_env_steps: int, callback: Callable[[ReinFlowPPO, dict], bool | None] | None = None,
               progress: bool = True) -> ReinFlowPPO:
@@ -678,14 +759,19 @@ class ReinFlowPPO:
 
         ``callback(agent, metrics)`` runs after every iteration (and once with the initial evaluation at
         iteration 0); returning False stops. Evaluation runs before the first iteration and every
-        ``eval_every`` iterations, its metrics merged into that iteration's.
+        ``eval_every`` iterations, its metrics merged into that iteration's. Data-parallel, every process
+        calls ``callback`` after every iteration (only rank 0's metrics hold the evaluation), and a False from
+        any process stops all of them at the same iteration.
         """
         bar = tqdm(total=int(total_env_steps), initial=min(self.env_steps, int(total_env_steps)),
                    disable=not progress, desc="finetune", unit="step")
         try:
-            if self.iteration == 0 and self._eval_due() and self.env_steps < total_env_steps:
-                m = {"charts/env_steps": 0.0, "charts/iteration": 0.0, **self.evaluate()}
-                if callback is not None and callback(self, m) is False:
+            # data-parallel: every process takes part in the initial callback when any process evaluates
+            first = self._any_evaluates and self.cfg.eval_every > 0 if self.dist.enabled else self._eval_due()
+            if self.iteration == 0 and first and self.env_steps < total_env_steps:
+                m = {"charts/env_steps": 0.0, "charts/iteration": 0.0,
+                     **(self.evaluate() if self._eval_due() else {})}
+                if callback is not None and self._stop_from(callback(self, m)):
                     return self
             while self.env_steps < total_env_steps:
                 before = self.env_steps
@@ -695,7 +781,7 @@ class ReinFlowPPO:
                 bar.update(min(self.env_steps, int(total_env_steps)) - min(before, int(total_env_steps)))
                 bar.set_postfix({k.split("/")[1]: f"{metrics[k]:.3g}" for k in
                                  ("rollout/return_mean", "eval/return_mean") if k in metrics})
-                if callback is not None and callback(self, metrics) is False:
+                if callback is not None and self._stop_from(callback(self, metrics)):
                     break
         finally:
             bar.close()
@@ -737,6 +823,22 @@ class ReinFlowPPO:
         self.env_steps = int(state["env_steps"])
         self.episodes = int(state["episodes"])
         self._obs = None
+
+
+def _global_minibatch_stats(ratio, log_ratio, lr_full, lr_dim, adv, clip_coef: float, n: int) -> dict[str, float]:
+    """Statistics of a minibatch split across processes: one all-reduce of the per-process sums.
+
+    ``n`` is the global minibatch size; standard deviations are unbiased, as ``torch.std``."""
+    sums = torch.stack([((ratio - 1.0) - log_ratio).sum(), ((lr_full.exp() - 1.0) - lr_full).sum(),
+                        ((ratio - 1.0).abs() > clip_coef).float().sum(), lr_dim.sum(), lr_dim.pow(2).sum(),
+                        adv.sum(), adv.pow(2).sum(), (ratio - 1.0).abs().sum()]).double()
+    s = distributed.all_reduce_sum(sums).tolist()
+
+    def std(total: float, total_sq: float) -> float:
+        return math.sqrt(max(total_sq - total * total / n, 0.0) / (n - 1)) if n > 1 else 0.0
+
+    return {"approx_kl": s[0] / n, "kl_full": s[1] / n, "clipfrac": s[2] / n, "lr_dim_std": std(s[3], s[4]),
+            "adv_mean": s[5] / n, "adv_std": std(s[5], s[6]), "ratio_dev": s[7] / n}
 
 
 def _rows(obs, idx: np.ndarray):

@@ -10,6 +10,10 @@ Every source of randomness is seeded from ``stage.seed`` (torch's global RNG, wh
 the noise network, NumPy, the envs), so two fresh runs with the same seed give identical weights. Ctrl-C finishes
 the current iteration, saves once and raises :class:`TrainingInterrupted` (``stopped at step N; saved <dir>``,
 N = iterations); resuming from there gives the same weights as not stopping.
+
+Under ``torchrun`` each process steps ``num_envs / N`` of the training envs (env seeds as in one process) and
+the update is data-parallel (see :class:`agents.finetune.ReinFlowPPO`); rank 0 alone evaluates, logs, holds
+the run lock and writes checkpoints, and every process resumes from the checkpoint rank 0 opened.
 """
 
 from __future__ import annotations
@@ -23,11 +27,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from envs.factory import make_vec_env
 
+from . import distributed
 from .checkpoint import (
     RunLock,
     StopOnInterrupt,
     TrainingInterrupted,
     atomic_write_json,
+    load_checkpoint,
     open_checkpoints,
     read_json,
     save_checkpoint,
@@ -49,6 +55,11 @@ def run_finetune_stage(cfg: DictConfig, run_dir: str | Path, checkpoint: str, st
     if total < 1:
         raise ValueError(f"finetune total_env_steps must be >= 1, got {total}")
     fcfg = FinetuneConfig.from_dict({k: v for k, v in s.items() if k not in RUNNER_KEYS})
+    world = distributed.info().world_size
+    if fcfg.num_envs % world:
+        raise ValueError(f"finetune num_envs={fcfg.num_envs} must be divisible by the number of processes ({world})")
+    if not distributed.info().is_main:
+        return _run(cfg, run_dir, checkpoint, fcfg, total, save_every)
     with RunLock(run_dir):
         return _run(cfg, run_dir, checkpoint, fcfg, total, save_every)
 
@@ -61,15 +72,18 @@ def _run(cfg, run_dir: Path, checkpoint: str, fcfg: FinetuneConfig, total: int, 
         raise ValueError(f"{checkpoint}: cannot fine-tune a {policy.kind!r} policy")
     env_name = ck["env_meta"].get("name") or cfg.task.env
     max_steps = cfg.task.get("max_episode_steps")
-    envs = make_vec_env(env_name, fcfg.num_envs, seed=fcfg.seed, obs_horizon=policy.obs_horizon,
+    d = distributed.info()
+    envs = make_vec_env(env_name, fcfg.num_envs // d.world_size, seed=fcfg.seed, obs_horizon=policy.obs_horizon,
                         action_horizon=policy.exec_horizon, max_episode_steps=max_steps)
-    eval_envs = make_vec_env(env_name, fcfg.eval_num_envs, seed=fcfg.eval_seed, obs_horizon=policy.obs_horizon,
-                             action_horizon=policy.exec_horizon, max_episode_steps=max_steps)
+    eval_envs = (make_vec_env(env_name, fcfg.eval_num_envs, seed=fcfg.eval_seed, obs_horizon=policy.obs_horizon,
+                              action_horizon=policy.exec_horizon, max_episode_steps=max_steps)
+                 if d.is_main else None)  # rank 0 evaluates
     try:
         return _train(cfg, run_dir, ckpt_dir, ck, fcfg, total, save_every, ReinFlowPPO(policy, envs, eval_envs, fcfg))
     finally:
         envs.close()
-        eval_envs.close()
+        if eval_envs is not None:
+            eval_envs.close()
 
 
 def _train(cfg, run_dir: Path, ckpt_dir: Path, ck: dict, fcfg: FinetuneConfig, total: int, save_every: int,
@@ -80,7 +94,11 @@ def _train(cfg, run_dir: Path, ckpt_dir: Path, ck: dict, fcfg: FinetuneConfig, t
         spec["init_noise_scale"] = fcfg.init_noise_scale  # evaluated from the initial noise it was tuned with
     has_success = bool(ck["env_meta"].get("has_success"))
     state: dict[str, Any] = {"best": -math.inf, "history": [], "saved": None}  # saved: (iteration, dir)
-    last = open_checkpoints(ckpt_dir, resume=bool(cfg.get("resume", True)))
+    main = distributed.info().is_main
+    last = open_checkpoints(ckpt_dir, resume=bool(cfg.get("resume", True))) if main else None
+    path = distributed.broadcast_object(None if last is None else str(last["path"]))
+    if last is None and path is not None:  # the other processes resume from what rank 0 opened
+        last = load_checkpoint(path)
     if last is not None:
         ts = last["training_state"]
         agent.load_state_dict(ts["agent"])
@@ -104,11 +122,13 @@ def _train(cfg, run_dir: Path, ckpt_dir: Path, ck: dict, fcfg: FinetuneConfig, t
         atomic_write_json(run_dir / "history.json", state["history"], indent=1)
         return path
 
-    logger = Logger(run_dir / "tb" if cfg.logger.name != "none" else None)
+    logger = Logger(run_dir / "tb" if cfg.logger.name != "none" and main else None)
     t0 = time.perf_counter()
     stop = StopOnInterrupt("fine-tuning")
 
     def callback(agent_, metrics):
+        if not main:  # rank 0 logs, evaluates and saves; a Ctrl-C here still stops every process
+            return not stop.requested
         step = int(metrics.get("charts/env_steps", agent_.env_steps))
         logger.log(metrics, step)
         tags = []
@@ -123,22 +143,25 @@ def _train(cfg, run_dir: Path, ckpt_dir: Path, ck: dict, fcfg: FinetuneConfig, t
             save(("last", *tags))
         return not stop.requested  # Ctrl-C: stop here, at an iteration boundary
 
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     try:
         with stop:
             try:
-                agent.learn(total, callback=callback, progress=bool(cfg.get("progress", True)))
+                agent.learn(total, callback=callback, progress=bool(cfg.get("progress", True)) and main)
             except FloatingPointError as err:
                 saved = state.get("saved")
                 where = (f"the last checkpoint saved and verified is {saved[1]} (iteration {saved[0]})" if saved
                          else f"no checkpoint was saved in this run; resume from {ckpt_dir}/last if any")
                 raise FloatingPointError(f"{err}; {where}") from err
-        if stop.requested:
+        if distributed.any_rank(stop.requested):
             if agent.iteration == 0:
                 raise TrainingInterrupted("stopped at step 0; nothing saved (no iteration had finished)")
+            if not main:
+                raise TrainingInterrupted(f"stopped at step {agent.iteration}; rank 0 saved the checkpoint")
             path = save(("last",))
             raise TrainingInterrupted(f"stopped at step {agent.iteration}; saved {path}")
-        if agent.iteration > 0:
+        if agent.iteration > 0 and main:
             save(("last",))
     finally:
         logger.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -152,14 +153,18 @@ class RunningRewardScaler:
     is r / sqrt(var + eps). R restarts at 0 after an episode ends (and at :meth:`reset_returns`).
     """
 
-    def __init__(self, num_envs: int, gamma: float, eps: float = 1e-8) -> None:
+    def __init__(self, num_envs: int, gamma: float, eps: float = 1e-8,
+                 gather: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
         self.gamma, self.eps = float(gamma), float(eps)
         self.rms = RunningMeanStd()
         self.ret = np.zeros(num_envs, dtype=np.float64)
+        # gather: this process's returns -> every process's, in env order (data-parallel fine-tuning: the
+        # statistics then see every env, and every process scales by the same number)
+        self.gather = gather
 
     def __call__(self, reward: np.ndarray, done: np.ndarray) -> np.ndarray:
         self.ret = self.ret * self.gamma + reward
-        self.rms.update(self.ret)
+        self.rms.update(self.ret if self.gather is None else self.gather(self.ret))
         self.ret[np.asarray(done, bool)] = 0.0
         return reward / math.sqrt(self.rms.var + self.eps)
 
@@ -175,7 +180,9 @@ class RunningRewardScaler:
     def load_state_dict(self, state: dict) -> None:
         self.rms.mean, self.rms.var = float(state["mean"]), float(state["var"])
         self.rms.count = float(state["count"])
-        self.ret = state["ret"].numpy().astype(np.float64).copy()
+        ret = state["ret"].numpy().astype(np.float64)
+        # another process count (resumed with a different world size): returns restart at 0, as after a reset
+        self.ret = ret.copy() if ret.shape == self.ret.shape else np.zeros_like(self.ret)
 
 
 # --- schedules -----------------------------------------------------------------------------------------

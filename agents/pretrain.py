@@ -8,6 +8,12 @@ lives (:class:`agents.checkpoint.RunLock`); a re-run resumes from ``last`` (or t
 and prints ``resuming from <dir> (step N)``. A non-finite loss stops training with an error naming the step
 and the last verified checkpoint; Ctrl-C finishes the step, saves once and raises :class:`TrainingInterrupted`
 (``stopped at step N; saved <dir>``).
+
+Under ``torchrun`` (see :mod:`agents.distributed`) the trainer is data-parallel: every rank draws the same
+global batch of ``batch_size`` windows and the same noise, keeps its ``batch_size / world_size`` rows, and
+DistributedDataParallel averages the gradients, so N ranks make the update one process makes with the whole
+batch. Rank 0 alone validates, evaluates, logs, shows progress, holds the run lock and writes checkpoints;
+every rank resumes from the checkpoint rank 0 opened.
 """
 
 from __future__ import annotations
@@ -24,8 +30,10 @@ import torch
 from envs.dataset import DemoDataset
 from envs.hdf5 import read_meta
 from flowpolicy import EMA
+from flowpolicy import rng as frng
 from flowpolicy.policy import BasePolicy
 
+from . import distributed
 from .checkpoint import (
     RunLock,
     StopOnInterrupt,
@@ -90,10 +98,25 @@ class PretrainConfig:
 __all__ = ["PretrainConfig", "Pretrainer", "TrainingInterrupted"]
 
 
+class _Loss(torch.nn.Module):
+    """The policy's loss as a module's forward, so that DistributedDataParallel can wrap it."""
+
+    def __init__(self, policy: BasePolicy) -> None:
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, batch, generator=None):
+        return self.policy.loss(batch, generator=generator)
+
+
 class Pretrainer:
     def __init__(self, cfg: PretrainConfig) -> None:
         cfg.validate()
         self.cfg = cfg
+        self.dist = distributed.info()
+        if cfg.batch_size % self.dist.world_size:
+            raise ValueError(f"pretrain.batch_size={cfg.batch_size} must be divisible by the number of processes "
+                             f"({self.dist.world_size}): it is the global batch, split evenly across ranks")
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         seed_everything(cfg.seed)
@@ -122,14 +145,27 @@ class Pretrainer:
         self._saved_step: int | None = None  # step of self.verified
         self._tensors = _materialize(self.train_ds)
         self._valid = _materialize(self.valid_ds) if self.valid_ds is not None and len(self.valid_ds) else None
-        self._lock = RunLock(self.run_dir).acquire()  # released at the end of run() (or when garbage collected)
+        # the run lock: rank 0 only (released at the end of run(), or when garbage collected)
+        self._lock = RunLock(self.run_dir).acquire() if self.dist.is_main else None
         try:
-            ck = open_checkpoints(self.ckpt_dir, resume=cfg.resume, expect_kind=cfg.policy["kind"])
+            ck = None
+            if self.dist.is_main:
+                ck = open_checkpoints(self.ckpt_dir, resume=cfg.resume, expect_kind=cfg.policy["kind"])
+            path = distributed.broadcast_object(None if ck is None else str(ck["path"]))
+            if ck is None and path is not None:  # the other ranks load what rank 0 opened
+                ck = load_checkpoint(path, expect_kind=cfg.policy["kind"])
             if ck is not None:
                 self._restore(ck)
         except BaseException:
-            self._lock.release()
+            if self._lock is not None:
+                self._lock.release()
             raise
+        self._loss = _Loss(self.policy)
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            dev = torch.device(cfg.device)
+            self._loss = DistributedDataParallel(self._loss, device_ids=[dev.index] if dev.type == "cuda" else None)
 
     def _check_dims(self) -> None:
         """The dataset must fit the environment the policy will act in (checked against the real env)."""
@@ -188,7 +224,10 @@ class Pretrainer:
 
     # --- training ----------------------------------------------------------------------------------------
     def _batch(self) -> dict[str, torch.Tensor]:
+        """This rank's rows of the global batch (every rank draws the same ``batch_size`` indices)."""
         idx = torch.randint(0, self._tensors["obs"].shape[0], (self.cfg.batch_size,), generator=self.gen)
+        start, stop = distributed.shard_range(self.cfg.batch_size)
+        idx = idx[start:stop]
         return {k: v[idx].to(self.cfg.device) for k, v in self._tensors.items()}
 
     @torch.no_grad()
@@ -213,21 +252,31 @@ class Pretrainer:
 
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
-        logger = Logger(self.run_dir / "tb" if cfg.tensorboard else None)
+        main, world = self.dist.is_main, self.dist.world_size
+        logger = Logger(self.run_dir / "tb" if cfg.tensorboard and main else None)
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.steps, initial=self.step, desc=f"pretrain {cfg.policy['kind']}", disable=not cfg.progress,
-                   mininterval=1.0)
+        bar = tqdm(total=cfg.steps, initial=self.step, desc=f"pretrain {cfg.policy['kind']}",
+                   disable=not (cfg.progress and main), mininterval=1.0)
         last_metrics: dict[str, float] = {}
         stop = StopOnInterrupt("pretraining").__enter__()  # Ctrl-C: finish the current step, save, then stop
-        self._lock.acquire()
+        if self._lock is not None:
+            self._lock.acquire()
         try:
             while self.step < cfg.steps:
                 self.policy.train()
-                loss, info = self.policy.loss(self._batch(), generator=self.gen)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"non-finite loss ({float(loss)}) at pretraining step {self.step}; {self._last_good()}")
+                with frng.shard(self.dist.rank, world):
+                    loss, info = self._loss(self._batch(), generator=self.gen)
+                stop_now = stop.requested
+                if self.dist.enabled:  # the global mean loss and "any rank saw Ctrl-C", in one all-reduce
+                    red = distributed.all_reduce_sum(
+                        torch.stack([loss.detach().float().cpu(), torch.tensor(float(stop_now))]))
+                    loss_value, stop_now = red[0] / world, bool(red[1] > 0)
+                else:
+                    loss_value = loss.detach()
+                if not torch.isfinite(loss_value):
+                    raise FloatingPointError(f"non-finite loss ({float(loss_value)}) at pretraining step "
+                                             f"{self.step}; {self._last_good()}")
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
                 gnorm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip)
@@ -242,10 +291,15 @@ class Pretrainer:
                 self.step += 1
                 bar.update(1)
                 if self.step % 50 == 0:
-                    logger.log({"train/loss": float(loss.detach()), "train/lr": self.sched.get_last_lr()[0],
+                    logger.log({"train/loss": float(loss_value), "train/lr": self.sched.get_last_lr()[0],
                                 "train/grad_norm": float(gnorm), **{f"train/{k}": v for k, v in info.items()}},
                                self.step)
-                    bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
+                    bar.set_postfix(loss=f"{float(loss_value):.4f}")
+                if not main:  # validation, evaluation and checkpoints are rank 0's
+                    if stop_now:
+                        raise TrainingInterrupted(f"stopped at step {self.step} (rank {self.dist.rank}); "
+                                                  "rank 0 saved the checkpoint")
+                    continue
                 if self.step % cfg.val_every == 0 or self.step == cfg.steps:
                     v = self.validation_loss()
                     if v is not None:
@@ -262,16 +316,17 @@ class Pretrainer:
                         tags.append("best")
                 if self.step % cfg.save_every == 0 or self.step == cfg.steps or len(tags) > 1:
                     self.save(tuple(tags))
-                if stop.requested:
+                if stop_now:
                     path = self.save(("last",))
                     raise TrainingInterrupted(f"stopped at step {self.step}; saved {path}")
-            if not (self.ckpt_dir / "best").exists():
+            if main and not (self.ckpt_dir / "best").exists():
                 self.save(("last", "best"))
         finally:
             stop.__exit__()
             bar.close()
             logger.close()
-            self._lock.release()
+            if self._lock is not None:
+                self._lock.release()
         return {"checkpoint": str((self.ckpt_dir / "last").resolve()), "best": str((self.ckpt_dir / "best").resolve()),
                 "step": self.step, **last_metrics}
 

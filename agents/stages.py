@@ -11,6 +11,7 @@ image:    image generation with the same flow core (agents.images).
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from envs.collect import DEFAULT_EXPERT_STEPS
 
+from . import distributed
 from .checkpoint import RunLock, atomic_write_json, atomic_write_text
 from .errors import UserError
 from .evaluate import evaluate_policy_steps, write_eval
@@ -285,6 +287,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     touched: a run that fails on bad input writes nothing (an existing run directory keeps its files)."""
     validate_config(cfg)
     torch.set_num_threads(int(cfg.get("threads", 2)))
+    if distributed.launched():
+        return _run_distributed(cfg, Path(run_dir))
     pre = _prechecks(cfg)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -295,6 +299,65 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         finally:
             if wandb_run is not None:
                 wandb_run.finish()
+
+
+DISTRIBUTED_STAGES = ("pretrain", "finetune")
+
+
+def _run_distributed(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """``torchrun --nproc_per_node=N train.py stage=pretrain|finetune ...`` (see agents.distributed).
+
+    Rank 0 checks the inputs (and collects missing demos), owns the run directory, trains with the others,
+    then evaluates and writes the results alone.
+    """
+    name = cfg.stage.name
+    if name not in DISTRIBUTED_STAGES:
+        raise UserError(f"stage={name} runs in one process (launch it with python train.py); under torchrun "
+                        f"the data-parallel stages are: {', '.join(DISTRIBUTED_STAGES)}")
+    # rank 0 may collect demos first (minutes): the others wait in init, under the collective timeout
+    rank = int(os.environ.get("RANK", "0"))
+    shared = None
+    if rank == 0:
+        pre = _prechecks(cfg)
+        dataset = demos_for(cfg, pre["data"]) if name == "pretrain" else None
+        shared = (str(run_dir), dataset, pre)
+    device = str(cfg.get("device", "cpu"))
+    d = distributed.init(device)
+    ok = False
+    try:
+        main_dir, dataset, pre = distributed.broadcast_object(shared)
+        run_dir = Path(main_dir)  # train.py gives the other ranks a scratch directory, removed at their exit
+        if d.device_differs(device):
+            cfg = OmegaConf.merge(cfg, {"device": distributed.device_for(device)})
+
+        def train() -> dict[str, Any]:
+            if name == "pretrain":
+                pc = pretrain_config(cfg, cfg.stage, run_dir, dataset, pre["data"])
+                t0 = time.perf_counter()
+                res = Pretrainer(pc).run()
+                res.update(wall_s=time.perf_counter() - t0, dataset=dataset, env=pre["data"].env)
+                return res
+            return run_finetune(cfg, run_dir, cfg.checkpoint)
+
+        if not d.is_main:
+            train()
+            ok = True
+            return {"stage": name, "rank": d.rank, "run_dir": str(run_dir)}
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with RunLock(run_dir):
+            _write_config(cfg, run_dir)
+            out: dict[str, Any] = {"stage": name, "run_dir": str(run_dir), "rank": 0}
+            out[name] = {**train(), "world_size": d.world_size}
+            if name == "pretrain":
+                out["eval"] = run_eval(cfg, run_dir, out[name]["best"], label=f"{cfg.policy.kind} (BC)")
+            else:
+                out["finetune_table"] = {"markdown": finetune_table(out[name], pre["target"].env,
+                                                                    pre["target"].has_success)}
+            atomic_write_json(run_dir / "summary.json", _jsonable(out))
+            ok = True
+            return out
+    finally:
+        distributed.shutdown(wait=ok)
 
 
 def _run_locked(cfg: DictConfig, run_dir: Path, pre: dict[str, Any]) -> dict[str, Any]:
