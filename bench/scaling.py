@@ -1,20 +1,21 @@
-"""Benchmark of data-parallel BC pretraining: throughput and equivalence for 1, 2, ... processes (torchrun).
+"""Benchmark of data-parallel training (torchrun): throughput and equivalence for 1, 2, ... processes.
 
-    python -m bench.scaling                              # 1 and 2 processes, this machine
-    python -m bench.scaling --procs 1 2 4 8 16 --steps 600   # a 16-core machine
+    python -m bench.scaling                                   # 1 and 2 processes, this machine
+    python -m bench.scaling --procs 1 2 4 8 16 --ft-envs 16   # a 16-core machine
 
 For each process count N it launches ``torchrun --standalone --nproc_per_node N -m bench.scaling --worker``
-(N = 1: one plain process, the same code path as ``python train.py``), which pretrains the task's ReFlow
-policy (256 x 3 MLP) on the cached demos with the same global batch for ``--steps`` gradient steps, each
-process on one CPU thread, and reports:
+(N = 1: one plain process, the same code path as ``python train.py``), each process on one CPU thread:
 
-* samples/s (global batch x steps / training wall time, checkpoint writes included, start-up excluded),
-  speed-up over one process and efficiency (speed-up / N);
-* the final validation loss and the largest parameter difference from the one-process run: data-parallel
-  training makes the same update as one process with the whole batch, so both stay at float rounding.
+* **BC pretraining** of a ReFlow policy (256 x 3 MLP) on the cached pick-place demos with the same global
+  batch for ``--steps`` gradient steps: samples/s (global batch x steps / training wall time, checkpoint
+  writes included, start-up excluded);
+* **PPO fine-tuning** (ReinFlow, K = 4) of the one-process BC policy on pick-place with ``--ft-envs`` envs in
+  all, split across the processes, for ``--ft-iterations`` iterations: env steps/s (rollouts and updates).
 
-Writes bench/results/scaling.{json,md,png}. PPO fine-tuning runs in one process today (its envs are
-vectorized inside that process); this benchmark covers the stage that torchrun parallelizes.
+Each row also gives the speed-up over one process, the efficiency (speed-up / N) and the largest parameter
+difference from the one-process run: data-parallel training makes the one-process update (the same global
+batch, noise, envs and minibatches), so the difference stays at float rounding. Writes
+bench/results/scaling.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -29,38 +30,76 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+ENV = "metaworld/pick-place-v3"
 
 
-def _worker(cfg_path: str, out_path: str) -> None:
+def _worker(kind: str, cfg_path: str, out_path: str) -> None:
     import torch
 
     from agents import distributed
-    from agents.pretrain import PretrainConfig, Pretrainer
 
     torch.set_num_threads(1)
     info = distributed.init("cpu")
-    tr = Pretrainer(PretrainConfig(**json.loads(Path(cfg_path).read_text())))
-    distributed.barrier()
-    t0 = time.perf_counter()
-    out = tr.run()
-    distributed.barrier()
-    wall = time.perf_counter() - t0
+    cfg = json.loads(Path(cfg_path).read_text())
+    if kind == "bc":
+        from agents.pretrain import PretrainConfig, Pretrainer
+
+        tr = Pretrainer(PretrainConfig(**cfg))
+        distributed.barrier()
+        t0 = time.perf_counter()
+        out = tr.run()
+        distributed.barrier()
+        wall, params = time.perf_counter() - t0, list(tr.policy.parameters())
+        res = {"work": cfg["steps"] * cfg["batch_size"], "val_loss": out.get("val/loss")}
+    else:
+        from agents.finetune import FinetuneConfig, ReinFlowPPO
+        from agents.policies import policy_from_checkpoint
+        from envs.factory import make_vec_env
+
+        policy, _ = policy_from_checkpoint(cfg.pop("checkpoint"))
+        iterations = cfg.pop("iterations")
+        fc = FinetuneConfig(**cfg)
+        envs = make_vec_env(ENV, fc.num_envs // info.world_size, seed=0, action_horizon=policy.exec_horizon,
+                            max_episode_steps=200)
+        agent = ReinFlowPPO(policy, envs, None, fc)
+        distributed.barrier()
+        t0 = time.perf_counter()
+        for _ in range(iterations):
+            m = agent.train_iteration()
+        distributed.barrier()
+        wall, params = time.perf_counter() - t0, list(agent.actor.parameters()) + list(agent.critic.parameters())
+        res = {"work": agent.env_steps, "rollout_return": m.get("rollout/return_mean")}
+        envs.close()
     if info.is_main:
-        params = torch.cat([p.detach().flatten() for p in tr.policy.parameters()])
-        torch.save(params, Path(out_path).with_suffix(".pt"))
-        Path(out_path).write_text(json.dumps({"train_s": wall, "world_size": info.world_size,
-                                              "val_loss": out.get("val/loss"), "step": out["step"]}))
+        torch.save(torch.cat([p.detach().flatten() for p in params]), Path(out_path).with_suffix(".pt"))
+        Path(out_path).write_text(json.dumps({"train_s": wall, "world_size": info.world_size, **res}))
     distributed.shutdown()
+
+
+def _launch(kind: str, n: int, cfg: dict, out_path: Path) -> tuple[dict, object]:
+    import torch
+
+    cfg_path = out_path.with_suffix(".cfg.json")
+    cfg_path.write_text(json.dumps(cfg))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+           "--max_restarts=0", "-m", "bench.scaling", "--worker", kind, str(cfg_path), str(out_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"error: {kind} with {n} processes failed:\n{proc.stderr[-2000:]}")
+    return json.loads(out_path.read_text()), torch.load(out_path.with_suffix(".pt"))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--procs", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch-size", type=int, default=1024, help="global batch (split across processes)")
+    p.add_argument("--steps", type=int, default=300, help="BC gradient steps")
+    p.add_argument("--batch-size", type=int, default=1024, help="global BC batch (split across processes)")
+    p.add_argument("--ft-envs", type=int, default=8, help="fine-tuning envs in all (split across processes)")
+    p.add_argument("--ft-iterations", type=int, default=3, help="fine-tuning iterations (0: BC only)")
     p.add_argument("--repeats", type=int, default=2, help="runs per process count (the median is reported)")
     p.add_argument("--out", default=None, help="results folder (default bench/results)")
-    p.add_argument("--worker", nargs=2, metavar=("CONFIG", "OUT"), help=argparse.SUPPRESS)
+    p.add_argument("--worker", nargs=3, metavar=("KIND", "CONFIG", "OUT"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         from agents import distributed
@@ -69,58 +108,66 @@ def main() -> None:
         distributed.exit_process(0)
 
     import numpy as np
-    import torch
 
     from bench.common import RESULTS, save_figure, save_results
     from envs.collect import ensure_demos
 
-    bad = [n for n in args.procs if n < 1 or args.batch_size % n]
+    bad = [n for n in args.procs if n < 1 or args.batch_size % n or (args.ft_iterations and args.ft_envs % n)]
     if bad:
-        p.error(f"--procs {bad}: each count must be >= 1 and divide --batch-size {args.batch_size}")
+        p.error(f"--procs {bad}: each count must be >= 1 and divide --batch-size and --ft-envs")
+    if 1 not in args.procs:
+        p.error("--procs must include 1 (the reference every other count is compared with)")
     t_start = time.perf_counter()
-    env = "metaworld/pick-place-v3"
-    demos = str(ensure_demos(env, num_demos=20, noise=0.3, seed=0, progress=False))
-    rows, ref = [], None
+    demos = str(ensure_demos(ENV, num_demos=20, noise=0.3, seed=0, progress=False))
+    rows = []
     with tempfile.TemporaryDirectory(prefix="flowpolicy_scaling_") as tmp:
-        for n in args.procs:
-            runs = []
-            for r in range(args.repeats):
-                run_dir = Path(tmp) / f"n{n}_r{r}"
-                cfg = dict(dataset=demos, env_name=env, run_dir=str(run_dir),
-                           policy={"kind": "reflow", "network": "mlp", "hidden": 256, "depth": 3,
-                                   "default_steps": 4},
-                           obs_horizon=1, action_horizon=4, exec_horizon=2, steps=args.steps,
-                           batch_size=args.batch_size, eval_every=0, eval_episodes=0, val_every=args.steps,
-                           save_every=args.steps, max_episode_steps=200, progress=False, tensorboard=False)
-                cfg_path, out_path = run_dir.with_suffix(".json"), run_dir.with_suffix(".out.json")
-                cfg_path.write_text(json.dumps(cfg))
-                penv = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-                cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-                       "--max_restarts=0", "-m", "bench.scaling", "--worker", str(cfg_path), str(out_path)]
-                proc = subprocess.run(cmd, cwd=ROOT, env=penv, capture_output=True, text=True)
-                if proc.returncode != 0:
-                    sys.exit(f"error: {n} processes failed:\n{proc.stderr[-2000:]}")
-                res = json.loads(out_path.read_text())
-                params = torch.load(out_path.with_suffix(".pt"))
-                if ref is None:
-                    ref = params
-                res["max_param_diff"] = float((params - ref).abs().max())
-                runs.append(res)
-                print(f"{n} process(es), run {r}: {args.steps * args.batch_size / res['train_s']:.0f} samples/s")
-            train_s = float(np.median([x["train_s"] for x in runs]))
-            diff = max(x["max_param_diff"] for x in runs)
-            rows.append({"procs": n, "samples_per_s": args.steps * args.batch_size / train_s, "train_s": train_s,
-                         "train_s_runs": [round(x["train_s"], 2) for x in runs],
-                         "val_loss": runs[0]["val_loss"], "max_param_diff_vs_1proc": f"{diff:.1e}"})
-    base = next((r["samples_per_s"] for r in rows if r["procs"] == 1), None)
-    for r in rows:
-        r["speedup"] = r["samples_per_s"] / base if base else None
-        r["efficiency"] = r["speedup"] / r["procs"] if base else None
-    cols = ["procs", "samples_per_s", "speedup", "efficiency", "train_s", "val_loss", "max_param_diff_vs_1proc"]
-    note = (f"\nReFlow 256x3 MLP on pick-place demos (20, noise 0.3); global batch {args.batch_size}, "
-            f"{args.steps} steps, one CPU thread per process, median of {args.repeats} runs. "
-            "max_param_diff_vs_1proc: largest |parameter difference| from the first one-process run after "
-            "training (0 up to float rounding: the same update).\n")
+        stages = [("bc", "pretrain (BC)", "samples/s")]
+        if args.ft_iterations:
+            stages.append(("ft", "finetune (PPO)", "env steps/s"))
+        ckpt = None
+        for kind, label, unit in stages:
+            ref = None
+            for n in sorted(args.procs):
+                runs = []
+                for r in range(args.repeats):
+                    run_dir = Path(tmp) / f"{kind}_n{n}_r{r}"
+                    if kind == "bc":
+                        cfg = dict(dataset=demos, env_name=ENV, run_dir=str(run_dir),
+                                   policy={"kind": "reflow", "network": "mlp", "hidden": 256, "depth": 3,
+                                           "default_steps": 4},
+                                   obs_horizon=1, action_horizon=4, exec_horizon=2, steps=args.steps,
+                                   batch_size=args.batch_size, eval_every=0, eval_episodes=0,
+                                   val_every=args.steps, save_every=args.steps, max_episode_steps=200,
+                                   progress=False, tensorboard=False)
+                    else:
+                        cfg = dict(checkpoint=ckpt, iterations=args.ft_iterations, num_envs=args.ft_envs,
+                                   n_steps=100, steps=4, eval_every=0, critic_warmup_iters=1, seed=0,
+                                   sigma_min=0.05, sigma_max=0.10)
+                    res, params = _launch(kind, n, cfg, run_dir.with_suffix(".out.json"))
+                    if ref is None:
+                        ref = params
+                        if kind == "bc":
+                            ckpt = str(run_dir / "checkpoints" / "last")
+                    res["max_param_diff"] = float((params - ref).abs().max())
+                    runs.append(res)
+                    print(f"{label}, {n} process(es), run {r}: {res['work'] / res['train_s']:.0f} {unit}")
+                train_s = float(np.median([x["train_s"] for x in runs]))
+                rows.append({"stage": label, "procs": n, "unit": unit, "throughput": runs[0]["work"] / train_s,
+                             "train_s": train_s, "train_s_runs": [round(x["train_s"], 2) for x in runs],
+                             "max_param_diff_vs_1proc": f"{max(x['max_param_diff'] for x in runs):.1e}"})
+            base = next(r["throughput"] for r in rows if r["stage"] == label and r["procs"] == 1)
+            for r in rows:
+                if r["stage"] == label:
+                    r["speedup"] = r["throughput"] / base
+                    r["efficiency"] = r["speedup"] / r["procs"]
+    cols = ["stage", "procs", "throughput", "unit", "speedup", "efficiency", "train_s", "max_param_diff_vs_1proc"]
+    note = (f"\nBC: ReFlow 256x3 MLP on pick-place demos (20, noise 0.3), global batch {args.batch_size}, "
+            f"{args.steps} steps. Fine-tuning: ReinFlow K=4 from the one-process BC policy, {args.ft_envs} "
+            f"pick-place envs in all, 100 chunk steps per env per iteration, {args.ft_iterations} iterations "
+            f"(the first trains only the critic). One CPU thread per process, median of {args.repeats} runs. "
+            "max_param_diff_vs_1proc: the largest |parameter difference| from the first one-process run "
+            f"(float rounding: the same update). Machine: {os.cpu_count()} CPUs, so counts above that share "
+            "cores.\n")
     out = Path(args.out) if args.out else RESULTS
     save_results("scaling", rows, cols, vars(args), time.perf_counter() - t_start, extra_md=note, out_dir=out)
     import matplotlib
@@ -129,13 +176,14 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    ns = [r["procs"] for r in rows]
-    ax.plot(ns, [r["samples_per_s"] for r in rows], "o-", label="measured")
-    if base:
-        ax.plot(ns, [base * n for n in ns], "--", color="gray", label="linear")
+    for label in dict.fromkeys(r["stage"] for r in rows):
+        rs = [r for r in rows if r["stage"] == label]
+        ax.plot([r["procs"] for r in rs], [r["speedup"] for r in rs], "o-", label=label)
+    ns = sorted(args.procs)
+    ax.plot(ns, ns, "--", color="gray", label="linear")
     ax.set_xlabel("processes")
-    ax.set_ylabel("BC samples / s")
-    ax.set_title("data-parallel BC pretraining")
+    ax.set_ylabel("speed-up over 1 process")
+    ax.set_title("data-parallel training (torchrun)")
     ax.legend()
     save_figure(fig, out / "scaling.png")
 
