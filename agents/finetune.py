@@ -436,7 +436,10 @@ class ReinFlowPPO:
                 return distributed.all_gather_cat(torch.from_numpy(np.ascontiguousarray(ret))).numpy()
 
         self.reward_scaler = RunningRewardScaler(self.num_envs, c.gamma, gather=gather)
-        self._any_evaluates = distributed.any_rank(eval_envs is not None)
+        if self.dist.enabled:
+            ev = distributed.all_gather_object(None if eval_envs is None else int(eval_envs.num_envs))
+            if len(set(ev)) != 1:
+                raise ValueError(f"data-parallel fine-tuning needs the same eval envs in every process, got {ev}")
         # all randomness of training: chain noise / Gaussian samples, and minibatch permutations
         self.noise_gen = torch.Generator(device=self.device).manual_seed(c.seed)
         self.perm_gen = torch.Generator().manual_seed(c.seed + 1)
@@ -687,6 +690,10 @@ class ReinFlowPPO:
 
         Env i runs ``n // M`` (+1 for the first ``n % M``) episodes. Returns ``eval/return_mean``,
         ``eval/return_std``, ``eval/success_rate``, ``eval/episodes``.
+
+        Data-parallel, every process runs its ``M / N`` eval envs (env i of the M global ones, with its
+        seed, its quota and its rows of the global noise) and the episodes are gathered on every process:
+        the same numbers as one process with all M envs.
         """
         if self.eval_envs is None:
             raise ValueError("evaluate() needs eval_envs")
@@ -694,15 +701,18 @@ class ReinFlowPPO:
         n_episodes = int(n_episodes or c.eval_episodes)
         envs = self.eval_envs
         m = envs.num_envs
-        quota = np.array([n_episodes // m + (i < n_episodes % m) for i in range(m)])
+        world, rank = self.dist.world_size, self.dist.rank
+        m_all, off = m * world, m * rank
+        quota = np.array([n_episodes // m_all + (off + i < n_episodes % m_all) for i in range(m)])
         stepper = VecEnvStepper(envs, self.env_chunk)
         gen = torch.Generator(device=self.device).manual_seed(c.eval_seed)
-        obs = stepper.reset(seed=c.eval_seed)
+        obs = stepper.reset(seed=c.eval_seed + off)
         ep_ret, ep_succ = np.zeros(m), np.zeros(m, bool)
         returns, successes = [], []
         done_count = np.zeros(m, int)
         while (done_count < quota).any():
-            out = self.actor.act(self._cond(obs), deterministic=True, generator=gen)
+            with rng.shard(rank, world):
+                out = self.actor.act(self._cond(obs), deterministic=True, generator=gen)
             res = stepper.step(self._env_actions(envs, out.action))
             ep_ret += res.reward
             ep_succ |= res.success
@@ -713,6 +723,10 @@ class ReinFlowPPO:
                 done_count[i] += 1
                 ep_ret[i], ep_succ[i] = 0.0, False
             obs = res.obs
+        if self.dist.enabled:
+            parts = distributed.all_gather_object((returns, successes))
+            returns = [x for part, _ in parts for x in part]
+            successes = [x for _, part in parts for x in part]
         return {"eval/return_mean": float(np.mean(returns)), "eval/return_std": float(np.std(returns)),
                 "eval/success_rate": float(np.mean(successes)), "eval/episodes": float(len(returns))}
 
@@ -745,9 +759,8 @@ class ReinFlowPPO:
         return metrics
 
     def _eval_due(self) -> bool:
-        """Evaluation at this iteration (data-parallel: rank 0 evaluates, with its own eval envs)."""
-        return (self.eval_envs is not None and self.dist.is_main and self.cfg.eval_every > 0
-                and self.iteration % self.cfg.eval_every == 0)
+        """Evaluation at this iteration (data-parallel: every process runs its share of the episodes)."""
+        return self.eval_envs is not None and self.cfg.eval_every > 0 and self.iteration % self.cfg.eval_every == 0
 
     def _stop_from(self, answer: bool | None) -> bool:
         """A callback's False stops every process (any process's answer counts)."""
@@ -760,17 +773,14 @@ class ReinFlowPPO:
         ``callback(agent, metrics)`` runs after every iteration (and once with the initial evaluation at
         iteration 0); returning False stops. Evaluation runs before the first iteration and every
         ``eval_every`` iterations, its metrics merged into that iteration's. Data-parallel, every process
-        calls ``callback`` after every iteration (only rank 0's metrics hold the evaluation), and a False from
-        any process stops all of them at the same iteration.
+        calls ``callback`` after every iteration with the same metrics (evaluations gathered), and a False
+        from any process stops all of them at the same iteration.
         """
         bar = tqdm(total=int(total_env_steps), initial=min(self.env_steps, int(total_env_steps)),
                    disable=not progress, desc="finetune", unit="step")
         try:
-            # data-parallel: every process takes part in the initial callback when any process evaluates
-            first = self._any_evaluates and self.cfg.eval_every > 0 if self.dist.enabled else self._eval_due()
-            if self.iteration == 0 and first and self.env_steps < total_env_steps:
-                m = {"charts/env_steps": 0.0, "charts/iteration": 0.0,
-                     **(self.evaluate() if self._eval_due() else {})}
+            if self.iteration == 0 and self._eval_due() and self.env_steps < total_env_steps:
+                m = {"charts/env_steps": 0.0, "charts/iteration": 0.0, **self.evaluate()}
                 if callback is not None and self._stop_from(callback(self, m)):
                     return self
             while self.env_steps < total_env_steps:

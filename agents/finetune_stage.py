@@ -12,8 +12,8 @@ the current iteration, saves once and raises :class:`TrainingInterrupted` (``sto
 N = iterations); resuming from there gives the same weights as not stopping.
 
 Under ``torchrun`` each process steps ``num_envs / N`` of the training envs (env seeds as in one process) and
-the update is data-parallel (see :class:`agents.finetune.ReinFlowPPO`); rank 0 alone evaluates, logs, holds
-the run lock and writes checkpoints, and every process resumes from the checkpoint rank 0 opened.
+the update and the evaluation are data-parallel (see :class:`agents.finetune.ReinFlowPPO`); rank 0 alone logs,
+holds the run lock and writes checkpoints, and every process resumes from the checkpoint rank 0 opened.
 """
 
 from __future__ import annotations
@@ -56,8 +56,10 @@ def run_finetune_stage(cfg: DictConfig, run_dir: str | Path, checkpoint: str, st
         raise ValueError(f"finetune total_env_steps must be >= 1, got {total}")
     fcfg = FinetuneConfig.from_dict({k: v for k, v in s.items() if k not in RUNNER_KEYS})
     world = distributed.info().world_size
-    if fcfg.num_envs % world:
-        raise ValueError(f"finetune num_envs={fcfg.num_envs} must be divisible by the number of processes ({world})")
+    for key in ("num_envs", "eval_num_envs"):
+        if getattr(fcfg, key) % world:
+            raise ValueError(f"finetune {key}={getattr(fcfg, key)} must be divisible by the number of processes "
+                             f"({world})")
     if not distributed.info().is_main:
         return _run(cfg, run_dir, checkpoint, fcfg, total, save_every)
     with RunLock(run_dir):
@@ -75,15 +77,14 @@ def _run(cfg, run_dir: Path, checkpoint: str, fcfg: FinetuneConfig, total: int, 
     d = distributed.info()
     envs = make_vec_env(env_name, fcfg.num_envs // d.world_size, seed=fcfg.seed, obs_horizon=policy.obs_horizon,
                         action_horizon=policy.exec_horizon, max_episode_steps=max_steps)
-    eval_envs = (make_vec_env(env_name, fcfg.eval_num_envs, seed=fcfg.eval_seed, obs_horizon=policy.obs_horizon,
-                              action_horizon=policy.exec_horizon, max_episode_steps=max_steps)
-                 if d.is_main else None)  # rank 0 evaluates
+    eval_envs = make_vec_env(env_name, fcfg.eval_num_envs // d.world_size, seed=fcfg.eval_seed,
+                             obs_horizon=policy.obs_horizon, action_horizon=policy.exec_horizon,
+                             max_episode_steps=max_steps)  # data-parallel: each process runs its share
     try:
         return _train(cfg, run_dir, ckpt_dir, ck, fcfg, total, save_every, ReinFlowPPO(policy, envs, eval_envs, fcfg))
     finally:
         envs.close()
-        if eval_envs is not None:
-            eval_envs.close()
+        eval_envs.close()
 
 
 def _train(cfg, run_dir: Path, ckpt_dir: Path, ck: dict, fcfg: FinetuneConfig, total: int, save_every: int,

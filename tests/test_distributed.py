@@ -131,7 +131,7 @@ def test_torchrun_train_py_pretrains_and_finetunes_in_one_run_directory(demos, t
     ft_dir = tmp_path / "ft"
     proc = subprocess.run(base + ["stage=finetune", "checkpoint=" + str(runs[0]), f"hydra.run.dir={ft_dir}",
                                   "stage.total_env_steps=400", "stage.num_envs=2", "stage.n_steps=50",
-                                  "stage.eval_every=1", "stage.eval_episodes=1", "stage.eval_num_envs=1"],
+                                  "stage.eval_every=1", "stage.eval_episodes=3", "stage.eval_num_envs=2"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((ft_dir / "summary.json").read_text())
@@ -146,7 +146,8 @@ def test_torchrun_train_py_pretrains_and_finetunes_in_one_run_directory(demos, t
 @pytest.mark.parametrize("kind", ["reflow", "gaussian"])
 def test_two_rank_ppo_fine_tuning_equals_one_process_with_all_envs(tmp_path, kind):
     """2 ranks x 3 envs vs 1 process x 6 envs, 3 iterations: the same rollouts (env seeds and chain noise are
-    the global ones), global reward scaling and advantage normalization, summed minibatch gradients."""
+    the global ones), global reward scaling and advantage normalization, summed minibatch gradients; and the
+    same evaluation, its episodes split across the ranks and gathered."""
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "OMP_NUM_THREADS": "1",
            "FLOWPOLICY_DIST_TIMEOUT": "60"}
     script = str(ROOT / "tests" / "dist_finetune.py")
@@ -164,5 +165,7 @@ def test_two_rank_ppo_fine_tuning_equals_one_process_with_all_envs(tmp_path, kin
         pb = torch.cat([p.flatten() for p in b[part]])
         assert (pa - pb).abs().max().item() < 1e-5, part
     ma, mb = a["metrics"], b["metrics"]
-    for key in ("train/approx_kl", "train/clipfrac", "rollout/return_mean"):
+    assert ma["eval/episodes"] == mb["eval/episodes"] == 5
+    for key in ("train/approx_kl", "train/clipfrac", "rollout/return_mean", "eval/return_mean",
+                "eval/success_rate"):
         assert ma[key] == pytest.approx(mb[key], rel=1e-4, abs=1e-6), key
