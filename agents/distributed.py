@@ -49,7 +49,7 @@ class DistInfo:
 
     def device_differs(self, device: str) -> bool:
         """True when this rank uses another device string than ``device`` (``cuda`` -> ``cuda:LOCAL_RANK``)."""
-        return self.enabled and str(device) == "cuda"
+        return self.enabled and str(device).startswith("cuda")
 
 
 _INFO = DistInfo()
@@ -75,10 +75,11 @@ def init(device: str = "cpu") -> DistInfo:
         return _INFO
     if not tdist.is_available():
         raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
-    backend = "nccl" if str(device).startswith("cuda") else "gloo"
+    # on CUDA, CUDA tensors go through NCCL and the small CPU tensors (flags, counts, statistics) through gloo
+    backend = "cpu:gloo,cuda:nccl" if str(device).startswith("cuda") else "gloo"
     if not tdist.is_initialized():
         local = int(os.environ.get("LOCAL_RANK", "0"))
-        if backend == "nccl":
+        if "nccl" in backend:
             torch.cuda.set_device(local)
         tdist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s()))
     _INFO = DistInfo(rank=tdist.get_rank(), world_size=tdist.get_world_size(),
@@ -92,8 +93,9 @@ def info() -> DistInfo:
 
 
 def device_for(device: str) -> str:
-    """``cuda`` becomes ``cuda:LOCAL_RANK`` under a multi-process launch; other devices are unchanged."""
-    if _INFO.enabled and str(device) == "cuda":
+    """``cuda`` (or ``cuda:k``) becomes ``cuda:LOCAL_RANK`` under a multi-process launch: one GPU per process.
+    Other devices are unchanged."""
+    if _INFO.enabled and str(device).startswith("cuda"):
         return f"cuda:{_INFO.local_rank}"
     return str(device)
 
@@ -123,7 +125,7 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     if not _INFO.enabled:
         return x
     y = x.detach().clone()
-    if _INFO.backend == "gloo" and y.device.type != "cpu":
+    if "nccl" not in str(_INFO.backend) and y.device.type != "cpu":
         y = y.cpu()
     tdist.all_reduce(y, op=tdist.ReduceOp.SUM)
     return y.to(x.device)
@@ -183,7 +185,7 @@ def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
         return x
     y = x.detach().contiguous()
     dev = y.device
-    if _INFO.backend == "gloo" and dev.type != "cpu":
+    if "nccl" not in str(_INFO.backend) and dev.type != "cpu":
         y = y.cpu()
     parts = [torch.empty_like(y) for _ in range(_INFO.world_size)]
     tdist.all_gather(parts, y)

@@ -33,6 +33,7 @@ minibatches), ``train/sigma_obs_min``/``train/sigma_obs_max`` (exploration std o
 before any step: 0 but for float32 matmul differences between the rollout's and the minibatch's batch sizes,
 measured 0 on CPU for batches >= 8, about 2e-8 on an H200 with the default normalized log-prob and below
 1e-6 unnormalized for a 2 x 2 chunk), ``train/sigma_mean``, ``train/bc_loss``, ``train/explained_variance``,
+``train/grad_norm`` (the actor's gradient norm before clipping, mean over its steps),
 ``train/lr_actor``, ``train/lr_critic``, ``train/sigma_min``, ``train/sigma_max``, ``train/epochs``,
 ``train/actor_updated`` (0 during the critic warm-up), ``train/target_kl_stop``,
 ``charts/SPS``, ``charts/env_steps``, ``charts/iteration``, ``rollout/return_mean``, ``rollout/success_rate``,
@@ -555,7 +556,7 @@ class ReinFlowPPO:
         actor_params = [p for g in self.actor_optim.param_groups for p in g["params"]]
         stats: dict[str, list[float]] = {k: [] for k in ("approx_kl", "kl_per_dim", "clipfrac", "policy_loss",
                                                          "value_loss", "entropy", "bc_loss", "log_ratio_std",
-                                                         "log_ratio_absmax")}
+                                                         "log_ratio_absmax", "grad_norm")}
         # log-ratio per executed action dim, whatever the normalization: comparable across actors
         per_dim = self.actor.logprob_scale * self.actor.logprob_count
         ratio_first, epochs_done, stop = float("nan"), 0, False
@@ -575,7 +576,10 @@ class ReinFlowPPO:
                 # the actor pass is needed when training it, and once for the first-minibatch ratio
                 with torch.set_grad_enabled(actor_active):
                     if actor_active or first:
-                        new_logp, entropy = self.actor.evaluate(cond[idx], latent[idx])
+                        if idx.numel():
+                            new_logp, entropy = self.actor.evaluate(cond[idx], latent[idx])
+                        else:  # data-parallel: none of this minibatch is here (zero sums, zero gradients)
+                            new_logp = entropy = old_logp[:0]
                         log_ratio = new_logp - old_logp[idx]
                         ratio = log_ratio.exp()
                         a = adv[idx]
@@ -642,13 +646,14 @@ class ReinFlowPPO:
                             actor_loss.backward()
                             distributed.sum_gradients(actor_params)
                             gnorm = nn.utils.clip_grad_norm_(actor_params, c.max_grad_norm)
+                            stats["grad_norm"].append(float(gnorm))
                             if not torch.isfinite(gnorm):
                                 raise FloatingPointError(f"non-finite actor gradient at fine-tuning iteration "
                                                          f"{self.iteration}; no parameter was changed by it")
                             self.actor_optim.step()
                 if dist_on:
                     critic_params = list(self.critic.parameters())
-                    sq = 0.5 * (self.critic(cond[idx]) - ret[idx]).pow(2)
+                    sq = 0.5 * (self.critic(cond[idx]) - ret[idx]).pow(2) if idx.numel() else ret[:0]
                     v_loss = sq.sum() / n_mb + 0.0 * sum(p.sum() for p in critic_params)
                     self.critic_optim.zero_grad(set_to_none=True)
                     v_loss.backward()

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from envs.collect import DEFAULT_EXPERT_STEPS
 
 from . import distributed
-from .checkpoint import RunLock, atomic_write_json, atomic_write_text
+from .checkpoint import RunLock, TrainingInterrupted, atomic_write_json, atomic_write_text
 from .errors import UserError
 from .evaluate import evaluate_policy_steps, write_eval
 from .policies import policy_from_checkpoint
@@ -340,14 +340,22 @@ def _run_distributed(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             return run_finetune(cfg, run_dir, cfg.checkpoint)
 
         if not d.is_main:
-            train()
+            try:
+                train()
+            except TrainingInterrupted:
+                ok = True  # Ctrl-C: wait in the closing barrier until rank 0 has saved, then stop
+                raise
             ok = True
             return {"stage": name, "rank": d.rank, "run_dir": str(run_dir)}
         run_dir.mkdir(parents=True, exist_ok=True)
         with RunLock(run_dir):
             _write_config(cfg, run_dir)
             out: dict[str, Any] = {"stage": name, "run_dir": str(run_dir), "rank": 0}
-            out[name] = {**train(), "world_size": d.world_size}
+            try:
+                out[name] = {**train(), "world_size": d.world_size}
+            except TrainingInterrupted:
+                ok = True  # saved: meet the others in the closing barrier
+                raise
             if name == "pretrain":
                 out["eval"] = run_eval(cfg, run_dir, out[name]["best"], label=f"{cfg.policy.kind} (BC)")
             else:

@@ -146,8 +146,8 @@ def test_torchrun_train_py_pretrains_and_finetunes_in_one_run_directory(demos, t
 @pytest.mark.parametrize("kind", ["reflow", "gaussian"])
 def test_two_rank_ppo_fine_tuning_equals_one_process_with_all_envs(tmp_path, kind):
     """2 ranks x 3 envs vs 1 process x 6 envs, 3 iterations: the same rollouts (env seeds and chain noise are
-    the global ones), global reward scaling and advantage normalization, summed minibatch gradients; and the
-    same evaluation, its episodes split across the ranks and gathered."""
+    the global ones), global reward scaling and advantage normalization, summed minibatch gradients (also
+    where a rank holds none of a minibatch); and the same evaluation, split across the ranks and gathered."""
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "OMP_NUM_THREADS": "1",
            "FLOWPOLICY_DIST_TIMEOUT": "60"}
     script = str(ROOT / "tests" / "dist_finetune.py")
@@ -166,6 +166,7 @@ def test_two_rank_ppo_fine_tuning_equals_one_process_with_all_envs(tmp_path, kin
         assert (pa - pb).abs().max().item() < 1e-5, part
     ma, mb = a["metrics"], b["metrics"]
     assert ma["eval/episodes"] == mb["eval/episodes"] == 5
-    for key in ("train/approx_kl", "train/clipfrac", "rollout/return_mean", "eval/return_mean",
+    # the gradient norm catches a wrong gradient scale (mean instead of sum over ranks), which Adam would hide
+    for key in ("train/approx_kl", "train/clipfrac", "train/grad_norm", "rollout/return_mean", "eval/return_mean",
                 "eval/success_rate"):
         assert ma[key] == pytest.approx(mb[key], rel=1e-4, abs=1e-6), key
