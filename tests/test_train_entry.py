@@ -161,3 +161,20 @@ def test_train_py_runs_through_hydra(tmp_path):
                           f"data_dir={tmp_path / 'data'}", *TINY], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "run directory" in out.stdout and "| reflow (BC) | metaworld/pick-place-v3 | 2 |" in out.stdout
+
+
+def test_task_finetune_section_sets_every_schedule_key_of_the_stage():
+    """A task's finetune: section reaches the stage for the noise and lr schedules too (Hopper's defaults)."""
+    from omegaconf import OmegaConf
+
+    cfg = _compose("task=hopper_medium", "stage=finetune")
+    s = OmegaConf.to_container(cfg.stage, resolve=True)
+    task = OmegaConf.to_container(cfg.task.finetune, resolve=True)
+    for key in ("sigma_min_final", "sigma_max_final", "sigma_hold_iters", "sigma_decay_iters", "ent_coef",
+                "clip_coef", "init_noise_scale"):
+        assert s[key] == task[key], key
+    cfg = _compose("task=pick_place", "stage=finetune", "+task.finetune.lr_schedule=cosine",
+                   "+task.finetune.lr_schedule_iters=7", "stage.sigma_hold_iters=3")
+    s = OmegaConf.to_container(cfg.stage, resolve=True)
+    assert (s["lr_schedule"], s["lr_schedule_iters"], s["sigma_hold_iters"]) == ("cosine", 7, 3)
+    assert s["sigma_min_final"] is None  # pick-place keeps its noise bounds
