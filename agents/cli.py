@@ -37,6 +37,9 @@ examples:
   python train.py task=robomimic task.demos.path=/data/lift/low_dim.hdf5 task.obs_keys=[object,robot0_eef_pos]
   python train.py stage=eval checkpoint=outputs/2026-01-01/12-00-00_pick_place_pipeline/pretrain
 
+several processes (data-parallel pretrain and finetune; the batch and num_envs stay global):
+  torchrun --standalone --nproc_per_node=2 train.py stage=pretrain
+
 other keys: policy=reflow|shortcut|gaussian  device=cpu|cuda  seed=0  logger=tensorboard|wandb|none
             data_dir=DIR  progress=false  debug=true (full tracebacks; also HYDRA_FULL_ERROR=1)
 errors: a bad input prints one line `error: ...` and exits with code 2.
