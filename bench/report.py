@@ -22,7 +22,7 @@ SECTIONS = [
     ("finetune_pick_place", "Online fine-tuning on Meta-World pick-place: settings compared side by side "
                             "(2026-11-26, before log-probs were normalized by the executed action dims)"),
     ("latency", "Policy latency: eager vs fast K-step sampling, and policies in the env loop"),
-    ("scaling", "Data-parallel BC pretraining (torchrun): throughput and equivalence"),
+    ("scaling", "Data-parallel training (torchrun): throughput and equivalence"),
     ("images", "Image generation on digits with the same flow core"),
     ("align", "Reward and preference alignment"),
 ]

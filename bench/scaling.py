@@ -168,9 +168,9 @@ def main() -> None:
             f"(the first trains only the critic). One CPU thread per process, median of {args.repeats} runs. "
             "max_param_diff_vs_1proc: the largest |parameter difference| from the first one-process run. "
             "BC: float rounding (the same update). Fine-tuning: the policy's forward on N times fewer rows per "
-            "process rounds differently (about 1e-7 in the actions), and pick-place's contact dynamics amplify "
-            "that into different trajectories within an iteration; the exact equivalence of the update is "
-            "tested on a smooth task (tests/test_distributed.py). "
+            "process can round differently (batched matrix products), and pick-place's contact dynamics can "
+            "amplify such differences into different trajectories; the exact equivalence of the update is "
+            "tested on a smooth task (tests/test_distributed.py: 2 vs 1 processes within 1e-5). "
             f"Machine: {os.cpu_count()} CPUs, so counts above that share cores.\n")
     out = Path(args.out) if args.out else RESULTS
     save_results("scaling", rows, cols, vars(args), time.perf_counter() - t_start, extra_md=note, out_dir=out)
