@@ -111,6 +111,7 @@ class FinetuneConfig:
     minibatch_size: int = 1024  # samples (env x chunk step) per minibatch
     clip_coef: float = 0.01  # (D) PPO ratio clip
     target_kl: float | None = None  # stop the update when a minibatch's KL per executed action dim exceeds this
+    skip_clipped: bool = True  # backpropagate only the samples whose clipped PPO term has a gradient (exact)
     norm_adv: bool = True  # normalize advantages per minibatch
     ent_coef: float = 0.01  # (D) entropy bonus
     bc_coef: float = 0.0  # (D, optional) W2 regularizer: MSE to the frozen pretrained policy's action
@@ -556,11 +557,17 @@ class ReinFlowPPO:
         actor_params = [p for g in self.actor_optim.param_groups for p in g["params"]]
         stats: dict[str, list[float]] = {k: [] for k in ("approx_kl", "kl_per_dim", "clipfrac", "policy_loss",
                                                          "value_loss", "entropy", "bc_loss", "log_ratio_std",
-                                                         "log_ratio_absmax", "grad_norm")}
+                                                         "log_ratio_absmax", "grad_norm", "two_pass",
+                                                         "carry_frac")}
         # log-ratio per executed action dim, whatever the normalization: comparable across actors
         per_dim = self.actor.logprob_scale * self.actor.logprob_count
         ratio_first, epochs_done, stop = float("nan"), 0, False
         dist_on = self.dist.enabled
+        # skip_clipped: a sample whose clipped surrogate term is the larger one has a zero gradient; when few
+        # samples carry a gradient (late epochs), a no-grad pass over the minibatch plus forward and backward
+        # over the carriers is cheaper than forward and backward over everyone, for the same gradient.
+        can_skip = c.skip_clipped and c.ent_coef == 0 and c.bc_coef <= 0
+        carry_frac = 1.0  # gradient carriers in the last minibatch: decides one pass or two for the next
         n_global = n_total * self.dist.world_size  # samples of every process (global env order t * E + e)
         mb = min(c.minibatch_size, n_global)
         for _ in range(c.update_epochs):
@@ -573,8 +580,9 @@ class ReinFlowPPO:
                     own = (e_ >= 0) & (e_ < self.num_envs)
                     idx = t_[own] * self.num_envs + e_[own]
                 first = math.isnan(ratio_first)
+                two_pass = actor_active and can_skip and carry_frac < _TWO_PASS_BELOW
                 # the actor pass is needed when training it, and once for the first-minibatch ratio
-                with torch.set_grad_enabled(actor_active):
+                with torch.set_grad_enabled(actor_active and not two_pass):
                     if actor_active or first:
                         if idx.numel():
                             new_logp, entropy = self.actor.evaluate(cond[idx], latent[idx])
@@ -609,7 +617,8 @@ class ReinFlowPPO:
                         if dist_on:
                             if c.norm_adv and n_mb > 1:
                                 a = (a - adv_mean) / (adv_std + 1e-8)
-                            pg_terms = torch.max(-a * ratio, -a * ratio.clamp(1.0 - c.clip_coef, 1.0 + c.clip_coef))
+                            clipped = -a * ratio.clamp(1.0 - c.clip_coef, 1.0 + c.clip_coef)
+                            pg_terms = torch.max(-a * ratio, clipped)
                             # this process's share of the minibatch mean: the summed gradients are the mean's
                             pg_loss = pg_terms.sum() / n_mb
                             actor_loss = pg_loss - c.ent_coef * entropy.sum() / n_mb
@@ -622,7 +631,8 @@ class ReinFlowPPO:
                         else:
                             if c.norm_adv and a.numel() > 1:
                                 a = (a - a.mean()) / (a.std() + 1e-8)
-                            pg_loss = torch.max(-a * ratio, -a * ratio.clamp(1.0 - c.clip_coef, 1.0 + c.clip_coef)).mean()
+                            clipped = -a * ratio.clamp(1.0 - c.clip_coef, 1.0 + c.clip_coef)
+                            pg_loss = torch.max(-a * ratio, clipped).mean()
                             actor_loss = pg_loss - c.ent_coef * entropy.mean()
                             if c.bc_coef > 0:
                                 bc = self.actor.bc_loss(cond[idx], latent[idx])
@@ -640,9 +650,21 @@ class ReinFlowPPO:
                                 raise FloatingPointError(
                                     f"non-finite actor loss ({float(actor_loss.detach())}) at fine-tuning iteration "
                                     f"{self.iteration}; no parameter was changed by it")
+                            with torch.no_grad():  # the samples whose surrogate term has a gradient
+                                carry = ~(clipped > -a * ratio)
+                                carry_frac = float(carry.float().mean()) if carry.numel() else 0.0
+                            stats["two_pass"].append(float(two_pass))
+                            stats["carry_frac"].append(carry_frac)
                             self.actor_optim.zero_grad(set_to_none=True)
-                            if dist_on:  # every parameter gets a gradient, also where this share is empty
-                                actor_loss = actor_loss + 0.0 * sum(p.sum() for p in actor_params)
+                            with torch.enable_grad():
+                                if two_pass:  # the same gradient from the carriers alone: sum(-A r) / n_mb
+                                    sub = idx[carry]
+                                    actor_loss = torch.zeros((), device=self.device)
+                                    if sub.numel():
+                                        sub_logp, _ = self.actor.evaluate(cond[sub], latent[sub])
+                                        actor_loss = (-a[carry] * (sub_logp - old_logp[sub]).exp()).sum() / n_mb
+                                if dist_on or two_pass:  # every parameter gets a gradient, also from an empty share
+                                    actor_loss = actor_loss + 0.0 * sum(p.sum() for p in actor_params)
                             actor_loss.backward()
                             distributed.sum_gradients(actor_params)
                             gnorm = nn.utils.clip_grad_norm_(actor_params, c.max_grad_norm)
@@ -838,6 +860,11 @@ class ReinFlowPPO:
         self.env_steps = int(state["env_steps"])
         self.episodes = int(state["episodes"])
         self._obs = None
+
+
+# two passes (no-grad forward over the minibatch, then forward + backward over the gradient carriers) cost
+# about (F + f (F + B)) / (F + B) of one pass, with F : B about 1 : 2 for the K-step log-prob: worth it below 0.6
+_TWO_PASS_BELOW = 0.6
 
 
 def _global_minibatch_stats(ratio, log_ratio, lr_full, lr_dim, adv, clip_coef: float, n: int) -> dict[str, float]:
