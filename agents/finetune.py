@@ -90,6 +90,9 @@ class FinetuneConfig:
     gamma: float = 0.99  # (D) discount per chunk step
     gae_lambda: float = 0.95  # (D)
     reward_scaling: bool = True  # (D) divide rewards by the running std of the discounted return
+    # training envs with a success signal (Meta-World, robosuite); evaluation always runs whole episodes
+    terminate_on_success: bool = False  # end a training episode at its first successful step
+    success_reward: float | None = None  # sparse reward: this on a successful step, 0 otherwise (None: the env's)
     # flow actor (ReinFlow)
     steps: int = 4  # (D) K denoising steps, fine-tuned and evaluated at this K
     sigma_min: float = 0.10  # (D) noise bounds at the start (locomotion)
@@ -152,6 +155,15 @@ class FinetuneConfig:
         for ok, msg in checks:
             if not ok:
                 raise ValueError(f"FinetuneConfig: {msg}")
+
+    def train_env_kwargs(self) -> dict[str, Any]:
+        """Task options for the training envs (:func:`envs.factory.make_vec_env`): only those set."""
+        out: dict[str, Any] = {}
+        if self.terminate_on_success:
+            out["terminate_on_success"] = True
+        if self.success_reward is not None:
+            out["success_reward"] = float(self.success_reward)
+        return out
 
     def final_bounds(self) -> tuple[float, float]:
         lo = self.sigma_min if self.sigma_min_final is None else self.sigma_min_final

@@ -97,7 +97,7 @@ def _finetune(args):
     cfg = FinetuneConfig.from_dict(fc)
     policy, _ = policy_from_checkpoint(ckpt)
     envs = make_vec_env(t["env"], cfg.num_envs, seed=1000 * seed, action_horizon=policy.exec_horizon,
-                        max_episode_steps=t["max_episode_steps"])
+                        max_episode_steps=t["max_episode_steps"], **cfg.train_env_kwargs())
     eval_envs = make_vec_env(t["env"], cfg.eval_num_envs, seed=cfg.eval_seed, action_horizon=policy.exec_horizon,
                              max_episode_steps=t["max_episode_steps"])
     agent = ReinFlowPPO(policy, envs, eval_envs, cfg)

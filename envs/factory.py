@@ -247,6 +247,7 @@ def _make_metaworld(
     terminate_on_success: bool = False,
     render_size: tuple[int, int] = (256, 256),
     camera_name: str = "corner",
+    success_reward: float | None = None,
 ):
     env_cls, tasks = _metaworld_tasks(task)
     width, height = render_size
@@ -262,7 +263,7 @@ def _make_metaworld(
     env = _MetaWorldTask(env, list(tasks), task_index)
     if render_mode is not None:
         env = _FlipRender(env)
-    return SuccessInfo(env, terminate_on_success=terminate_on_success)
+    return SuccessInfo(env, terminate_on_success=terminate_on_success, success_reward=success_reward)
 
 
 def _make_robosuite(
@@ -274,6 +275,7 @@ def _make_robosuite(
     render_size: tuple[int, int] = (256, 256),
     camera_name: str = "agentview",
     obs_keys: tuple[str, ...] | None = None,
+    success_reward: float | None = None,
     **kwargs: Any,
 ):
     try:
@@ -303,7 +305,8 @@ def _make_robosuite(
     keys = [("object-state" if k == "object" else k) for k in obs_keys] if obs_keys else None
     env = _RobosuiteGym(GymWrapper(rs_env, keys=keys), rs_env, render_mode, camera_name, width, height)
     env = gym.wrappers.TimeLimit(env, steps)
-    return SuccessInfo(env, success_fn=rs_env._check_success, terminate_on_success=terminate_on_success)
+    return SuccessInfo(env, success_fn=rs_env._check_success, terminate_on_success=terminate_on_success,
+                       success_reward=success_reward)
 
 
 class _RobosuiteGym(gym.Wrapper):
@@ -357,8 +360,10 @@ def make_env(
         max_episode_steps: episode length in env steps (default: 1000 locomotion, 500 Meta-World/robosuite).
         task_kwargs: family options. Meta-World: ``task_index`` (None: draw one of MT1's 50 seeded
             placements each reset from the episode RNG; int: always that one), ``terminate_on_success``,
-            ``render_size``, ``camera_name``. Locomotion: any ``gym.make`` keyword. robosuite: ``robots``,
-            ``terminate_on_success``, ``render_size``, ``camera_name`` and ``robosuite.make`` keywords.
+            ``success_reward`` (a sparse reward: this value on a successful step, else 0), ``render_size``,
+            ``camera_name``. Locomotion: any ``gym.make`` keyword. robosuite: ``robots``,
+            ``terminate_on_success``, ``success_reward``, ``render_size``, ``camera_name`` and
+            ``robosuite.make`` keywords.
 
     Returns:
         A Gymnasium env with float32 observations and a bool ``info["success"]``.

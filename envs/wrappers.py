@@ -15,15 +15,19 @@ class SuccessInfo(gym.Wrapper):
 
     The flag comes from ``success_fn()`` when given (robosuite's ``_check_success``), else from the env's own
     ``info["success"]`` (Meta-World reports a float 0.0/1.0), else it is ``False`` (locomotion has no success).
-    With ``terminate_on_success`` a successful step also sets ``terminated``.
+    With ``terminate_on_success`` a successful step also sets ``terminated``. With ``success_reward`` set, the
+    reward is that value on a successful step and 0 otherwise (a sparse reward; the env's own reward is kept
+    in ``info["env_reward"]``).
     """
 
     def __init__(
-        self, env: gym.Env, success_fn: Callable[[], Any] | None = None, terminate_on_success: bool = False
+        self, env: gym.Env, success_fn: Callable[[], Any] | None = None, terminate_on_success: bool = False,
+        success_reward: float | None = None,
     ):
         super().__init__(env)
         self._success_fn = success_fn
         self._terminate_on_success = terminate_on_success
+        self._success_reward = None if success_reward is None else float(success_reward)
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         obs, info = self.env.reset(seed=seed, options=options)
@@ -36,6 +40,9 @@ class SuccessInfo(gym.Wrapper):
         info["success"] = bool(success)
         if self._terminate_on_success and info["success"]:
             terminated = True
+        if self._success_reward is not None:
+            info["env_reward"] = reward
+            reward = self._success_reward if info["success"] else 0.0
         return obs, reward, terminated, truncated, info
 
 

@@ -114,3 +114,23 @@ def test_success_info_makes_bool_and_can_terminate():
     env.reset()
     assert [env.step(np.zeros(1))[4]["success"] for _ in range(2)] == [False, True]
 
+
+
+def test_success_reward_replaces_the_env_reward_with_a_sparse_one():
+    env = SuccessInfo(CountingEnv(success_at=3), success_reward=5.0)
+    env.reset()
+    steps = [env.step(np.zeros(1)) for _ in range(4)]
+    assert [s[1] for s in steps] == [0.0, 0.0, 5.0, 0.0]
+    assert [s[4]["env_reward"] for s in steps] == [1.0, 2.0, 3.0, 4.0]  # the env's own reward stays in info
+    assert not any(s[2] for s in steps)  # no termination unless asked
+
+
+def test_metaworld_training_env_options_reach_the_env():
+    pytest.importorskip("metaworld")
+    from envs.factory import make_env
+
+    env = make_env("metaworld/reach-v3", seed=0, terminate_on_success=True, success_reward=1.0)
+    env.reset(seed=0)
+    _, reward, *_ = env.step(np.zeros(env.action_space.shape, np.float32))
+    assert reward == 0.0  # the dense reach reward is positive everywhere; the sparse one is 0 before success
+    env.close()

@@ -380,3 +380,9 @@ def test_skipping_clipped_samples_gives_the_same_update(kind):
     assert moved > 1e-3  # the update did something
     for a, b in zip(params[False], params[True]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_success_options_build_the_training_envs_only():
+    cfg = small_cfg(terminate_on_success=True, success_reward=1.0)
+    assert cfg.train_env_kwargs() == {"terminate_on_success": True, "success_reward": 1.0}
+    assert small_cfg().train_env_kwargs() == {}
