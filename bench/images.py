@@ -1,14 +1,28 @@
 """Image generation benchmark on scikit-learn's digits: few-step quality of 1-RF, 2-RF, distilled 2-RF and
 shortcut models, with the rectified-flow-pytorch package as a peer on the same network, data and budget.
 
-    python -m bench.images [--budget small|full]
+    python -m bench.images [--budget small|full] [--seeds 0 1 2] [--draws 5] [--no-peer]
 
-Every model samples the same evaluation noise. Quality is the Fréchet distance (FD) of the digits
-classifier's penultimate features (agents/images/classifier.py) between generated and all real images; the
-``data`` row scores real images (a subset of the reference) for the floor. Straightness is
-flowpolicy.reflow.straightness. Writes bench/results/images.{json,md,png} (``images-small.*`` for the small
-budget) and prints the table. "training s" is each model's own stage: the 2-RF's includes solving its
-couplings; the distilled students start from the trained 2-RF, which starts from the 1-RF.
+Measured on held-out data (agents/images/evaluation.py):
+
+- The digits are split, stratified and seeded, into a training part (60%: the generators and the feature
+  network train on it) and a held-out part (40%) that nothing trains on.
+- Features come from a small CNN of its own architecture and seed trained on the training part's labels, not
+  from the reward classifier that alignment uses.
+- Every score compares n generated images with n held-out real images, n = half the held-out part. The
+  floor is the FD between the two disjoint real halves (what a perfect generator scores with n samples);
+  "FD - floor" is paired with it split by split. Each draw averages over 4 random splits.
+- Precision, recall, density and coverage (k = 5 nearest neighbours in the same features) show
+  unrealistic samples and dropped modes; "NN ratio" (median pixel distance of a sample to its nearest
+  training image over the same median for held-out real images: 1 for fresh images, 0 for copies) and
+  "copy rate" show memorisation, which FD cannot see (the "training images" row scores the floor).
+- Each (model, steps) is sampled in ``--draws`` independent draws of noise (the same noise and splits for
+  every model) for every training seed. The interval is a Student-t 95% interval over the seeds' means when
+  there are several seeds, else over the draws of the one seed (sampling noise only; says ``over``).
+
+Straightness is flowpolicy.reflow.straightness. Writes bench/results/images.{json,md,png} (``images-small.*``
+etc. for other budgets) and prints the table. "training s" is each model's own stage: the 2-RF's includes
+solving its couplings; the distilled students start from the trained 2-RF, which starts from the 1-RF.
 """
 
 from __future__ import annotations
@@ -16,6 +30,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import os
 import platform
 import sys
@@ -24,33 +39,43 @@ import time
 import types
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from agents.images.classifier import FrechetScorer, load_or_train_classifier
 from agents.images.data import load_digits
-from agents.images.trainer import (
-    TrainedModel,
-    eval_noise,
-    evaluate,
-    image_grid,
-    train_base,
-    train_distilled,
-    train_reflow,
-)
+from agents.images.evaluation import HeldOutJudge, accuracy_on, heldout_split, load_or_train_encoder
+from agents.images.trainer import eval_noise, evaluate, image_grid, train_base, train_distilled, train_reflow
 from flowpolicy import EMA, RectifiedFlow, make_network
 
 ROOT = Path(__file__).resolve().parents[1]
-RF_STEPS = [1, 2, 4, 8, 100]
-REFLOW_STEPS = [1, 2]
-SHORTCUT_STEPS = [1, 4, 128]
-# per budget: overrides of configs/stage/image.yaml
+# per budget: overrides of configs/stage/image.yaml ("stage") and the benchmark's own settings. "tiny" is a
+# seconds-long smoke test of the whole pipeline (tests/test_images.py); its numbers mean nothing.
 BUDGETS = {
-    "small": {"train_steps": 300, "reflow": {"couplings": 2000, "steps": 300}, "distill": {"steps": 300},
-              "eval": {"samples": 500, "straightness_samples": 200, "straightness_steps": 16}},
-    "full": {"train_steps": 3000, "reflow": {"couplings": 20000, "steps": 3000}, "distill": {"steps": 3000},
-             "eval": {"samples": 1000, "straightness_samples": 500, "straightness_steps": 32}},
+    "tiny": {"stage": {"train_steps": 10, "batch_size": 32, "net": {"channels": [8, 16], "emb_dim": 16},
+                       "reflow": {"couplings": 64, "couplings_steps": 2, "steps": 10},
+                       "distill": {"steps": 10}, "shortcut": {"max_level": 2},
+                       "eval": {"straightness_samples": 16, "straightness_steps": 4}},
+             "seeds": [0], "draws": 2, "samples": 40, "encoder_steps": 30,
+             "rf_steps": [1, 4], "reflow_steps": [1], "shortcut_steps": [1, 4]},
+    "small": {"stage": {"train_steps": 300, "reflow": {"couplings": 2000, "steps": 300},
+                        "distill": {"steps": 300},
+                        "eval": {"straightness_samples": 200, "straightness_steps": 16}},
+              "seeds": [0], "draws": 5, "samples": None, "encoder_steps": 1500,
+              "rf_steps": [1, 2, 4, 8, 100], "reflow_steps": [1, 2], "shortcut_steps": [1, 4, 128]},
+    "full": {"stage": {"train_steps": 3000, "reflow": {"couplings": 20000, "steps": 3000},
+                       "distill": {"steps": 3000},
+                       "eval": {"straightness_samples": 500, "straightness_steps": 32}},
+             "seeds": [0, 1, 2], "draws": 5, "samples": None, "encoder_steps": 1500,
+             "rf_steps": [1, 2, 4, 8, 100], "reflow_steps": [1, 2], "shortcut_steps": [1, 4, 128]},
 }
+HELDOUT_FRACTION = 0.4   # of each class; nothing trains on it
+SPLIT_SEED = 0           # the train / held-out split (the same for every training seed)
+ENCODER_SEED = 1         # the feature network (the reward classifier of agents/images/align.py uses 0 and 1,
+                         # with another architecture, on all images)
+SPLITS_PER_DRAW = 4
+METRICS = ("fd", "floor", "fd_excess", "precision", "recall", "density", "coverage", "nn_ratio", "copy_rate")
+UNIT_METRICS = ("precision", "recall", "coverage", "copy_rate")  # shares, in [0, 1]
 
 
 # --- the peer --------------------------------------------------------------------------------------------------
@@ -152,21 +177,84 @@ class PeerModel:
                                          noise=x0[i : i + batch]) for i in range(0, x0.shape[0], batch)])
 
 
-def _evaluate_peer(peer: PeerModel, x0, steps_list, scorer) -> tuple[dict, dict]:
-    metrics, samples = {"fd": {}, "sample_s": {}}, {}
-    for k in steps_list:
-        start = time.perf_counter()
-        samples[k] = peer.generate(x0, k)
-        metrics["sample_s"][k] = time.perf_counter() - start
-        metrics["fd"][k] = scorer(samples[k])
-    return metrics, samples
+# --- statistics ------------------------------------------------------------------------------------------
 
 
-# --- the benchmark --------------------------------------------------------------------------------------------
+def t_interval(values, level: float = 0.95) -> tuple[float, float, float]:
+    """(mean, lo, hi): the Student-t interval of the mean of ``values`` (one per independent replicate).
+
+    One value gives (v, nan, nan); any non-finite value gives (inf or nan) for all three.
+    """
+    from scipy import stats
+
+    x = np.asarray([float(v) for v in values], dtype=float)
+    if len(x) == 0:
+        return math.nan, math.nan, math.nan
+    if not np.isfinite(x).all():
+        m = float(np.mean(x)) if not np.isnan(x).any() else math.nan
+        return m, m, m
+    m = float(x.mean())
+    if len(x) == 1:
+        return m, math.nan, math.nan
+    half = float(stats.t.ppf(0.5 + level / 2, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x)))
+    return m, m - half, m + half
+
+
+def replicates(entries: list[dict], key) -> tuple[list[float], str]:
+    """The independent replicates of ``key`` (a name or a function of an entry) over ``entries`` (one per
+    seed and draw): each training seed's mean over its draws when there are several seeds, else the draws."""
+    get = key if callable(key) else (lambda e: e[key])
+    seeds = list(dict.fromkeys(e["seed"] for e in entries))
+    if len(seeds) >= 2:
+        return [float(np.mean([get(e) for e in entries if e["seed"] == s])) for s in seeds], "seeds"
+    return [get(e) for e in entries], "draws"
+
+
+def aggregate(raw: list[dict]) -> list[dict]:
+    """One row per (model, steps) in order of first appearance: the mean and interval of every metric."""
+    groups: dict[tuple, list[dict]] = {}
+    for e in raw:
+        groups.setdefault((e["model"], e["steps"]), []).append(e)
+    rows = []
+    for (model, steps), entries in groups.items():
+        first = entries[0]
+        seeds = list(dict.fromkeys(e["seed"] for e in entries))
+        row = {"method": first["method"], "model": model, "impl": first["impl"], "steps": steps,
+               "nfe": steps, "n_seeds": len(seeds), "n_draws": len(entries) // len(seeds)}
+        for m in METRICS:
+            values, over = replicates(entries, m)
+            mean, lo, hi = t_interval(values)
+            if m != "fd_excess":  # the interval stays in the metric's range
+                lo = max(lo, 0.0)
+                hi = min(hi, 1.0) if m in UNIT_METRICS else hi
+            row[m], row[f"{m}_lo"], row[f"{m}_hi"] = mean, lo, hi
+        row["over"] = over
+        for m in ("sample_s", "train_s", "straightness"):
+            vals = [e[m] for e in entries if e.get(m) is not None]
+            row[m] = float(np.mean(vals)) if vals else None
+        rows.append(row)
+    return rows
+
+
+def paired_target(raw: list[dict], one_step: str, reference: tuple[str, int], factor: float = 1.5) -> dict:
+    """Interval of ``excess(one_step @ 1) - factor * excess(reference)``, paired by seed and draw (the same
+    noise and splits): entirely <= 0 means the target "1-step excess <= factor x reference excess" is met."""
+    a = {(e["seed"], e["draw"]): e["fd_excess"] for e in raw if e["model"] == one_step and e["steps"] == 1}
+    b = {(e["seed"], e["draw"]): e["fd_excess"] for e in raw
+         if e["model"] == reference[0] and e["steps"] == reference[1]}
+    entries = [{"seed": s, "draw": d, "diff": a[(s, d)] - factor * b[(s, d)]} for s, d in a if (s, d) in b]
+    values, over = replicates(entries, "diff")
+    mean, lo, hi = t_interval(values)
+    verdict = ("met" if hi <= 0 else "not met" if lo > 0 else "not decided by the intervals"
+               ) if math.isfinite(lo) else "no interval"
+    return {"model": one_step, "diff": mean, "diff_lo": lo, "diff_hi": hi, "over": over, "verdict": verdict}
+
+
+# --- the benchmark --------------------------------------------------------------------------------------
 
 
 LABELS = {"1rf": "1-RF", "2rf": "2-RF", "shortcut": "shortcut", "peer_1rf": "1-RF (rectified-flow-pytorch)",
-          "data": "data (real images)"}
+          "data": "held-out real images (the floor)", "train_copy": "training images (a perfect memoriser)"}
 
 
 def _label(name: str, info: dict | None = None) -> str:
@@ -178,42 +266,65 @@ def _label(name: str, info: dict | None = None) -> str:
     return LABELS.get(name, name)
 
 
-def _rows_for(name: str, impl: str, metrics: dict, train_s: float, extra: dict | None = None) -> list[dict]:
-    return [{"method": _label(name, extra), "model": name, "impl": impl, "steps": k, "nfe": k, "fd": metrics["fd"][k],
-             "sample_s": metrics["sample_s"][k], "train_s": train_s, "straightness": metrics.get("straightness"),
-             "seed": 0, **(extra or {})} for k in metrics["fd"]]
-
-
-def _straightness(rows: list[dict], model: str) -> float | None:
-    """The straightness recorded for ``model`` (None if it has none)."""
-    return next((r["straightness"] for r in rows if r["model"] == model), None)
+def _ci(r: dict, m: str, fmt: str) -> str:
+    mean, lo, hi = r[m], r[f"{m}_lo"], r[f"{m}_hi"]
+    if not math.isfinite(mean):
+        return str(mean)
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return format(mean, fmt)
+    return f"{mean:{fmt}} [{lo:{fmt}}, {hi:{fmt}}]"
 
 
 def _markdown(rows: list[dict]) -> str:
-    lines = ["| method | impl | steps | FD (lower is better) | sampling s | training s | straightness |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["| method | impl | steps | FD | FD − floor | precision | recall | coverage | NN ratio "
+             "| sampling s | training s | straightness |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         s = "" if r.get("straightness") is None else f"{r['straightness']:.4f}"
         train = "" if r["train_s"] is None else f"{r['train_s']:.1f}"
         samp = "" if r["sample_s"] is None else f"{r['sample_s']:.2f}"
-        lines.append(f"| {r['method']} | {r['impl']} | {r['steps']} | {r['fd']:.2f} | {samp} | {train} | {s} |")
+        lines.append(f"| {r['method']} | {r['impl']} | {r['steps']} | {_ci(r, 'fd', '.1f')} | "
+                     f"{_ci(r, 'fd_excess', '.1f')} | {_ci(r, 'precision', '.2f')} | "
+                     f"{_ci(r, 'recall', '.2f')} | "
+                     f"{_ci(r, 'coverage', '.2f')} | {_ci(r, 'nn_ratio', '.2f')} | {samp} | {train} | {s} |")
     return "\n".join(lines)
 
 
-def _plot(strips: list[tuple[str, torch.Tensor]], path: Path) -> None:
+def _plot(rows: list[dict], strips: list[tuple[str, torch.Tensor]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(strips), 1, figsize=(8, 0.5 * len(strips) + 0.4))
-    for ax, (label, imgs) in zip(axes, strips):
-        ax.imshow(image_grid([imgs], scale=1), cmap="gray", vmin=0, vmax=255, interpolation="nearest")
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
-    fig.suptitle("digits samples from the same noise (rows: model @ Euler steps)", fontsize=9)
-    fig.tight_layout()
+    plot_h, gap, strip_h = 3.4, 0.8, 0.42  # inches
+    height = 0.4 + plot_h + gap + strip_h * len(strips) + 0.1
+    fig = plt.figure(figsize=(8, height))
+    ax = fig.add_axes((0.12, 1 - (0.4 + plot_h) / height, 0.85, plot_h / height))
+    grid = fig.add_gridspec(len(strips), 1, hspace=0.25, left=0.3, right=0.97,
+                            top=1 - (0.4 + plot_h + gap) / height, bottom=0.1 / height)
+    for model in dict.fromkeys(r["model"] for r in rows if r["steps"] > 0):
+        rs = [r for r in rows if r["model"] == model]
+        x = [r["steps"] for r in rs]
+        y = np.array([r["fd_excess"] for r in rs])
+        lo = np.array([r["fd_excess_lo"] for r in rs])
+        hi = np.array([r["fd_excess_hi"] for r in rs])
+        err = np.nan_to_num(np.stack([y - lo, hi - y]))
+        ax.errorbar(x, y, yerr=err, marker="o", ms=3, capsize=2, label=rs[0]["method"])
+    ax.axhline(0.0, color="k", lw=0.8, ls="--", label="the floor (real vs real)")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("symlog", linthresh=10)
+    ax.set_xlabel("Euler steps")
+    ax.set_ylabel("FD − floor (95% interval)", fontsize=8)
+    ax.legend(fontsize=6, loc="upper right")
+    for i, (label, imgs) in enumerate(strips):
+        a = fig.add_subplot(grid[i])
+        a.imshow(image_grid([imgs], scale=1), cmap="gray", vmin=0, vmax=255, interpolation="nearest",
+                 aspect="auto")
+        a.set_xticks([])
+        a.set_yticks([])
+        a.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=7)
+    fig.suptitle("digits: FD above the held-out floor; samples from the same noise (model @ Euler steps)",
+                 fontsize=9)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -221,7 +332,12 @@ def _plot(strips: list[tuple[str, torch.Tensor]], path: Path) -> None:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--budget", choices=sorted(BUDGETS), default="small")
+    parser.add_argument("--seeds", type=int, nargs="+", help="training seeds (default: the budget's)")
+    parser.add_argument("--draws", type=int,
+                        help="sampling draws per model and steps (default: the budget's)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--cache", default=str(ROOT / "data" / "classifiers"),
+                        help="where the trained feature network is cached")
     parser.add_argument("--no-peer", action="store_true", help="skip rectified-flow-pytorch")
     parser.add_argument("--progress", action="store_true", help="tqdm bars while training")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -229,106 +345,185 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     wall = time.perf_counter()
-    seed = 0
+    budget = BUDGETS[args.budget]
+    seeds = list(args.seeds or budget["seeds"])
+    draws = int(args.draws or budget["draws"])
+    if draws < 2:
+        raise SystemExit("--draws must be at least 2 (an interval needs replicates)")
     stage = OmegaConf.merge(OmegaConf.load(ROOT / "configs" / "stage" / "image.yaml"),
-                            OmegaConf.create(BUDGETS[args.budget]))
+                            OmegaConf.create(budget["stage"]))
     stage.progress = args.progress
     data = load_digits()
     shape = data.image_shape
+    train, held = heldout_split(data, HELDOUT_FRACTION, SPLIT_SEED)
+    n = int(budget["samples"] or len(held) // 2)
 
     start = time.perf_counter()
-    clf, cinfo = load_or_train_classifier(data, cache_dir=ROOT / "data" / "classifiers",
-                                          steps=int(stage.classifier.steps), seed=int(stage.classifier.seed))
-    cinfo["wall_s"] = time.perf_counter() - start
-    scorer = FrechetScorer(clf, data.images)
-    n_eval = int(stage.eval.samples)
-    x0 = eval_noise(n_eval, shape, seed + 12345)
+    encoder, einfo = load_or_train_encoder(train, cache_dir=Path(args.cache),
+                                           steps=int(budget["encoder_steps"]), seed=ENCODER_SEED)
+    einfo.update(wall_s=time.perf_counter() - start, heldout_accuracy=accuracy_on(encoder, held),
+                 train_accuracy=accuracy_on(encoder, train))
+    judge = HeldOutJudge(encoder, train.images, held.images, n, k=5, splits_per_draw=SPLITS_PER_DRAW,
+                         split_seed=SPLIT_SEED + 1000)
+    noises = [eval_noise(n, shape, 12345 + d) for d in range(draws)]
     ev = {"straightness_samples": int(stage.eval.straightness_samples),
-          "straightness_steps": int(stage.eval.straightness_steps), "seed": seed}
+          "straightness_steps": int(stage.eval.straightness_steps)}
 
-    rows, strips = [], []
-    real = data.images[torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n_eval]]
-    rows += _rows_for("data", "-", {"fd": {0: scorer(real)}, "sample_s": {0: None}}, None)
-    strips.append(("data", real[:16]))
+    raw: list[dict] = []
+    strips: list[tuple[str, torch.Tensor]] = []
+    for d in range(draws):  # the two reference rows: real held-out images and copies of training images
+        raw.append({"model": "data", "method": LABELS["data"], "impl": "-", "steps": 0, "seed": None,
+                    "draw": d, **judge.score_real(d)})
+    for d in range(draws):
+        pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(54321 + d))[:n]
+        copies = train.images[pick]
+        raw.append({"model": "train_copy", "method": LABELS["train_copy"], "impl": "-", "steps": 0,
+                    "seed": None, "draw": d, **judge.score(copies, d)})
+        if d == 0:
+            strips.append(("training images", copies[:16]))
+    strips.insert(0, ("held-out real", held.images[judge.split(0)["other"][:16]]))
 
-    def record(model: TrainedModel, steps_list, impl="flowpolicy", straight=True):
-        metrics, samples = evaluate(model, x0, steps_list, scorer, **(ev if straight else {"seed": seed}))
-        rows.extend(_rows_for(model.name, impl, metrics, model.train_s, model.info))
-        strips.extend((f"{_label(model.name, model.info)} @ {k}", samples[k][:16]) for k in steps_list)
-        print(f"[{time.perf_counter() - wall:6.0f}s] {model.name}: train {model.train_s:.0f}s, "
-              f"FD {({k: round(v, 2) for k, v in metrics['fd'].items()})}", flush=True)
-
-    torch.manual_seed(seed)
-    rf1 = train_base("1rf", "rf", data, stage, "cpu", progress=args.progress)
-    record(rf1, RF_STEPS)
-    rf2 = train_reflow(rf1, stage, seed, progress=args.progress)
-    record(rf2, REFLOW_STEPS)
-    students = train_distilled(rf2, stage, seed, progress=args.progress)
-    for student in students:
-        record(student, REFLOW_STEPS, straight=False)
-    torch.manual_seed(seed)
-    shortcut = train_base("shortcut", "shortcut", data, stage, "cpu", progress=args.progress)
-    record(shortcut, SHORTCUT_STEPS)
+    def record(model, steps_list, seed: int, impl: str = "flowpolicy", straight: bool = True) -> None:
+        info = getattr(model, "info", {})
+        label = _label(model.name, info)
+        s = None
+        if straight:
+            s = evaluate(model, noises[0][:1], [], None, seed=seed, **ev)[0].get("straightness")
+        for k in steps_list:
+            for d in range(draws):
+                t0 = time.perf_counter()
+                x = model.generate(noises[d], k)
+                raw.append({"model": model.name, "method": label, "impl": impl, "steps": k, "seed": seed,
+                            "draw": d, "sample_s": time.perf_counter() - t0, "train_s": model.train_s,
+                            "straightness": s, **{key: v for key, v in info.items() if key in ("k", "pairs")},
+                            **judge.score(x, d)})
+                if seed == seeds[0] and d == 0:
+                    strips.append((f"{label} @ {k}", x[:16]))
+        mine = [e for e in raw if e["model"] == model.name and e["seed"] == seed]
+        excess = {k: round(float(np.mean([e["fd_excess"] for e in mine if e["steps"] == k])), 1)
+                  for k in steps_list}
+        print(f"[{time.perf_counter() - wall:6.0f}s] seed {seed} {model.name}: train {model.train_s:.0f}s, "
+              f"FD - floor {excess}", flush=True)
 
     rfp, peer_note = (None, "skipped (--no-peer)") if args.no_peer else _import_peer()
-    if rfp is not None:
+    students = []
+    for seed in seeds:
         torch.manual_seed(seed)
-        peer = PeerModel(rfp, shape, stage)
-        # same network, same convention: before training, the peer's sampler must reproduce ours exactly
-        ours = RectifiedFlow(peer.ema.model.net, shape).sample(steps=4, x0=x0[:64])
-        if not torch.allclose(peer.generate(x0[:64], 4), ours, atol=1e-5):
-            raise RuntimeError("rectified-flow-pytorch's Euler sampler disagrees with flowpolicy's on one network")
-        peer.train(data.images, int(stage.train_steps), int(stage.batch_size), float(stage.lr),
-                   float(stage.grad_clip), str(stage.lr_schedule))
-        metrics, samples = _evaluate_peer(peer, x0, RF_STEPS, scorer)
-        rows.extend(_rows_for(peer.name, "rectified-flow-pytorch", metrics, peer.train_s))
-        strips.extend((f"{_label(peer.name)} @ {k}", samples[k][:16]) for k in RF_STEPS)
-        print(f"[{time.perf_counter() - wall:6.0f}s] peer: FD {metrics['fd']}", flush=True)
+        rf1 = train_base("1rf", "rf", train, stage, "cpu", progress=args.progress)
+        record(rf1, budget["rf_steps"], seed)
+        rf2 = train_reflow(rf1, stage, seed, progress=args.progress)
+        record(rf2, budget["reflow_steps"], seed)
+        students = train_distilled(rf2, stage, seed, progress=args.progress)
+        for student in students:
+            record(student, budget["reflow_steps"], seed, straight=False)
+        torch.manual_seed(seed)
+        shortcut = train_base("shortcut", "shortcut", train, stage, "cpu", progress=args.progress)
+        record(shortcut, budget["shortcut_steps"], seed, straight=False)
+        if rfp is not None:
+            torch.manual_seed(seed)
+            peer = PeerModel(rfp, shape, stage)
+            # same network, same convention: before training, the peer's sampler must reproduce ours exactly
+            ours = RectifiedFlow(peer.ema.model.net, shape).sample(steps=4, x0=noises[0][:64])
+            if not torch.allclose(peer.generate(noises[0][:64], 4), ours, atol=1e-5):
+                raise RuntimeError("rectified-flow-pytorch's Euler sampler disagrees with flowpolicy's on "
+                                   "one network")
+            peer.train(train.images, int(stage.train_steps), int(stage.batch_size), float(stage.lr),
+                       float(stage.grad_clip), str(stage.lr_schedule))
+            record(peer, budget["rf_steps"], seed, impl="rectified-flow-pytorch", straight=False)
 
-    def fd(model, k):
-        return next(r["fd"] for r in rows if r["model"] == model and r["steps"] == k)
+    rows = aggregate(raw)
 
-    reference = fd("1rf", 100)
-    one_step = {m: fd(m, 1) for m in [s.name for s in students] + ["shortcut"]}
-    best = min(one_step, key=one_step.get)
-    best_label = next(r["method"] for r in rows if r["model"] == best)
+    def row(model, k):
+        return next(r for r in rows if r["model"] == model and r["steps"] == k)
+
+    reference = ("1rf", max(budget["rf_steps"]))
+    candidates = [s.name for s in students] + ["shortcut"]
+    best = min(candidates, key=lambda m: row(m, 1)["fd_excess"])
+    targets = {m: paired_target(raw, m, reference) for m in candidates}
+    floors = [judge.split(i)["floor"] for i in range(draws * SPLITS_PER_DRAW)]
+    floor_mean, floor_lo, floor_hi = t_interval(judge.floors(draws))
+    at_floor = [f"{r['method']} @ {r['steps']}" for r in rows
+                if r["model"] not in ("data", "train_copy") and math.isfinite(r["fd_excess_lo"])
+                and r["fd_excess_lo"] <= 0]
     summary = {
-        "fd_1rf_100_steps": reference,
-        "best_one_step": {"model": best, "fd": one_step[best], "ratio_to_1rf_100_steps": one_step[best] / reference},
-        "target": "1-step FD of distilled 2-RF or shortcut <= 1.5 x the 100-step FD of 1-RF",
-        "target_met": one_step[best] <= 1.5 * reference,
-        "straightness": {m: _straightness(rows, m) for m in ("1rf", "2rf")},
+        "floor": {"n": n, "mean": floor_mean, "lo": floor_lo, "hi": floor_hi,
+                  "split_sd": float(np.std(floors, ddof=1)), "splits": len(floors),
+                  "per_draw_splits": SPLITS_PER_DRAW},
+        "reference": {"model": reference[0], "steps": reference[1],
+                      **{k: row(*reference)[k] for k in ("fd_excess", "fd_excess_lo", "fd_excess_hi")}},
+        "best_one_step": {"model": best,
+                          **{k: row(best, 1)[k] for k in ("fd_excess", "fd_excess_lo", "fd_excess_hi")},
+                          "ratio_of_means": row(best, 1)["fd_excess"] / row(*reference)["fd_excess"]},
+        "target": "1-step FD excess over the floor (distilled 2-RF or shortcut) <= 1.5 x the 1-RF's at "
+                  f"{reference[1]} steps",
+        "target_check": targets,
+        "at_floor": at_floor,
+        "split": {"heldout_fraction": HELDOUT_FRACTION, "seed": SPLIT_SEED, "train_images": len(train),
+                  "heldout_images": len(held)},
+        "encoder": einfo,
         "peer": peer_note,
-        "classifier": cinfo,
     }
     out = Path(args.out)
     # the full budget's files feed the README; a quick check must not overwrite them
     stem = "images" if args.budget == "full" else f"images-{args.budget}"
     out.mkdir(parents=True, exist_ok=True)
+    command = "python -m bench.images " + " ".join(argv if argv is not None else sys.argv[1:])
     result = {
         "name": "images",
-        "command": "python -m bench.images " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": command.strip(),
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpus": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads()},
+                    "cpus": os.cpu_count(), "torch": torch.__version__,
+                    "torch_threads": torch.get_num_threads()},
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "wall_s": time.perf_counter() - wall,
-        "config": {"budget": args.budget, "dataset": data.name, "eval_samples": n_eval, "seed": seed,
-                   "stage": OmegaConf.to_container(stage, resolve=True)},
+        "config": {"budget": args.budget, "dataset": data.name, "samples_per_score": n, "seeds": seeds,
+                   "draws": draws, "stage": OmegaConf.to_container(stage, resolve=True),
+                   **{k: v for k, v in budget.items() if k != "stage"}},
         "rows": rows,
         "summary": summary,
+        "draws": raw,
     }
+    over = rows[-1]["over"]
+    t = targets[best]
+    ref_row, best_row = row(*reference), row(best, 1)
+    header = (f"# images\n\n`{result['command']}` on {result['machine']['platform']} ({os.cpu_count()} "
+              f"CPUs, {torch.get_num_threads()} torch threads), torch {torch.__version__}, {result['date']}, "
+              f"wall time {result['wall_s']:.1f} s.\n\n")
+    interval = (f"Student-t 95% over the means of {len(seeds)} training seeds (each {draws} draws of noise)"
+                if over == "seeds" else
+                f"Student-t 95% over {draws} draws of noise of one training seed: sampling noise only, not "
+                "the spread between training seeds")
+    floor_text = (f"{floor_mean:.1f} (sd {summary['floor']['split_sd']:.1f} over {len(floors)} random "
+                  f"splits; each draw averages {SPLITS_PER_DRAW} splits)")
+    notes = (
+        f"\n\n**Held out.** The digits are split per class: {len(train)} training images (the generators and "
+        f"the feature network train on them) and {len(held)} held-out images that nothing trains on. "
+        f"Features: a ReLU/max-pool CNN with 32 features (seed {ENCODER_SEED}), trained on the training "
+        f"images only, accuracy {einfo['heldout_accuracy']:.3f} on the held-out images; it is not the reward "
+        "classifier that alignment uses.\n\n"
+        f"**The floor.** Every score compares n = {n} samples with n held-out real images. The floor is the "
+        f"FD between two disjoint real halves of n: {floor_text}. It is what a perfect generator scores at "
+        "this n. FD − floor is paired with the floor split by split; a row whose FD − floor interval reaches "
+        "0 cannot be told from held-out real images by FD at this n"
+        + (f": {', '.join(at_floor)}." if at_floor else "; no generated row does.") + "\n\n"
+        f"**Intervals** (in brackets): {interval}.\n\n"
+        "**Precision, recall, coverage** (k = 5 nearest neighbours, same features, against the reference "
+        "half): the held-out real row is what real images score at this n; lower precision means unrealistic "
+        "samples, lower recall or coverage dropped modes. **NN ratio**: median pixel distance of a sample to "
+        "its nearest training image over the same for held-out real images (1: as far from the training set "
+        "as new digits; 0: copies). The training-images row shows that FD − floor cannot see memorisation; "
+        "the NN ratio can.\n\n"
+        f"**Target** ({summary['target']}): best 1-step {best_row['method']} FD − floor "
+        f"{_ci(best_row, 'fd_excess', '.1f')} vs {ref_row['method']} @ {reference[1]} "
+        f"{_ci(ref_row, 'fd_excess', '.1f')}; paired difference (1-step − 1.5 × {reference[1]}-step) "
+        f"{t['diff']:.1f} [{t['diff_lo']:.1f}, {t['diff_hi']:.1f}]: {t['verdict']}. Peer: {peer_note}. "
+        f"Budget {args.budget}.\n")
     table = _markdown(rows)
-    notes = (f"\n\nFD: Fréchet distance of digits-classifier features to all {len(data)} real images, "
-             f"{n_eval} samples per row, same noise for every model; classifier held-out accuracy "
-             f"{cinfo['holdout_accuracy']:.3f}. Best 1-step: {best_label} FD {one_step[best]:.2f} = "
-             f"{summary['best_one_step']['ratio_to_1rf_100_steps']:.2f} x the 1-RF 100-step FD {reference:.2f} "
-             f"(target <= 1.5x: {'met' if summary['target_met'] else 'not met'}). Peer: {peer_note}. "
-             f"Budget {args.budget}, wall {result['wall_s']:.0f} s on {os.cpu_count()} CPUs.\n")
     with tempfile.NamedTemporaryFile("w", dir=out, delete=False, suffix=".tmp") as f:
         json.dump(result, f, indent=2)
     os.replace(f.name, out / f"{stem}.json")
-    (out / f"{stem}.md").write_text(table + notes)
-    _plot(strips, out / f"{stem}.png")
+    (out / f"{stem}.md").write_text(header + table + notes)
+    _plot(rows, strips, out / f"{stem}.png")
     print(table + notes)
     return result
 

@@ -14,6 +14,8 @@ from PIL import Image
 
 from agents.images import (
     FrechetScorer,
+    ImageClassifier,
+    ImageData,
     denormalize,
     frechet_distance,
     load_dataset,
@@ -27,8 +29,12 @@ from agents.images import (
     train_classifier,
 )
 from agents.images.data import to_uint8
+from agents.images.evaluation import HeldOutJudge, accuracy_on, fd_features, heldout_split, train_encoder
 from agents.images.trainer import TrainedModel, build_flow, eval_noise, train_base
+from bench.images import BUDGETS, paired_target, replicates, t_interval
+from bench.images import main as bench_images
 from flowpolicy import EMA
+from flowpolicy.metrics import precision_recall_coverage
 
 
 def _stage(**over):
@@ -250,3 +256,122 @@ def test_run_rejects_bad_settings_before_training(tmp_path):
     with pytest.raises(ValueError, match="unknown stage.method"):
         run(_cfg(tmp_path, "ddpm"), run_dir=tmp_path / "b")
     assert not (tmp_path / "a" / "checkpoints").exists()
+
+
+# --- held-out metrics (agents/images/evaluation.py, flowpolicy/metrics.py, bench/images.py) ---------------
+
+
+class _PixelFeatures(torch.nn.Module):
+    """The identity feature map (pixels as features): held-out metrics without training a network."""
+
+    def __init__(self):
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(1))
+
+    def features(self, images):
+        return images.flatten(1)
+
+
+def test_heldout_split_is_disjoint_stratified_and_seeded(digits):
+    ids = ImageData(torch.arange(300.0).reshape(300, 1, 1, 1), torch.arange(300) % 3, 3, "ids", ["a", "b", "c"])
+    train, held = heldout_split(ids, 0.4, seed=0)
+    a, b = set(train.images.flatten().tolist()), set(held.images.flatten().tolist())
+    assert not a & b and a | b == set(range(300))
+    assert held.labels.bincount().tolist() == [40, 40, 40]
+    assert torch.equal(heldout_split(ids, 0.4, seed=0)[1].images, held.images)
+    assert not torch.equal(heldout_split(ids, 0.4, seed=1)[1].images, held.images)
+    train, held = heldout_split(digits, 0.4)
+    assert len(train) + len(held) == len(digits) and len(held) == 719
+    assert train.name != held.name != digits.name  # caches keyed by name never mix the parts
+
+
+def test_feature_network_trains_on_the_training_part_only_and_differs_from_the_reward_classifier(digits):
+    train, held = heldout_split(digits, 0.4)
+    enc, info = train_encoder(train, steps=150, seed=1)
+    assert info["train_images"] == len(train) and info["train_fingerprint"] == train.fingerprint()
+    assert info["feature_dim"] == 32 and not isinstance(enc, ImageClassifier)
+    assert accuracy_on(enc, held) > 0.7  # features that see digits, measured on images it never saw
+    again, _ = train_encoder(train, steps=150, seed=1)
+    assert all(torch.equal(x, y) for x, y in zip(enc.state_dict().values(), again.state_dict().values()))
+
+
+def test_fd_floor_is_zero_for_identical_samples_and_positive_for_disjoint_real_halves(digits):
+    feats = digits.images.flatten(1)[:500]
+    assert fd_features(feats, feats) == pytest.approx(0.0, abs=1e-6)
+    train, held = heldout_split(digits, 0.4)
+    judge = HeldOutJudge(_PixelFeatures(), train.images, held.images, n=300, splits_per_draw=1)
+    floors = judge.floors(5)
+    assert all(f > 0.1 for f in floors) and len(set(floors)) == 5  # disjoint halves differ; the floor spreads
+    s = judge.split(0)
+    assert not set(s["ref"].tolist()) & set(s["other"].tolist())
+    real = judge.score(held.images[s["other"]], 0)  # the other half scored like samples: exactly the floor
+    assert real["fd"] == pytest.approx(floors[0]) and real["fd_excess"] == pytest.approx(0.0, abs=1e-9)
+    assert judge.score_real(0)["fd_excess"] == 0.0
+    noise = judge.score(torch.rand(300, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1, 0)
+    assert noise["fd_excess"] > 10 * floors[0] and noise["precision"] < 0.2 and noise["coverage"] < 0.2
+    with pytest.raises(ValueError, match="2 x 400 held-out"):
+        HeldOutJudge(_PixelFeatures(), train.images, held.images, n=400)
+
+
+def test_copies_of_training_images_reach_the_floor_but_not_the_memorisation_measure(digits):
+    train, held = heldout_split(digits, 0.4)
+    judge = HeldOutJudge(_PixelFeatures(), train.images, held.images, n=300, splits_per_draw=4)
+    copies = judge.score(train.images[:300], 0)
+    fresh = judge.score_real(0)
+    assert copies["nn_ratio"] == 0.0 and copies["copy_rate"] == 1.0
+    assert 0.8 < fresh["nn_ratio"] < 1.2 and fresh["copy_rate"] < 0.15
+    assert abs(copies["fd_excess"]) < 0.5 * copies["floor"]  # FD alone cannot tell copies from new digits
+
+
+def test_precision_recall_of_a_copy_is_one_and_lower_for_shifted_or_mode_dropped_samples():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[0.0, 0.0], [8.0, 0.0]])
+    real = torch.randn(400, 2, generator=g) + centres[torch.arange(400) % 2]
+    copy = precision_recall_coverage(real, real.clone())
+    assert copy["precision"] == copy["recall"] == copy["coverage"] == 1.0
+    fresh = precision_recall_coverage(real, torch.randn(400, 2, generator=g) + centres[torch.arange(400) % 2])
+    assert min(fresh["precision"], fresh["recall"], fresh["coverage"]) > 0.85 and 0.7 < fresh["density"] < 1.3
+    shifted = precision_recall_coverage(real, real + torch.tensor([0.0, 3.0]))  # 3 sd off
+    assert shifted["precision"] < fresh["precision"] and shifted["recall"] < fresh["recall"] - 0.1
+    assert shifted["coverage"] < 0.4 and shifted["density"] < 0.6  # the outlier-robust pair drops most
+    far = precision_recall_coverage(real, real + torch.tensor([0.0, 50.0]))
+    assert far["precision"] == far["recall"] == far["coverage"] == far["density"] == 0.0
+    one_mode = precision_recall_coverage(real, torch.randn(400, 2, generator=g))  # the mode at 8 dropped
+    assert one_mode["precision"] > 0.9 and one_mode["recall"] < 0.6 and one_mode["coverage"] < 0.6
+
+
+def test_bench_intervals_use_seed_means_and_the_target_is_paired():
+    from scipy import stats
+
+    mean, lo, hi = t_interval([1.0, 2.0, 3.0])
+    assert mean == 2.0 and hi - mean == pytest.approx(stats.t.ppf(0.975, 2) * 1.0 / np.sqrt(3))
+    assert t_interval([5.0])[0] == 5.0 and np.isnan(t_interval([5.0])[1])
+    one_seed = [{"seed": 0, "v": v} for v in (1.0, 2.0, 3.0)]
+    assert replicates(one_seed, "v") == ([1.0, 2.0, 3.0], "draws")
+    two_seeds = one_seed + [{"seed": 1, "v": v} for v in (5.0, 6.0, 7.0)]
+    assert replicates(two_seeds, "v") == ([2.0, 6.0], "seeds")
+    raw = [{"model": m, "steps": k, "seed": 0, "draw": d, "fd_excess": x + 0.1 * d}
+           for d in range(5) for m, k, x in (("a", 1, 10.0), ("ref", 100, 10.0), ("b", 1, 20.0))]
+    assert paired_target(raw, "a", ("ref", 100))["verdict"] == "met"       # 10 <= 1.5 x 10
+    assert paired_target(raw, "b", ("ref", 100))["verdict"] == "not met"   # 20 > 1.5 x 10
+    assert all(BUDGETS[b]["draws"] >= 5 for b in ("small", "full"))
+
+
+def test_image_bench_writes_floor_intervals_and_coverage(tmp_path):
+    out = tmp_path / "results"
+    result = bench_images(["--budget", "tiny", "--no-peer", "--out", str(out), "--cache", str(tmp_path / "c")])
+    rows = {(r["model"], r["steps"]): r for r in result["rows"]}
+    assert {("data", 0), ("train_copy", 0), ("1rf", 4), ("2rf_distill_k1", 1), ("shortcut", 1)} <= set(rows)
+    for r in rows.values():
+        assert r["n_draws"] == 2 and r["over"] == "draws"
+        assert r["fd_excess_lo"] <= r["fd_excess"] <= r["fd_excess_hi"]
+        assert 0.0 <= r["precision_lo"] <= r["precision"] <= r["precision_hi"] <= 1.0
+    assert rows[("data", 0)]["fd_excess"] == 0.0 and rows[("train_copy", 0)]["nn_ratio"] == 0.0
+    draws = [e for e in result["draws"] if e["model"] == "1rf" and e["steps"] == 4]
+    assert [e["draw"] for e in draws] == [0, 1] and all(e["fd_excess"] == e["fd"] - e["floor"] for e in draws)
+    assert result["summary"]["split"]["heldout_images"] == 719 and result["config"]["samples_per_score"] == 40
+    md = (out / "images-tiny.md").read_text()
+    assert "FD − floor" in md and "The floor" in md and "Student-t 95%" in md
+    assert json.loads((out / "images-tiny.json").read_text())["summary"]["floor"]["n"] == 40
+    with Image.open(out / "images-tiny.png") as im:
+        assert im.size[0] > 100
