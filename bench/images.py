@@ -16,8 +16,8 @@ Measured on held-out data (agents/images/evaluation.py):
   unrealistic samples and dropped modes; "NN ratio" (median pixel distance of a sample to its nearest
   training image over the same median for held-out real images: 1 for fresh images, 0 for copies) and
   "copy rate" show memorisation, which FD cannot see (the "training images" row scores the floor).
-- Each (model, steps) is sampled in ``--draws`` independent draws of noise (the same noise and splits for
-  every model) for every training seed. The interval is a Student-t 95% interval over the seeds' means when
+- Each (model, steps) is sampled in ``--draws`` independent draws of noise for every training seed (each seed
+  its own draws; within a draw, the same noise and splits for every model). The interval is a Student-t 95% interval over the seeds' means when
   there are several seeds, else over the draws of the one seed (sampling noise only; says ``over``).
 
 Straightness is flowpolicy.reflow.straightness. Writes bench/results/images.{json,md,png} (``images-small.*``
@@ -346,7 +346,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     wall = time.perf_counter()
     budget = BUDGETS[args.budget]
-    seeds = list(args.seeds or budget["seeds"])
+    seeds = list(dict.fromkeys(args.seeds or budget["seeds"]))
     draws = int(args.draws or budget["draws"])
     if draws < 2:
         raise SystemExit("--draws must be at least 2 (an interval needs replicates)")
@@ -365,16 +365,19 @@ def main(argv: list[str] | None = None) -> dict:
                  train_accuracy=accuracy_on(encoder, train))
     judge = HeldOutJudge(encoder, train.images, held.images, n, k=5, splits_per_draw=SPLITS_PER_DRAW,
                          split_seed=SPLIT_SEED + 1000)
-    noises = [eval_noise(n, shape, 12345 + d) for d in range(draws)]
+    # draw d of the i-th training seed is draw i * draws + d: every seed gets its own noise and splits (so the
+    # seeds' means are independent replicates); within a draw every model gets the same noise and splits
+    total = draws * len(seeds)
+    noises = [eval_noise(n, shape, 12345 + d) for d in range(total)]
     ev = {"straightness_samples": int(stage.eval.straightness_samples),
           "straightness_steps": int(stage.eval.straightness_steps)}
 
     raw: list[dict] = []
     strips: list[tuple[str, torch.Tensor]] = []
-    for d in range(draws):  # the two reference rows: real held-out images and copies of training images
+    for d in range(total):  # the two reference rows: real held-out images and copies of training images
         raw.append({"model": "data", "method": LABELS["data"], "impl": "-", "steps": 0, "seed": None,
                     "draw": d, **judge.score_real(d)})
-    for d in range(draws):
+    for d in range(total):
         pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(54321 + d))[:n]
         copies = train.images[pick]
         raw.append({"model": "train_copy", "method": LABELS["train_copy"], "impl": "-", "steps": 0,
@@ -389,15 +392,16 @@ def main(argv: list[str] | None = None) -> dict:
         s = None
         if straight:
             s = evaluate(model, noises[0][:1], [], None, seed=seed, **ev)[0].get("straightness")
+        first = seeds.index(seed) * draws
         for k in steps_list:
-            for d in range(draws):
+            for d in range(first, first + draws):
                 t0 = time.perf_counter()
                 x = model.generate(noises[d], k)
                 raw.append({"model": model.name, "method": label, "impl": impl, "steps": k, "seed": seed,
                             "draw": d, "sample_s": time.perf_counter() - t0, "train_s": model.train_s,
                             "straightness": s, **{key: v for key, v in info.items() if key in ("k", "pairs")},
                             **judge.score(x, d)})
-                if seed == seeds[0] and d == 0:
+                if d == 0:
                     strips.append((f"{label} @ {k}", x[:16]))
         mine = [e for e in raw if e["model"] == model.name and e["seed"] == seed]
         excess = {k: round(float(np.mean([e["fd_excess"] for e in mine if e["steps"] == k])), 1)
@@ -440,8 +444,8 @@ def main(argv: list[str] | None = None) -> dict:
     candidates = [s.name for s in students] + ["shortcut"]
     best = min(candidates, key=lambda m: row(m, 1)["fd_excess"])
     targets = {m: paired_target(raw, m, reference) for m in candidates}
-    floors = [judge.split(i)["floor"] for i in range(draws * SPLITS_PER_DRAW)]
-    floor_mean, floor_lo, floor_hi = t_interval(judge.floors(draws))
+    floors = [judge.split(i)["floor"] for i in range(total * SPLITS_PER_DRAW)]
+    floor_mean, floor_lo, floor_hi = t_interval(judge.floors(total))
     at_floor = [f"{r['method']} @ {r['steps']}" for r in rows
                 if r["model"] not in ("data", "train_copy") and math.isfinite(r["fd_excess_lo"])
                 and r["fd_excess_lo"] <= 0]
@@ -489,7 +493,8 @@ def main(argv: list[str] | None = None) -> dict:
     header = (f"# images\n\n`{result['command']}` on {result['machine']['platform']} ({os.cpu_count()} "
               f"CPUs, {torch.get_num_threads()} torch threads), torch {torch.__version__}, {result['date']}, "
               f"wall time {result['wall_s']:.1f} s.\n\n")
-    interval = (f"Student-t 95% over the means of {len(seeds)} training seeds (each {draws} draws of noise)"
+    interval = (f"Student-t 95% over the means of {len(seeds)} training seeds (each its own {draws} draws of "
+                f"noise and splits; the two real rows over their {total} draws)"
                 if over == "seeds" else
                 f"Student-t 95% over {draws} draws of noise of one training seed: sampling noise only, not "
                 "the spread between training seeds")

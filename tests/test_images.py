@@ -359,16 +359,20 @@ def test_bench_intervals_use_seed_means_and_the_target_is_paired():
 
 def test_image_bench_writes_floor_intervals_and_coverage(tmp_path):
     out = tmp_path / "results"
-    result = bench_images(["--budget", "tiny", "--no-peer", "--out", str(out), "--cache", str(tmp_path / "c")])
+    result = bench_images(["--budget", "tiny", "--no-peer", "--seeds", "0", "1", "--out", str(out),
+                           "--cache", str(tmp_path / "c")])
     rows = {(r["model"], r["steps"]): r for r in result["rows"]}
     assert {("data", 0), ("train_copy", 0), ("1rf", 4), ("2rf_distill_k1", 1), ("shortcut", 1)} <= set(rows)
     for r in rows.values():
-        assert r["n_draws"] == 2 and r["over"] == "draws"
+        real = r["model"] in ("data", "train_copy")
+        assert (r["n_seeds"], r["n_draws"], r["over"]) == ((1, 4, "draws") if real else (2, 2, "seeds"))
         assert r["fd_excess_lo"] <= r["fd_excess"] <= r["fd_excess_hi"]
         assert 0.0 <= r["precision_lo"] <= r["precision"] <= r["precision_hi"] <= 1.0
     assert rows[("data", 0)]["fd_excess"] == 0.0 and rows[("train_copy", 0)]["nn_ratio"] == 0.0
     draws = [e for e in result["draws"] if e["model"] == "1rf" and e["steps"] == 4]
-    assert [e["draw"] for e in draws] == [0, 1] and all(e["fd_excess"] == e["fd"] - e["floor"] for e in draws)
+    # each training seed has its own noise and splits: the seeds' means are independent replicates
+    assert [(e["seed"], e["draw"]) for e in draws] == [(0, 0), (0, 1), (1, 2), (1, 3)]
+    assert all(e["fd_excess"] == e["fd"] - e["floor"] for e in draws)
     assert result["summary"]["split"]["heldout_images"] == 719 and result["config"]["samples_per_score"] == 40
     md = (out / "images-tiny.md").read_text()
     assert "FD − floor" in md and "The floor" in md and "Student-t 95%" in md
