@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from envs.episodes import run_episodes
 from envs.factory import make_env, make_vec_env
 from flowpolicy.policy import BasePolicy, FlowPolicy
 
@@ -26,52 +27,35 @@ from .checkpoint import atomic_write_json, atomic_write_text
 def rollout_episodes(policy: BasePolicy, env_name: str, episodes: int, steps: int | None = None, num_envs: int = 4,
                      seed: int = 100_000, max_episode_steps: int | None = None, envs=None,
                      progress: bool = False, desc: str = "eval") -> dict[str, Any]:
-    """Run ``episodes`` deterministic episodes (split over ``num_envs`` sync envs, per-env quotas so short
-    episodes are not over-represented). Returns per-episode returns, successes and lengths. ``progress``
-    shows a bar of finished episodes."""
+    """Run ``episodes`` deterministic episodes (split over ``num_envs`` sync envs by
+    :func:`envs.episodes.run_episodes`, the runner every evaluator uses). Returns per-episode returns,
+    successes and lengths. ``progress`` shows a bar of finished episodes."""
     from tqdm.auto import tqdm
 
     own = envs is None
     if own:
         envs = make_vec_env(env_name, num_envs, seed=seed, obs_horizon=policy.obs_horizon,
                             action_horizon=policy.exec_horizon, max_episode_steps=max_episode_steps)
-    n = envs.num_envs
-    quota = np.array([(episodes + i) // n for i in range(n)])
-    done_count = np.zeros(n, int)
-    ep_ret, ep_len, ep_succ = np.zeros(n), np.zeros(n, int), np.zeros(n, bool)
-    returns, successes, lengths = [], [], []
-    obs, _ = envs.reset(seed=seed)
-    just_reset = np.zeros(n, bool)
     policy.eval()
     # the flows' initial noise comes from a generator seeded like the envs, so an evaluation does not depend
     # on what used the global RNG before it
     gen = torch.Generator(device=policy.device).manual_seed(seed)
     kw = {"generator": gen} if isinstance(policy, FlowPolicy) else {}
-    bar = tqdm(total=int(quota.sum()), desc=desc, disable=not progress, mininterval=1.0, leave=False)
-    while (done_count < quota).any():
+
+    def act(obs):
         chunk = policy.predict_action_chunk(obs, steps=steps, **kw).cpu().numpy()[:, : policy.exec_horizon]
-        act = chunk[:, 0] if policy.exec_horizon == 1 else chunk
-        obs, rew, term, trunc, info = envs.step(act)
-        k_steps = info.get("chunk_steps", np.ones(n, int))
-        succ = np.asarray(info.get("success", np.zeros(n, bool)), bool)
-        for i in range(n):
-            if just_reset[i]:  # gymnasium's next-step autoreset: this step only reset env i
-                ep_ret[i], ep_len[i], ep_succ[i] = 0.0, 0, False
-                continue
-            ep_ret[i] += rew[i]
-            ep_len[i] += int(k_steps[i])
-            ep_succ[i] |= bool(succ[i])
-            if (term[i] or trunc[i]) and done_count[i] < quota[i]:
-                returns.append(float(ep_ret[i]))
-                successes.append(bool(ep_succ[i]))
-                lengths.append(int(ep_len[i]))
-                done_count[i] += 1
-                bar.update(1)
-        just_reset = np.logical_or(term, trunc)
-    bar.close()
-    if own:
-        envs.close()
-    return {"returns": returns, "successes": successes, "lengths": lengths}
+        return chunk[:, 0] if policy.exec_horizon == 1 else chunk
+
+    bar = tqdm(total=episodes, desc=desc, disable=not progress, mininterval=1.0, leave=False)
+    try:
+        with torch.no_grad():
+            out = run_episodes(envs, act, episodes, seed, default_chunk_steps=policy.exec_horizon,
+                               on_episode=lambda: bar.update(1))
+    finally:
+        bar.close()
+        if own:
+            envs.close()
+    return out
 
 
 @torch.no_grad()

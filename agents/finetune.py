@@ -67,6 +67,7 @@ from agents.ppo_utils import (
     iteration_seed,
     lr_factor,
 )
+from envs.episodes import run_episodes
 from flowpolicy import rng
 from flowpolicy.reinflow import NoiseNet, NoisyFlowSampler, gaussian_log_prob
 
@@ -727,8 +728,8 @@ class ReinFlowPPO:
     def evaluate(self, n_episodes: int | None = None) -> dict[str, float]:
         """Deterministic (noise off) episodes at K = ``cfg.steps`` on the eval envs, from ``eval_seed``.
 
-        Env i runs ``n // M`` (+1 for the first ``n % M``) episodes. Returns ``eval/return_mean``,
-        ``eval/return_std``, ``eval/success_rate``, ``eval/episodes``.
+        Run by :func:`envs.episodes.run_episodes`, the runner every evaluator uses (env i runs ``(n + i) // M``
+        episodes). Returns ``eval/return_mean``, ``eval/return_std``, ``eval/success_rate``, ``eval/episodes``.
 
         Data-parallel, every process runs its ``M / N`` eval envs (env i of the M global ones, with its
         seed, its quota and its rows of the global noise) and the episodes are gathered on every process:
@@ -742,26 +743,15 @@ class ReinFlowPPO:
         m = envs.num_envs
         world, rank = self.dist.world_size, self.dist.rank
         m_all, off = m * world, m * rank
-        quota = np.array([n_episodes // m_all + (off + i < n_episodes % m_all) for i in range(m)])
-        stepper = VecEnvStepper(envs, self.env_chunk)
         gen = torch.Generator(device=self.device).manual_seed(c.eval_seed)
-        obs = stepper.reset(seed=c.eval_seed + off)
-        ep_ret, ep_succ = np.zeros(m), np.zeros(m, bool)
-        returns, successes = [], []
-        done_count = np.zeros(m, int)
-        while (done_count < quota).any():
+
+        def act(obs):
             with rng.shard(rank, world):
                 out = self.actor.act(self._cond(obs), deterministic=True, generator=gen)
-            res = stepper.step(self._env_actions(envs, out.action))
-            ep_ret += res.reward
-            ep_succ |= res.success
-            for i in np.flatnonzero(res.terminated | res.truncated):
-                if done_count[i] < quota[i]:
-                    returns.append(float(ep_ret[i]))
-                    successes.append(bool(ep_succ[i]))
-                done_count[i] += 1
-                ep_ret[i], ep_succ[i] = 0.0, False
-            obs = res.obs
+            return self._env_actions(envs, out.action)
+
+        res = run_episodes(envs, act, n_episodes, c.eval_seed, off, m_all, self.env_chunk)
+        returns, successes = res["returns"], res["successes"]
         if self.dist.enabled:
             parts = distributed.all_gather_object((returns, successes))
             returns = [x for part, _ in parts for x in part]

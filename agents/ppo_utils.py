@@ -1,5 +1,5 @@
-"""PPO building blocks that know nothing about the policy: vector-env stepping with correct episode ends,
-GAE, running reward scaling and schedules. Used by :mod:`agents.finetune`.
+"""PPO building blocks that know nothing about the policy: GAE, running reward scaling and schedules. Used by
+:mod:`agents.finetune`. The vector-env stepper lives in :mod:`envs.episodes` (re-exported here).
 """
 
 from __future__ import annotations
@@ -7,102 +7,11 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
 
-import gymnasium as gym
 import numpy as np
 import torch
 
-# --- vector env stepping ----------------------------------------------------------------------------
-
-
-def _info_array(info: dict, key: str, n: int, default, dtype) -> np.ndarray:
-    """Read a per-env entry of a Gymnasium vector ``info`` dict (values plus a ``_key`` mask)."""
-    out = np.full(n, default, dtype=dtype)
-    if key in info:
-        vals = np.asarray(info[key])
-        mask = np.asarray(info.get("_" + key, np.ones(n, bool)), dtype=bool)
-        out[mask] = vals[mask].astype(dtype)
-    return out
-
-
-def _copy_tree(obs):
-    return {k: _copy_tree(v) for k, v in obs.items()} if isinstance(obs, dict) else np.array(obs, copy=True)
-
-
-def _set_row(obs, i: int, value) -> None:
-    if isinstance(obs, dict):
-        for k in obs:
-            _set_row(obs[k], i, value[k])
-    else:
-        obs[i] = value
-
-
-@dataclass
-class StepResult:
-    """One vector step, with episode ends made explicit (shapes: N = number of envs).
-
-    ``obs`` are the observations to act on next (a fresh episode's first observation where one ended);
-    ``final_obs`` equals ``obs`` except where an episode ended, where it holds that episode's last observation
-    (what a truncated transition bootstraps from). ``success`` and ``chunk_steps`` are of the step taken.
-    """
-
-    obs: Any
-    reward: np.ndarray  # (N,) float64, env units
-    terminated: np.ndarray  # (N,) bool
-    truncated: np.ndarray  # (N,) bool
-    final_obs: Any
-    success: np.ndarray  # (N,) bool
-    chunk_steps: np.ndarray  # (N,) int, env steps executed (1 unless the env executes action chunks)
-
-
-class VecEnvStepper:
-    """Steps a Gymnasium ``VectorEnv`` in any autoreset mode and returns :class:`StepResult`.
-
-    - ``SAME_STEP``: the env resets itself; the last observation comes from ``info["final_obs"]`` and the
-      ended step's success / chunk length from ``info["final_info"]``.
-    - ``NEXT_STEP`` (Gymnasium's default) and ``DISABLED``: the step returns the last observation; the ended
-      envs are then reset at once with ``reset(options={"reset_mask": done})`` (supported by Sync and Async
-      vector envs), so no dummy "reset step" with a discarded action is ever stored.
-
-    Args:
-        envs: the vector env. ``default_chunk_steps`` counts env steps per vector step when the env does not
-        report ``info["chunk_steps"]`` (e.g. Ta for an env that takes (Ta, Da) chunks).
-    """
-
-    def __init__(self, envs: gym.vector.VectorEnv, default_chunk_steps: int = 1) -> None:
-        self.envs = envs
-        self.n = envs.num_envs
-        mode = envs.metadata.get("autoreset_mode", gym.vector.AutoresetMode.NEXT_STEP)
-        self.mode = gym.vector.AutoresetMode(mode) if not isinstance(mode, gym.vector.AutoresetMode) else mode
-        self.default_chunk_steps = int(default_chunk_steps)
-
-    def reset(self, seed: int | None = None):
-        """Reset all envs (env i gets ``seed + i``); returns the observations."""
-        obs, _ = self.envs.reset(seed=seed)
-        return obs
-
-    def step(self, actions: np.ndarray) -> StepResult:
-        obs, reward, terminated, truncated, info = self.envs.step(actions)
-        terminated, truncated = np.asarray(terminated, bool), np.asarray(truncated, bool)
-        done = terminated | truncated
-        reward = np.asarray(reward, dtype=np.float64)
-        success = _info_array(info, "success", self.n, False, bool)
-        chunk = _info_array(info, "chunk_steps", self.n, self.default_chunk_steps, np.int64)
-        final_obs = _copy_tree(obs)
-        if done.any():
-            if self.mode == gym.vector.AutoresetMode.SAME_STEP:
-                final_info = info.get("final_info", {})
-                f_success = _info_array(final_info, "success", self.n, False, bool)
-                f_chunk = _info_array(final_info, "chunk_steps", self.n, self.default_chunk_steps, np.int64)
-                for i in np.flatnonzero(done):
-                    _set_row(final_obs, i, info["final_obs"][i])
-                    success[i], chunk[i] = f_success[i], f_chunk[i]
-            else:
-                obs, _ = self.envs.reset(options={"reset_mask": done})
-        return StepResult(obs, reward, terminated, truncated, final_obs, success, chunk)
-
+from envs.episodes import StepResult, VecEnvStepper  # noqa: F401  (re-exported: moved to envs/)
 
 # --- returns and advantages ---------------------------------------------------------------------------
 

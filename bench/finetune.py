@@ -50,11 +50,22 @@ POLICY_SPECS = {
 K_FOR = {"reflow": 4, "shortcut": 1, "gaussian": 1}
 
 
+def task_spec(task: str) -> dict:
+    """A named task of TASKS, or any Meta-World v3 task as ``metaworld/<name>-v3`` with pick-place's setup
+    (20 scripted demos with noise 0.3, Ta = 4, Te = 2, 200-step episodes) and configs/task/metaworld.yaml."""
+    if task in TASKS:
+        return TASKS[task]
+    if task.startswith("metaworld/"):
+        return {**TASKS["pick_place"], "env": task}
+    raise SystemExit(f"error: unknown --task {task!r}; use one of {sorted(TASKS)} or metaworld/<task>-v3")
+
+
 def _task_finetune_defaults(task: str) -> dict:
     """The task's `finetune:` section of configs/task/<task>.yaml (the same defaults train.py uses)."""
     import yaml
 
-    path = Path(__file__).resolve().parents[1] / "configs" / "task" / f"{task}.yaml"
+    name = "metaworld" if task.startswith("metaworld/") else task
+    path = Path(__file__).resolve().parents[1] / "configs" / "task" / f"{name}.yaml"
     d = dict(yaml.safe_load(path.read_text()).get("finetune") or {})
     d.pop("total_env_steps", None)
     return d
@@ -67,7 +78,7 @@ def _pretrain(args):
     torch.set_num_threads(1)
     from agents.pretrain import PretrainConfig, Pretrainer
 
-    t = TASKS[task]
+    t = task_spec(task)
     cfg = PretrainConfig(dataset=dataset, env_name=t["env"], run_dir=str(out_dir), policy=POLICY_SPECS[kind],
                          obs_horizon=t["obs_horizon"], action_horizon=t["action_horizon"],
                          exec_horizon=t["exec_horizon"], steps=steps, eval_every=0, eval_episodes=0,
@@ -80,7 +91,7 @@ def _pretrain(args):
 
 DIAG_KEYS = ("train/approx_kl", "train/kl_per_dim", "train/clipfrac", "train/log_ratio_std", "train/sigma_mean",
              "train/sigma_obs_min", "train/sigma_obs_max", "rollout/return_mean", "train/explained_variance",
-             "train/value_loss", "train/actor_updated", "train/epochs")
+             "train/value_loss", "train/actor_updated", "train/epochs", "train/two_pass", "train/carry_frac")
 
 
 def _finetune(args):
@@ -92,7 +103,7 @@ def _finetune(args):
     from agents.policies import policy_from_checkpoint
     from envs.factory import make_vec_env
 
-    t = TASKS[task]
+    t = task_spec(task)
     fc = {**_task_finetune_defaults(task), "steps": K_FOR[method], "seed": seed, **overrides}
     cfg = FinetuneConfig.from_dict(fc)
     policy, _ = policy_from_checkpoint(ckpt)
@@ -134,30 +145,16 @@ def _finetune(args):
 
 def _evaluate_sb3(model, task: str, n_episodes: int, eval_seed: int, num_envs: int) -> float:
     """SB3 model on the same evaluation episodes as ReinFlowPPO.evaluate: ``num_envs`` envs reset with
-    ``eval_seed``, env i running ``n // M`` (+1 for the first ``n % M``) episodes, deterministic actions."""
+    ``eval_seed``, env i running ``(n + i) // M`` episodes (the one rule), deterministic actions."""
+    from envs.episodes import run_episodes
     from envs.factory import make_vec_env
 
-    t = TASKS[task]
+    t = task_spec(task)
     envs = make_vec_env(t["env"], num_envs, seed=eval_seed, action_horizon=1,
                         max_episode_steps=t["max_episode_steps"])
     try:
-        from agents.ppo_utils import VecEnvStepper
-
-        m = envs.num_envs
-        quota = np.array([n_episodes // m + (i < n_episodes % m) for i in range(m)])
-        stepper = VecEnvStepper(envs)
-        obs = stepper.reset(seed=eval_seed)
-        ep_ret, done_count, returns = np.zeros(m), np.zeros(m, int), []
-        while (done_count < quota).any():
-            act, _ = model.predict(obs, deterministic=True)
-            res = stepper.step(act)
-            ep_ret += res.reward
-            for i in np.flatnonzero(res.terminated | res.truncated):
-                if done_count[i] < quota[i]:
-                    returns.append(float(ep_ret[i]))
-                done_count[i] += 1
-                ep_ret[i] = 0.0
-            obs = res.obs
+        res = run_episodes(envs, lambda obs: model.predict(obs, deterministic=True)[0], n_episodes, eval_seed)
+        returns = res["returns"]
         return float(np.mean(returns))
     finally:
         envs.close()
@@ -175,7 +172,7 @@ def _sb3_ppo(args):
 
     from envs.factory import make_env
 
-    t = TASKS[task]
+    t = task_spec(task)
     venv = DummyVecEnv([lambda i=i: Monitor(make_env(t["env"], seed=1000 * seed + i,
                                                      max_episode_steps=t["max_episode_steps"]))
                         for i in range(8)])
@@ -223,7 +220,8 @@ def _parse_variant(text: str) -> tuple[str, dict]:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", choices=sorted(TASKS), default="hopper_medium")
+    p.add_argument("--task", default="hopper_medium",
+                   help=f"one of {sorted(TASKS)}, or any Meta-World v3 task as metaworld/<name>-v3")
     p.add_argument("--budget", choices=sorted(BUDGETS), default="small")
     p.add_argument("--env-steps", type=int, default=None, help="override the budget's fine-tuning env steps")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -250,12 +248,13 @@ def main(argv=None):
     if args.pretrain_steps:
         budget["pretrain_steps"] = args.pretrain_steps
     t_start = time.perf_counter()
-    t = TASKS[args.task]
+    t = task_spec(args.task)
     dataset = str(ensure_demos(t["env"], seed=0, progress=False, **t["demos"]))
     from envs.hdf5 import read_demos
 
     demo_returns = [ep.episode_return for ep in read_demos(dataset)]
-    work = Path(args.work) / args.task
+    slug = args.task.replace("/", "_")  # metaworld/push-v3 -> metaworld_push-v3
+    work = Path(args.work) / slug
     kinds = [m for m in args.methods if m in POLICY_SPECS]
     variants = [("default", {})] + [_parse_variant(v) for v in args.variant]
     ft_defaults = _task_finetune_defaults(args.task)
@@ -303,7 +302,7 @@ def main(argv=None):
         rows.append(row)
     summary = _summarize(rows, score)
     wall = time.perf_counter() - t_start
-    name = f"finetune_{args.task}"
+    name = f"finetune_{slug}"
     out_dir = Path(args.out) if args.out else None
     Path(args.out or RESULTS).mkdir(parents=True, exist_ok=True)
     (Path(args.out or RESULTS) / f"{name}_curves.json").write_text(json.dumps(runs, indent=1))

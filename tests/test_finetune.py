@@ -386,3 +386,29 @@ def test_success_options_build_the_training_envs_only():
     cfg = small_cfg(terminate_on_success=True, success_reward=1.0)
     assert cfg.train_env_kwargs() == {"terminate_on_success": True, "success_reward": 1.0}
     assert small_cfg().train_env_kwargs() == {}
+
+
+@pytest.mark.parametrize("kind", ["reflow", "gaussian"])
+def test_ppo_evaluation_and_rollout_episodes_agree(kind):
+    """Fine-tuning's deterministic evaluation and agents.evaluate.rollout_episodes share one episode split
+    (spare episodes to the last envs): the same policy and seed give the same episodes."""
+    from agents.evaluate import rollout_episodes
+
+    policy = make_policy(kind)
+    agent = ReinFlowPPO(policy, make_envs(2), make_envs(3), small_cfg(eval_episodes=7, eval_seed=123))
+    m = agent.evaluate()
+    ref = rollout_episodes(policy, "unused", 7, steps=4 if kind == "reflow" else None, envs=make_envs(3), seed=123)
+    assert m["eval/episodes"] == len(ref["returns"]) == 7
+    assert m["eval/return_mean"] == pytest.approx(np.mean(ref["returns"]), abs=1e-9)
+    assert m["eval/return_std"] == pytest.approx(np.std(ref["returns"]), abs=1e-9)
+
+
+def test_episode_quotas_give_spares_to_the_last_envs_and_split_across_processes():
+    from envs.episodes import episode_quotas
+
+    assert episode_quotas(7, 3).tolist() == [2, 2, 3]
+    assert episode_quotas(7, 3).sum() == 7
+    whole = episode_quotas(11, 8).tolist()
+    assert episode_quotas(11, 4, 0, 8).tolist() + episode_quotas(11, 4, 4, 8).tolist() == whole
+    with pytest.raises(ValueError):
+        episode_quotas(5, 4, 6, 8)
