@@ -86,6 +86,7 @@ class FinetuneConfig:
     # rollout
     num_envs: int = 16  # training envs (for whoever builds them; the agent reads envs.num_envs)
     eval_num_envs: int = 8  # evaluation envs (likewise)
+    async_envs: bool = False  # training envs in worker processes (gymnasium AsyncVectorEnv), one per env
     n_steps: int = 256  # chunk steps per env per iteration; with reset_at_iteration keep n_steps * Ta >= episode
     reset_at_iteration: bool = True  # reset envs (seeded by iteration) at each iteration: exact resume
     gamma: float = 0.99  # (D) discount per chunk step

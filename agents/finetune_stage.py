@@ -79,7 +79,8 @@ def _run(cfg, run_dir: Path, checkpoint: str, fcfg: FinetuneConfig, total: int, 
     if env_kw and not ck["env_meta"].get("has_success"):
         raise ValueError(f"finetune terminate_on_success / success_reward need an env with a success signal "
                          f"(Meta-World, robosuite); {env_name} has none")
-    envs = make_vec_env(env_name, fcfg.num_envs // d.world_size, seed=fcfg.seed, obs_horizon=policy.obs_horizon,
+    envs = make_vec_env(env_name, fcfg.num_envs // d.world_size, seed=fcfg.seed, asynchronous=fcfg.async_envs,
+                        obs_horizon=policy.obs_horizon,
                         action_horizon=policy.exec_horizon, max_episode_steps=max_steps, **env_kw)
     eval_envs = make_vec_env(env_name, fcfg.eval_num_envs // d.world_size, seed=fcfg.eval_seed,
                              obs_horizon=policy.obs_horizon, action_horizon=policy.exec_horizon,

@@ -107,7 +107,8 @@ def _finetune(args):
     fc = {**_task_finetune_defaults(task), "steps": K_FOR[method], "seed": seed, **overrides}
     cfg = FinetuneConfig.from_dict(fc)
     policy, _ = policy_from_checkpoint(ckpt)
-    envs = make_vec_env(t["env"], cfg.num_envs, seed=1000 * seed, action_horizon=policy.exec_horizon,
+    envs = make_vec_env(t["env"], cfg.num_envs, seed=1000 * seed, asynchronous=cfg.async_envs,
+                        action_horizon=policy.exec_horizon,
                         max_episode_steps=t["max_episode_steps"], **cfg.train_env_kwargs())
     eval_envs = make_vec_env(t["env"], cfg.eval_num_envs, seed=cfg.eval_seed, action_horizon=policy.exec_horizon,
                              max_episode_steps=t["max_episode_steps"])
@@ -134,7 +135,10 @@ def _finetune(args):
             curve.append({"env_steps": int(m["charts/env_steps"]), "return": m["eval/return_mean"],
                           "success": m["eval/success_rate"], "wall_s": time.perf_counter() - t0})
 
-    agent.learn(env_steps, callback=cb, progress=False)
+    try:
+        agent.learn(env_steps, callback=cb, progress=False)
+    finally:
+        envs.close()
     if not curve or curve[-1]["env_steps"] != agent.env_steps:
         m = agent.evaluate()
         curve.append({"env_steps": agent.env_steps, "return": m["eval/return_mean"],
@@ -277,8 +281,12 @@ def main(argv=None):
         async_sb3 = pool.map_async(_sb3_ppo, [(s, args.task, budget["env_steps"], eval_every_steps,
                                                args.eval_episodes, eval_seed, eval_num_envs) for s in args.seeds]) \
             if "sb3_ppo" in args.methods else None
-        async_ft = pool.map_async(_finetune, jobs)
+        # runs with env worker processes (async_envs) cannot start inside a pool worker: they run here, after
+        # the pool's runs, alone on the machine (their speed is what they are for)
+        in_pool = [j for j in jobs if not j[2].get("async_envs")]
+        async_ft = pool.map_async(_finetune, in_pool)
         runs = async_ft.get() + (async_sb3.get() if async_sb3 else [])
+    runs += [_finetune(j) for j in jobs if j[2].get("async_envs")]
     has_success = t["env"].startswith("metaworld")
     score = "success" if has_success else "return"
     rows = []
@@ -292,7 +300,8 @@ def main(argv=None):
                "final_over_best": final / best if best > 0 else None,
                "growth_pct": 100.0 * (final - init) / abs(init) if r["method"] != "sb3_ppo" and init else None,
                "wall_s": round(r["wall_s"], 1), "wall_s_per_100k": round(100_000 * r["wall_s"] / max(r["env_steps"], 1), 1),
-               "train_s_per_100k": round(100_000 * (r["wall_s"] - r.get("eval_s", 0.0)) / max(r["env_steps"], 1), 1)}
+               "train_s_per_100k": round(100_000 * (r["wall_s"] - r.get("eval_s", 0.0)) / max(r["env_steps"], 1), 1),
+               "train_env_steps_per_s": round(r["env_steps"] / max(r["wall_s"] - r.get("eval_s", 0.0), 1e-9), 1)}
         if has_success:
             succ = [x["success"] for x in c if x["success"] is not None]
             row["initial_success"], row["final_success"] = c[0]["success"], c[-1]["success"]
@@ -308,14 +317,15 @@ def main(argv=None):
     (Path(args.out or RESULTS) / f"{name}_curves.json").write_text(json.dumps(runs, indent=1))
     _plot(runs, Path(args.out or RESULTS) / f"{name}.png", args.task, has_success)
     cols = ["method", "variant", "seed", "env_steps", "initial_return", "final_return", "best_return",
-            "final_over_best", "growth_pct", "final_vs_sb3_ppo", "wall_s_per_100k", "train_s_per_100k"]
+            "final_over_best", "growth_pct", "final_vs_sb3_ppo", "wall_s_per_100k", "train_s_per_100k",
+            "train_env_steps_per_s"]
     if has_success:
         cols[7:7] = ["initial_success", "final_success", "best_success"]
     from bench.common import markdown_table
 
     sum_cols = ["method", "variant", "n", f"initial_{score}", f"final_{score}", "final_ci95", f"final_{score}_iqm",
                 f"best_{score}", "min_final_over_best", "final_vs_gaussian", "wall_s_per_100k", "train_s_per_100k",
-                "train_vs_sb3_ppo"]
+                "train_vs_sb3_ppo", "train_env_steps_per_s"]
     extra = (f"\n**Per method** (mean over seeds; 95% percentile-bootstrap interval of the mean; IQM = "
              f"interquartile mean; final_vs_gaussian = ratio of mean final {score} to the Gaussian + same-PPO "
              f"default's; min_final_over_best: the worst seed's final / best return):\n\n"
@@ -326,6 +336,11 @@ def main(argv=None):
              "method. growth_pct: final vs the pretrained policy's deterministic return at the same K. wall_s_per_100k: "
              "wall time of a run per 100k env steps, evaluations included; train_s_per_100k: the same without "
              "the evaluations (training rollouts and updates only).\n")
+    async_vs = [vn for vn, vo in variants if vo.get("async_envs")]
+    if async_vs:
+        gpu = torch_device_name()
+        extra += (f"\nVariants {async_vs} step their training envs in worker processes (one per env) and ran one "
+                  f"at a time after the other runs, alone on the machine; GPU: {gpu}.\n")
     save_results(name, rows, cols, {"task": args.task, "budget": args.budget, **budget, "seeds": args.seeds,
                                     "methods": args.methods, "variants": dict(variants),
                                     "finetune_defaults": ft_defaults, "eval": {**eval_over, "seed": eval_seed},
@@ -333,6 +348,12 @@ def main(argv=None):
                                     "demo_return_mean": float(np.mean(demo_returns)), "workers": args.workers,
                                     "summary": summary},
                  wall, extra_md=extra, out_dir=out_dir, module="bench.finetune")
+
+
+def torch_device_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
 
 
 def _summarize(rows: list[dict], score: str) -> list[dict]:
@@ -369,6 +390,7 @@ def _summarize(rows: list[dict], score: str) -> list[dict]:
             "wall_vs_sb3_ppo": wall / sb3_wall if sb3_wall else None,
             "train_s_per_100k": round(train, 1),
             "train_vs_sb3_ppo": train / sb3_train if sb3_train else None,
+            "train_env_steps_per_s": round(float(np.mean([r["train_env_steps_per_s"] for r in rs])), 1),
         })
     return out
 

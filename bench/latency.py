@@ -75,22 +75,26 @@ def latency_rows(devices, batches, ks, seconds, min_calls) -> list[dict]:
                     bare = _median_us(lambda net=net, args=args: net(*args), seconds, min_calls, sync)
                 for k in ks:
                     res = {}
-                    for mode in ("eager", "fast"):
-                        policy.fast_sampling = mode == "fast"
+                    modes = ("eager", "fast", "graph") if device == "cuda" else ("eager", "fast")
+                    for mode in modes:
+                        policy.fast_sampling = mode != "eager"
+                        policy.cuda_graphs = mode == "graph"
                         res[mode] = _median_us(lambda k=k, p=policy, o=obs: p.predict_action_chunk(o, steps=k).cpu(),
                                                seconds, min_calls, sync)
+                    best = res.get("graph", res["fast"])
                     rows.append({"device": device, "kind": kind, "K": k, "batch": b, "eager_us": res["eager"],
-                                 "fast_us": res["fast"], "bare_forward_us": bare,
-                                 "fast_over_K_forwards": res["fast"] / (k * bare),
+                                 "fast_us": res["fast"], "graph_us": res.get("graph"), "bare_forward_us": bare,
+                                 "fast_over_K_forwards": best / (k * bare),
                                  "eager_over_K_forwards": res["eager"] / (k * bare),
-                                 "speedup": res["eager"] / res["fast"]})
+                                 "speedup": res["eager"] / best})
                     print(rows[-1], flush=True)
-            policy.fast_sampling = True
+            policy.fast_sampling = policy.cuda_graphs = True
     return rows
 
 
-def rollout_rows(num_envs_list, steps: int) -> list[dict]:
-    """Env steps/s: random actions vs a K=4 policy acting every exec-horizon steps (pick-place, sync envs)."""
+def rollout_rows(num_envs_list, steps: int, env: str = "metaworld/pick-place-v3", asynchronous: bool = False,
+                 device: str = "cpu") -> list[dict]:
+    """Env steps/s: random actions vs a K=4 policy (on ``device``) acting every exec-horizon (2) steps."""
     import torch
 
     from envs.factory import make_vec_env
@@ -100,24 +104,25 @@ def rollout_rows(num_envs_list, steps: int) -> list[dict]:
 
     rows = []
     for n in num_envs_list:
-        envs = make_vec_env("metaworld/pick-place-v3", n, seed=0, action_horizon=2, max_episode_steps=200)
+        envs = make_vec_env(env, n, seed=0, asynchronous=asynchronous, action_horizon=2, max_episode_steps=200)
         try:
-            obs_dim = envs.single_observation_space.shape[-1]
+            obs_dim, act_dim = envs.single_observation_space.shape[-1], envs.single_action_space.shape[-1]
             torch.manual_seed(0)
-            net = MLPVelocity((4, 4), cond_dim=obs_dim, hidden=256, depth=2)
-            policy = FlowPolicy(RectifiedFlow(net, (4, 4)), obs_dim, 4, 1, 4, exec_horizon=2,
+            net = MLPVelocity((4, act_dim), cond_dim=obs_dim, hidden=256, depth=3)
+            policy = FlowPolicy(RectifiedFlow(net, (4, act_dim)), obs_dim, act_dim, 1, 4, exec_horizon=2,
                                 obs_stats=(np.full(obs_dim, -3.0), np.full(obs_dim, 3.0)),
-                                action_stats=(np.full(4, -1.0), np.full(4, 1.0)), default_steps=4).eval()
-            out = {"env": "metaworld/pick-place-v3", "num_envs": n}
+                                action_stats=(np.full(act_dim, -1.0), np.full(act_dim, 1.0)),
+                                default_steps=4).eval().to(device)
+            out = {"env": env, "num_envs": n, "vector": "async" if asynchronous else "sync", "policy_device": device}
             for mode in ("random", "eager", "fast"):
                 obs, _ = envs.reset(seed=0)
-                policy.fast_sampling = mode == "fast"
+                policy.fast_sampling = policy.cuda_graphs = mode == "fast"
                 t0 = time.perf_counter()
                 for _ in range(steps):
                     if mode == "random":
                         act = np.stack([envs.single_action_space.sample() for _ in range(n)])
                     else:
-                        act = policy.predict_action_chunk(obs).numpy()[:, :2]
+                        act = policy.predict_action_chunk(obs).cpu().numpy()[:, :2]
                     obs, *_ = envs.step(np.clip(act, -1, 1).astype(np.float32))
                 out[f"{mode}_steps_per_s"] = steps * n * 2 / (time.perf_counter() - t0)
             out["fast_over_random"] = out["fast_steps_per_s"] / out["random_steps_per_s"]
@@ -136,6 +141,9 @@ def main(argv=None):
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16, 256])
     p.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--num-envs", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--rollout-env", default="metaworld/pick-place-v3", help="env of the policy-in-the-loop rows")
+    p.add_argument("--async-envs", action="store_true", help="rollout envs in worker processes (one per env)")
+    p.add_argument("--rollout-device", default="cpu", help="device of the policy in the rollout rows")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     import torch
@@ -147,16 +155,18 @@ def main(argv=None):
     t0 = time.perf_counter()
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     rows = latency_rows(devices, args.batches, args.ks, b["seconds"], b["min_calls"])
-    roll = rollout_rows(args.num_envs, b["rollout_steps"])
+    roll = rollout_rows(args.num_envs, b["rollout_steps"], args.rollout_env, args.async_envs, args.rollout_device)
     wall = time.perf_counter() - t0
-    cols = ["device", "kind", "K", "batch", "eager_us", "fast_us", "bare_forward_us", "fast_over_K_forwards",
-            "eager_over_K_forwards", "speedup"]
-    rcols = ["env", "num_envs", "random_steps_per_s", "eager_steps_per_s", "fast_steps_per_s", "fast_over_random",
-             "eager_over_random"]
+    cols = ["device", "kind", "K", "batch", "eager_us", "fast_us", "graph_us", "bare_forward_us",
+            "fast_over_K_forwards", "eager_over_K_forwards", "speedup"]
+    rcols = ["env", "num_envs", "vector", "policy_device", "random_steps_per_s", "eager_steps_per_s",
+             "fast_steps_per_s", "fast_over_random", "eager_over_random"]
     extra = (f"\nCPU with {args.threads} torch thread(s). Median of >= {b['min_calls']} calls (or {b['seconds']} s) "
              "per point; `bare_forward_us` is one velocity-network forward (conditioning included) at that batch; "
              "`fast_over_K_forwards` <= 1 means the whole call, normalization included, costs less than its K "
-             "forwards. No CUDA graph path exists yet.\n\n**Policy in the loop** (sync vector env, pick-place, "
+             "forwards; on CUDA `graph_us` is the whole call replayed as one CUDA graph (normalization included), and "
+             "`fast_over_K_forwards` and `speedup` (eager / optimized) use the graph time there.\n\n"
+             f"**Policy in the loop** ({'async' if args.async_envs else 'sync'} vector env, {args.rollout_env}, "
              "K = 4, 2 executed actions per call; env steps/s):\n\n" + markdown_table(roll, rcols, ".2f") + "\n")
     save_results("latency", rows, cols, {"budget": args.budget, "threads": args.threads, "batches": args.batches,
                                          "ks": args.ks, "rollout": roll}, wall, extra_md=extra,

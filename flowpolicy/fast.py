@@ -83,3 +83,91 @@ class FastEuler:
             h = grid[k + 1] - grid[k]
             x = x + h * net.forward_emb(x, e)
         return x
+
+
+def euler_uncached(net: nn.Module, cond: torch.Tensor | None, steps: int, x0: torch.Tensor) -> torch.Tensor:
+    """:meth:`FastEuler.sample` without its cache: the same arithmetic in the same order, every embedding
+    recomputed from the weights (what a CUDA graph replays, so in-place weight updates are seen)."""
+    b, emb_mod = x0.shape[0], net.embed
+    grid = time_grid(int(steps)).tolist()
+    ce = None
+    if emb_mod.cond_embed is not None:
+        ce = emb_mod.cond_embed(cond.reshape(cond.shape[0], -1))
+    x = x0
+    for k in range(len(grid) - 1):
+        e = emb_mod.t_embed(torch.full((b,), grid[k], device=x0.device, dtype=torch.float32))
+        if ce is not None:
+            e = e + ce
+        if emb_mod.d_embed is not None:
+            dd = torch.full((b,), grid[k + 1] - grid[k], device=x0.device, dtype=torch.float32)
+            e = e + emb_mod.d_embed(torch.log2(1.0 / dd.clamp_min(1e-6)))
+        x = x + (grid[k + 1] - grid[k]) * net.forward_emb(x, e)
+    return x
+
+
+class CudaGraphChunk:
+    """A flow policy's whole ``predict_action_chunk`` (normalize, K Euler steps, clamp, unnormalize) captured as
+    one CUDA graph per (K, batch, observation shape).
+
+    A call copies the observations and the initial noise into static buffers, replays the graph and returns
+    the static output: the host launches three copies and one graph instead of ~10 kernels per step. The
+    initial noise is drawn outside the graph exactly as the eager path draws it, so actions equal the eager
+    ones (tested on a GPU). The graph reads the weights where they live, so in-place updates (an optimizer
+    step, ``load_state_dict``) are seen; a weight that moved (``.to()``) or a normalizer that changed
+    re-captures. Any capture failure turns the path off for that policy with one warning (eager stays)."""
+
+    def __init__(self) -> None:
+        self._graphs: dict[tuple, tuple] = {}
+        self.failed: str | None = None
+
+    @staticmethod
+    def _key(policy, steps: int, obs_shape: tuple) -> tuple:
+        ptrs = tuple(t.data_ptr() for t in list(policy.flow.net.parameters()) + list(policy.flow.net.buffers()))
+        norms = tuple((t.data_ptr(), t._version) for t in (policy.obs_norm.low, policy.obs_norm.high,
+                                                             policy.act_norm.low, policy.act_norm.high))
+        return (int(steps), tuple(obs_shape), ptrs, norms)
+
+    def _capture(self, policy, steps: int, obs: torch.Tensor, x0: torch.Tensor):
+        net = policy.flow.net
+
+        def fn(o, z):
+            cond = policy.obs_norm.normalize(o).reshape(o.shape[0], -1)
+            return policy.act_norm.unnormalize(euler_uncached(net, cond, steps, z).clamp(-1.0, 1.0))
+
+        o_buf, z_buf = obs.clone(), x0.clone()
+        side = torch.cuda.Stream(device=obs.device)
+        side.wait_stream(torch.cuda.current_stream(obs.device))
+        with torch.cuda.stream(side):  # warm-up off the default stream, as torch.cuda.graph requires
+            for _ in range(3):
+                fn(o_buf, z_buf)
+        torch.cuda.current_stream(obs.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fn(o_buf, z_buf)
+        return graph, o_buf, z_buf, out
+
+    @torch.no_grad()
+    def run(self, policy, obs: torch.Tensor, steps: int, x0: torch.Tensor) -> torch.Tensor | None:
+        """Actions (B, Ta, Da) on the policy's GPU, or None when the graph path is off (the caller goes eager)."""
+        if self.failed is not None:
+            return None
+        key = self._key(policy, steps, obs.shape)
+        hit = self._graphs.get(key)
+        if hit is None:
+            try:
+                hit = self._capture(policy, steps, obs, x0)
+            except Exception as e:  # a net or driver the capture cannot handle: eager from now on
+                import warnings
+
+                self.failed = f"{type(e).__name__}: {e}"
+                warnings.warn(f"CUDA graph sampling is off for this policy ({self.failed}); sampling eagerly",
+                              stacklevel=3)
+                return None
+            if len(self._graphs) >= _MAX_ENTRIES:
+                self._graphs.clear()
+            self._graphs[key] = hit
+        graph, o_buf, z_buf, out = hit
+        o_buf.copy_(obs, non_blocking=True)
+        z_buf.copy_(x0)
+        graph.replay()
+        return out.clone()  # the static output is overwritten by the next replay

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from . import rng
-from .fast import FastEuler
+from .fast import CudaGraphChunk, FastEuler
 from .fast import supports as fast_supports
 from .flow import RectifiedFlow, ShortcutFlow
 
@@ -110,10 +110,11 @@ class BasePolicy(nn.Module):
         return self.obs_norm.low.device
 
     # --- shapes -------------------------------------------------------------------------------------
-    def _as_obs(self, obs) -> torch.Tensor:
-        """Accept (Do,), (B, Do) with To == 1, or (B, To, Do); return float (B, To, Do) on the policy device."""
+    def _as_obs(self, obs, device=None) -> torch.Tensor:
+        """Accept (Do,), (B, Do) with To == 1, or (B, To, Do); return float (B, To, Do) on ``device`` (default:
+        the policy's)."""
         obs = torch.as_tensor(np.asarray(obs) if not torch.is_tensor(obs) else obs, dtype=torch.float32,
-                              device=self.device)
+                              device=self.device if device is None else device)
         if obs.ndim == 1:
             obs = obs[None]
         if obs.ndim == 2:
@@ -227,6 +228,26 @@ class FlowPolicy(BasePolicy):
         # K-step Euler without the repeated per-step conditioning work (bit-identical actions; tested)
         self.fast_sampling = True
         self._fast = FastEuler()
+        # on CUDA: the whole chunk prediction as one CUDA graph replay (same actions; tested on a GPU)
+        self.cuda_graphs = True
+        self._graph = CudaGraphChunk()
+
+    @torch.no_grad()
+    def predict_action_chunk(self, obs, steps=None, deterministic=True, **kw) -> torch.Tensor:
+        if (self.cuda_graphs and self.fast_sampling and self.device.type == "cuda" and not kw.get("net")
+                and kw.get("x0") is None and self.kind_supports_graph()):
+            obs_t = self._as_obs(obs, device="cpu" if not torch.is_tensor(obs) else obs.device)
+            x0 = self.flow.noise(obs_t.shape[0], self.device, kw.get("generator"))
+            if self.init_noise_scale != 1.0:
+                x0 = x0 * self.init_noise_scale
+            out = self._graph.run(self, obs_t, int(steps or self.default_steps), x0)
+            if out is not None:
+                return out
+        return super().predict_action_chunk(obs, steps=steps, deterministic=deterministic, **kw)
+
+    def kind_supports_graph(self) -> bool:
+        """The graph replays K Euler steps of an MLP velocity net (the fast path's nets)."""
+        return (self.solver if self.kind == "reflow" else "euler") == "euler" and fast_supports(self.flow.net)
 
     def loss(self, batch: dict, **kw):
         cond, act = self._check_batch(batch)

@@ -144,3 +144,17 @@ def test_fast_sampling_is_off_where_gradients_flow():
     with torch.enable_grad():
         a = policy.predict_normalized(cond, steps=2, generator=torch.Generator().manual_seed(0))
     assert a.requires_grad  # the plain path: a gradient reaches the velocity network
+
+
+@pytest.mark.parametrize("kind", ["reflow", "shortcut"])
+def test_the_cuda_graph_body_is_the_fast_sampler_without_its_cache(kind):
+    """What the CUDA graph replays (flowpolicy.fast.euler_uncached) gives the fast sampler's actions bit for bit,
+    so graph and eager sampling agree wherever the graph's kernels are the eager ones."""
+    from flowpolicy.fast import FastEuler, euler_uncached
+
+    torch.manual_seed(0)
+    net = MLPVelocity((4, 3), cond_dim=5, hidden=32, depth=2, step_input=kind == "shortcut")
+    cond, x0 = torch.randn(7, 5), torch.randn(7, 4, 3)
+    with torch.no_grad():
+        for k in (1, 2, 4, 8):
+            assert torch.equal(euler_uncached(net, cond, k, x0), FastEuler().sample(net, cond, k, x0))
