@@ -134,13 +134,14 @@ class CudaGraphChunk:
             cond = policy.obs_norm.normalize(o).reshape(o.shape[0], -1)
             return policy.act_norm.unnormalize(euler_uncached(net, cond, steps, z).clamp(-1.0, 1.0))
 
-        o_buf, z_buf = obs.clone(), x0.clone()
-        side = torch.cuda.Stream(device=obs.device)
-        side.wait_stream(torch.cuda.current_stream(obs.device))
+        dev = x0.device  # the observations may arrive on the host: the buffer lives on the GPU
+        o_buf, z_buf = obs.to(dev, torch.float32, copy=True), x0.clone()
+        side = torch.cuda.Stream(device=dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side):  # warm-up off the default stream, as torch.cuda.graph requires
             for _ in range(3):
                 fn(o_buf, z_buf)
-        torch.cuda.current_stream(obs.device).wait_stream(side)
+        torch.cuda.current_stream(dev).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             out = fn(o_buf, z_buf)
