@@ -120,6 +120,12 @@ class CudaGraphChunk:
         self._graphs: dict[tuple, tuple] = {}
         self.failed: str | None = None
 
+    def __deepcopy__(self, memo) -> CudaGraphChunk:
+        return CudaGraphChunk()  # a copy of a policy captures its own graphs (they point at its own weights)
+
+    def __getstate__(self) -> dict:
+        return {"_graphs": {}, "failed": None}
+
     @staticmethod
     def _key(policy, steps: int, obs_shape: tuple) -> tuple:
         ptrs = tuple(t.data_ptr() for t in list(policy.flow.net.parameters()) + list(policy.flow.net.buffers()))

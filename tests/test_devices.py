@@ -158,3 +158,17 @@ def test_the_cuda_graph_body_is_the_fast_sampler_without_its_cache(kind):
     with torch.no_grad():
         for k in (1, 2, 4, 8):
             assert torch.equal(euler_uncached(net, cond, k, x0), FastEuler().sample(net, cond, k, x0))
+
+
+def test_a_policy_with_graph_state_deep_copies_and_pickles():
+    """Alignment deep-copies the policy; a captured CUDA graph cannot be copied, so copies start without one."""
+    import copy
+    import pickle
+
+    from flowpolicy.fast import CudaGraphChunk
+
+    g = CudaGraphChunk()
+    g._graphs[("k",)] = (object(),)
+    g.failed = "x"
+    for c in (copy.deepcopy(g), pickle.loads(pickle.dumps(g))):
+        assert c._graphs == {} and c.failed is None
