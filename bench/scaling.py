@@ -82,7 +82,8 @@ def _launch(kind: str, n: int, cfg: dict, out_path: Path) -> tuple[dict, object]
 
     cfg_path = out_path.with_suffix(".cfg.json")
     cfg_path.write_text(json.dumps(cfg))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # keep the caller's entries
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
            "--max_restarts=0", "-m", "bench.scaling", "--worker", kind, str(cfg_path), str(out_path)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
