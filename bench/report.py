@@ -22,7 +22,12 @@ SECTIONS = [
     ("finetune_pick_place", "Online fine-tuning on Meta-World pick-place: settings compared side by side "
                             "(2026-11-26, before log-probs were normalized by the executed action dims)"),
     ("latency", "Policy latency: eager vs fast K-step sampling, and policies in the env loop"),
+    ("gpu_latency", "Policy latency on a GPU machine (H200): eager vs fast vs CUDA graph, CPU vs CUDA "
+                    "(`bash bench/gpu_check.sh 1`)"),
+    ("gpu_finetune_hopper_medium", "Fine-tuning with the policy on the GPU and 16 env workers, beside the CPU-only "
+                                   "runs and SB3 PPO on the same machine (`bash bench/gpu_check.sh 1`)"),
     ("scaling", "Data-parallel training (torchrun): throughput and equivalence"),
+    ("gpu_scaling", "Data-parallel training on the GPU machine's 16 cores (`bash bench/gpu_check.sh 2`)"),
     ("images", "Image generation on digits with the same flow core"),
     ("align", "Reward and preference alignment"),
 ]
