@@ -178,3 +178,28 @@ def test_task_finetune_section_sets_every_schedule_key_of_the_stage():
     s = OmegaConf.to_container(cfg.stage, resolve=True)
     assert (s["lr_schedule"], s["lr_schedule_iters"], s["sigma_hold_iters"]) == ("cosine", 7, 3)
     assert s["sigma_min_final"] is None  # pick-place keeps its noise bounds
+
+
+def test_finetune_with_async_env_workers_equals_the_sync_run(pretrained, tmp_path, monkeypatch):
+    """stage.async_envs=true steps the training envs in worker processes: the same episodes and update."""
+    import agents.finetune_stage as fs
+    from agents.policies import policy_from_checkpoint
+    from agents.stages import run
+
+    kinds, real = [], fs.make_vec_env
+
+    def spy(*a, **kw):
+        envs = real(*a, **kw)
+        kinds.append(type(envs).__name__)
+        return envs
+
+    monkeypatch.setattr(fs, "make_vec_env", spy)
+    run_dir, data, _ = pretrained
+    ft = ["stage=finetune", f"checkpoint={run_dir}", f"data_dir={data}", "stage.num_envs=2", "stage.n_steps=10",
+          "stage.eval_num_envs=2", "stage.eval_episodes=2", "stage.eval_every=0", "stage.critic_warmup_iters=0",
+          "stage.minibatch_size=10", "stage.update_epochs=1", "stage.total_env_steps=40", *TINY[4:]]
+    outs = [run(_compose(*ft, f"stage.async_envs={a}"), tmp_path / str(a))["finetune"] for a in ("false", "true")]
+    params = [torch.cat([p.flatten() for p in policy_from_checkpoint(o["checkpoint"])[0].parameters()])
+              for o in outs]
+    assert outs[0]["env_steps"] == outs[1]["env_steps"] == 40 and torch.equal(*params)
+    assert kinds == ["SyncVectorEnv", "SyncVectorEnv", "GuardedAsyncVectorEnv", "SyncVectorEnv"]  # train, eval
