@@ -134,6 +134,7 @@ class FinetuneConfig:
     eval_every: int = 10  # iterations between evaluations (0: never); also once before the first iteration
     eval_episodes: int = 10
     eval_seed: int = 100_000
+    eval_stochastic: bool = False  # also evaluate the policy as it acts in training (eval_stochastic/...)
     # misc
     seed: int = 0
     device: str = "cpu"
@@ -726,8 +727,11 @@ class ReinFlowPPO:
 
     # --- evaluation -----------------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, n_episodes: int | None = None) -> dict[str, float]:
+    def evaluate(self, n_episodes: int | None = None, stochastic: bool = False) -> dict[str, float]:
         """Deterministic (noise off) episodes at K = ``cfg.steps`` on the eval envs, from ``eval_seed``.
+
+        ``stochastic=True`` runs the same episodes with the policy as it acts in training (the flow's learned
+        noise at every step, or the Gaussian's sampled action) and names its metrics ``eval_stochastic/...``.
 
         Run by :func:`envs.episodes.run_episodes`, the runner every evaluator uses (env i runs ``(n + i) // M``
         episodes). Returns ``eval/return_mean``, ``eval/return_std``, ``eval/success_rate``, ``eval/episodes``.
@@ -748,7 +752,7 @@ class ReinFlowPPO:
 
         def act(obs):
             with rng.shard(rank, world):
-                out = self.actor.act(self._cond(obs), deterministic=True, generator=gen)
+                out = self.actor.act(self._cond(obs), deterministic=not stochastic, generator=gen)
             return self._env_actions(envs, out.action)
 
         res = run_episodes(envs, act, n_episodes, c.eval_seed, off, m_all, self.env_chunk)
@@ -757,8 +761,16 @@ class ReinFlowPPO:
             parts = distributed.all_gather_object((returns, successes))
             returns = [x for part, _ in parts for x in part]
             successes = [x for _, part in parts for x in part]
-        return {"eval/return_mean": float(np.mean(returns)), "eval/return_std": float(np.std(returns)),
-                "eval/success_rate": float(np.mean(successes)), "eval/episodes": float(len(returns))}
+        p = "eval_stochastic" if stochastic else "eval"
+        return {f"{p}/return_mean": float(np.mean(returns)), f"{p}/return_std": float(np.std(returns)),
+                f"{p}/success_rate": float(np.mean(successes)), f"{p}/episodes": float(len(returns))}
+
+    def _evaluations(self) -> dict[str, float]:
+        """The evaluation of an eval point: deterministic, and stochastic too with ``eval_stochastic``."""
+        out = self.evaluate()
+        if self.cfg.eval_stochastic:
+            out.update(self.evaluate(stochastic=True))
+        return out
 
     # --- main loop ------------------------------------------------------------------------------------
     def train_iteration(self) -> dict[str, float]:
@@ -810,14 +822,14 @@ class ReinFlowPPO:
                    disable=not progress, desc="finetune", unit="step")
         try:
             if self.iteration == 0 and self._eval_due() and self.env_steps < total_env_steps:
-                m = {"charts/env_steps": 0.0, "charts/iteration": 0.0, **self.evaluate()}
+                m = {"charts/env_steps": 0.0, "charts/iteration": 0.0, **self._evaluations()}
                 if callback is not None and self._stop_from(callback(self, m)):
                     return self
             while self.env_steps < total_env_steps:
                 before = self.env_steps
                 metrics = self.train_iteration()
                 if self._eval_due():
-                    metrics.update(self.evaluate())
+                    metrics.update(self._evaluations())
                 bar.update(min(self.env_steps, int(total_env_steps)) - min(before, int(total_env_steps)))
                 bar.set_postfix({k.split("/")[1]: f"{metrics[k]:.3g}" for k in
                                  ("rollout/return_mean", "eval/return_mean") if k in metrics})

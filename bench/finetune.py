@@ -133,16 +133,22 @@ def _finetune(args):
                          **{k.split("/")[1] if k.startswith("train/") else k: m[k] for k in DIAG_KEYS if k in m}})
         if "eval/return_mean" in m:
             curve.append({"env_steps": int(m["charts/env_steps"]), "return": m["eval/return_mean"],
-                          "success": m["eval/success_rate"], "wall_s": time.perf_counter() - t0})
+                          "success": m["eval/success_rate"], "wall_s": time.perf_counter() - t0,
+                          **({"stoch_return": m["eval_stochastic/return_mean"],
+                              "stoch_success": m["eval_stochastic/success_rate"]}
+                             if "eval_stochastic/return_mean" in m else {})})
 
     try:
         agent.learn(env_steps, callback=cb, progress=False)
     finally:
         envs.close()
     if not curve or curve[-1]["env_steps"] != agent.env_steps:
-        m = agent.evaluate()
+        m = agent._evaluations()
         curve.append({"env_steps": agent.env_steps, "return": m["eval/return_mean"],
-                      "success": m["eval/success_rate"], "wall_s": time.perf_counter() - t0})
+                      "success": m["eval/success_rate"], "wall_s": time.perf_counter() - t0,
+                      **({"stoch_return": m["eval_stochastic/return_mean"],
+                          "stoch_success": m["eval_stochastic/success_rate"]}
+                         if "eval_stochastic/return_mean" in m else {})})
     return {"method": method, "variant": variant, "seed": seed, "curve": curve, "diagnostics": diag,
             "wall_s": time.perf_counter() - t0, "eval_s": eval_s[0], "env_steps": agent.env_steps}
 
@@ -302,6 +308,12 @@ def main(argv=None):
                "wall_s": round(r["wall_s"], 1), "wall_s_per_100k": round(100_000 * r["wall_s"] / max(r["env_steps"], 1), 1),
                "train_s_per_100k": round(100_000 * (r["wall_s"] - r.get("eval_s", 0.0)) / max(r["env_steps"], 1), 1),
                "train_env_steps_per_s": round(r["env_steps"] / max(r["wall_s"] - r.get("eval_s", 0.0), 1e-9), 1)}
+        if "stoch_return" in c[-1]:  # eval_stochastic: the policy as it acts in training, same episodes
+            row["final_stoch_return"] = c[-1]["stoch_return"]
+            row["best_stoch_return"] = max(x["stoch_return"] for x in c)
+            if has_success:
+                row["final_stoch_success"] = c[-1]["stoch_success"]
+                row["best_stoch_success"] = max(x["stoch_success"] for x in c)
         if has_success:
             succ = [x["success"] for x in c if x["success"] is not None]
             row["initial_success"], row["final_success"] = c[0]["success"], c[-1]["success"]
@@ -321,11 +333,15 @@ def main(argv=None):
             "train_env_steps_per_s"]
     if has_success:
         cols[7:7] = ["initial_success", "final_success", "best_success"]
+    if any("final_stoch_return" in r for r in rows):
+        cols += [f"final_stoch_{score}", f"best_stoch_{score}"]
     from bench.common import markdown_table
 
     sum_cols = ["method", "variant", "n", f"initial_{score}", f"final_{score}", "final_ci95", f"final_{score}_iqm",
                 f"best_{score}", "min_final_over_best", "final_vs_gaussian", "wall_s_per_100k", "train_s_per_100k",
                 "train_vs_sb3_ppo", "train_env_steps_per_s"]
+    if any(f"final_stoch_{score}" in r for r in summary):
+        sum_cols.append(f"final_stoch_{score}")
     extra = (f"\n**Per method** (mean over seeds; 95% percentile-bootstrap interval of the mean; IQM = "
              f"interquartile mean; final_vs_gaussian = ratio of mean final {score} to the Gaussian + same-PPO "
              f"default's; min_final_over_best: the worst seed's final / best return):\n\n"
@@ -391,6 +407,8 @@ def _summarize(rows: list[dict], score: str) -> list[dict]:
             "train_s_per_100k": round(train, 1),
             "train_vs_sb3_ppo": train / sb3_train if sb3_train else None,
             "train_env_steps_per_s": round(float(np.mean([r["train_env_steps_per_s"] for r in rs])), 1),
+            **({f"final_stoch_{score}": float(np.mean([r[f"final_stoch_{score}"] for r in rs]))}
+               if all(f"final_stoch_{score}" in r for r in rs) else {}),
         })
     return out
 

@@ -412,3 +412,18 @@ def test_episode_quotas_give_spares_to_the_last_envs_and_split_across_processes(
     assert episode_quotas(11, 4, 0, 8).tolist() + episode_quotas(11, 4, 4, 8).tolist() == whole
     with pytest.raises(ValueError):
         episode_quotas(5, 4, 6, 8)
+
+
+@pytest.mark.parametrize("kind", ["reflow", "gaussian"])
+def test_stochastic_evaluation_runs_the_training_policy_on_the_same_episodes(kind):
+    """eval_stochastic adds eval_stochastic/... metrics: the same episode count, the noisy policy (so other
+    returns than the deterministic one), reproducible from eval_seed, and logged at every eval point."""
+    agent = ReinFlowPPO(make_policy(kind), make_envs(2), make_envs(3),
+                        small_cfg(eval_episodes=4, eval_seed=5, eval_stochastic=True, eval_every=1))
+    det, sto = agent.evaluate(), agent.evaluate(stochastic=True)
+    assert sto["eval_stochastic/episodes"] == det["eval/episodes"] == 4
+    assert sto["eval_stochastic/return_mean"] != det["eval/return_mean"]
+    assert agent.evaluate(stochastic=True) == sto
+    seen = []
+    agent.learn(1, callback=lambda a, m: seen.append(sorted(k for k in m if k.startswith("eval"))), progress=False)
+    assert all("eval_stochastic/return_mean" in keys and "eval/return_mean" in keys for keys in seen) and seen
