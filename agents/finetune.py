@@ -42,11 +42,8 @@ measured 0 on CPU for batches >= 8, about 2e-8 on an H200 with the default norma
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import gymnasium as gym
@@ -56,345 +53,34 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from agents import distributed
+from agents.actors import (
+    ACTORS,
+    ActorSample,
+    FlowActor,
+    GaussianActor,
+    PPOActor,
+    ValueNet,
+    make_actor,
+    register_actor,
+)
+from agents.finetune_config import FinetuneConfig
+from agents.ppo_update import PPOUpdate
 from agents.ppo_utils import (
-    LR_SCHEDULES,
     RunningRewardScaler,
     VecEnvStepper,
-    clone_module,
-    compute_gae,
-    explained_variance,
-    hold_then_linear,
     iteration_seed,
     lr_factor,
 )
 from envs.episodes import run_episodes
 from flowpolicy import rng
-from flowpolicy.reinflow import NoiseNet, NoisyFlowSampler, gaussian_log_prob
 
 STATE_FORMAT_VERSION = 1
-
-
-@dataclass
-class FinetuneConfig:
-    """PPO / ReinFlow fine-tuning settings (mirrored by ``configs/stage/finetune.yaml``).
-
-    Units: a "step" of the rollout is one action chunk per env; ``gamma`` applies per chunk. Noise bounds are
-    in the policy's normalized action units ([-1, 1]). Defaults marked (D) follow the ReinFlow paper's recipe;
-    the others are our starting points, to be tuned per task.
-    """
-
-    # rollout
-    num_envs: int = 16  # training envs (for whoever builds them; the agent reads envs.num_envs)
-    eval_num_envs: int = 8  # evaluation envs (likewise)
-    async_envs: bool = False  # training envs in worker processes (gymnasium AsyncVectorEnv), one per env
-    n_steps: int = 256  # chunk steps per env per iteration; with reset_at_iteration keep n_steps * Ta >= episode
-    reset_at_iteration: bool = True  # reset envs (seeded by iteration) at each iteration: exact resume
-    gamma: float = 0.99  # (D) discount per chunk step
-    gae_lambda: float = 0.95  # (D)
-    reward_scaling: bool = True  # (D) divide rewards by the running std of the discounted return
-    # training envs with a success signal (Meta-World, robosuite); evaluation always runs whole episodes
-    terminate_on_success: bool = False  # end a training episode at its first successful step
-    success_reward: float | None = None  # sparse reward: this on a successful step, 0 otherwise (None: the env's)
-    # flow actor (ReinFlow)
-    steps: int = 4  # (D) K denoising steps, fine-tuned and evaluated at this K
-    sigma_min: float = 0.10  # (D) noise bounds at the start (locomotion)
-    sigma_max: float = 0.24  # (D)
-    sigma_min_final: float | None = None  # bounds after the decay (None: unchanged)
-    sigma_max_final: float | None = None
-    sigma_hold_iters: int = 0  # (D) hold the bounds this many iterations, then decay linearly ...
-    sigma_decay_iters: int = 0  # ... over this many iterations (0: jump to the final bounds)
-    noise_time_dependent: bool = False  # sigma(s, t) instead of sigma(s)
-    noise_hidden: int = 128
-    noise_depth: int = 2
-    include_x0_logprob: bool = True  # add log N(x0; 0, I) (cancels in ratios)
-    init_noise_scale: float = 1.0  # tau: chains start from x0 ~ N(0, tau^2 I) in rollouts and evaluation
-    normalize_logprob: bool = True  # divide log-probs by the executed action dims Te * Da (every actor alike)
-    clip_intermediate: float | None = None  # clamp chain states inside the transition mean (None: off)
-    clip_action: float = 1.0  # clamp the normalized action sent to the env
-    # PPO
-    update_epochs: int = 10
-    minibatch_size: int = 1024  # samples (env x chunk step) per minibatch
-    clip_coef: float = 0.01  # (D) PPO ratio clip
-    target_kl: float | None = None  # stop the update when a minibatch's KL per executed action dim exceeds this
-    skip_clipped: bool = True  # backpropagate only the samples whose clipped PPO term has a gradient (exact)
-    norm_adv: bool = True  # normalize advantages per minibatch
-    ent_coef: float = 0.01  # (D) entropy bonus
-    bc_coef: float = 0.0  # (D, optional) W2 regularizer: MSE to the frozen pretrained policy's action
-    max_grad_norm: float = 1.0
-    critic_warmup_iters: int = 2  # (D) first iterations train only the critic
-    # optimization
-    actor_lr: float = 5e-5
-    noise_lr: float | None = None  # noise net (None: actor_lr)
-    critic_lr: float = 5e-4
-    lr_schedule: str = "constant"  # constant | linear | cosine, multiplier from 1 to lr_final_ratio ...
-    lr_schedule_iters: int = 0  # ... over this many iterations (0: constant)
-    lr_final_ratio: float = 0.1
-    critic_hidden: tuple[int, ...] = (256, 256)
-    # evaluation (deterministic, noise off, at K = steps)
-    eval_every: int = 10  # iterations between evaluations (0: never); also once before the first iteration
-    eval_episodes: int = 10
-    eval_seed: int = 100_000
-    eval_stochastic: bool = False  # also evaluate the policy as it acts in training (eval_stochastic/...)
-    # misc
-    seed: int = 0
-    device: str = "cpu"
-
-    def __post_init__(self) -> None:
-        self.critic_hidden = tuple(int(h) for h in self.critic_hidden)
-        checks = [
-            (self.n_steps >= 1, "n_steps must be >= 1"),
-            (self.steps >= 1, "steps (K) must be >= 1"),
-            (0.0 < self.sigma_min <= self.sigma_max, "need 0 < sigma_min <= sigma_max"),
-            (0.0 <= self.gamma <= 1.0 and 0.0 <= self.gae_lambda <= 1.0, "gamma and gae_lambda must be in [0, 1]"),
-            (self.update_epochs >= 1 and self.minibatch_size >= 1, "update_epochs, minibatch_size must be >= 1"),
-            (self.clip_coef > 0.0, "clip_coef must be > 0"),
-            (self.lr_schedule in LR_SCHEDULES, f"lr_schedule must be one of {LR_SCHEDULES}"),
-            (self.critic_warmup_iters >= 0 and self.eval_every >= 0, "iteration counts must be >= 0"),
-            (self.clip_action is None or self.clip_action > 0, "clip_action must be > 0"),
-            (0.0 <= self.init_noise_scale <= 1.0, "init_noise_scale must be in [0, 1]"),
-        ]
-        lo, hi = self.final_bounds()
-        checks.append((0.0 < lo <= hi, "need 0 < sigma_min_final <= sigma_max_final"))
-        for ok, msg in checks:
-            if not ok:
-                raise ValueError(f"FinetuneConfig: {msg}")
-
-    def train_env_kwargs(self) -> dict[str, Any]:
-        """Task options for the training envs (:func:`envs.factory.make_vec_env`): only those set."""
-        out: dict[str, Any] = {}
-        if self.terminate_on_success:
-            out["terminate_on_success"] = True
-        if self.success_reward is not None:
-            out["success_reward"] = float(self.success_reward)
-        return out
-
-    def final_bounds(self) -> tuple[float, float]:
-        lo = self.sigma_min if self.sigma_min_final is None else self.sigma_min_final
-        hi = self.sigma_max if self.sigma_max_final is None else self.sigma_max_final
-        return float(lo), float(hi)
-
-    def noise_bounds(self, iteration: int) -> tuple[float, float]:
-        """The (sigma_min, sigma_max) bounds in force at ``iteration``."""
-        lo_f, hi_f = self.final_bounds()
-        if (lo_f, hi_f) == (self.sigma_min, self.sigma_max):
-            return self.sigma_min, self.sigma_max
-        args = (self.sigma_hold_iters, self.sigma_decay_iters)
-        return (hold_then_linear(iteration, self.sigma_min, lo_f, *args),
-                hold_then_linear(iteration, self.sigma_max, hi_f, *args))
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | None) -> FinetuneConfig:
-        """Build from a mapping (e.g. Hydra's ``cfg.stage``); ``name`` is ignored, unknown keys raise."""
-        d = {} if d is None else {k: d[k] for k in d}
-        d.pop("name", None)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown finetune settings {unknown}; known: {sorted(known)}")
-        if "critic_hidden" in d:
-            d["critic_hidden"] = tuple(d["critic_hidden"])
-        return cls(**d)
-
-    def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out["critic_hidden"] = list(self.critic_hidden)
-        return out
-
-
-# --- actors ------------------------------------------------------------------------------------------
-
-
-@dataclass
-class ActorSample:
-    """latent: what PPO stores and scores (B, *latent_shape); action: normalized, clipped (B, Ta, Da)."""
-
-    latent: torch.Tensor
-    action: torch.Tensor
-    log_prob: torch.Tensor  # (B,)
-
-
-class PPOActor(nn.Module):
-    """What PPO needs from a policy. ``cond`` is always (B, Dc) normalized condition features.
-
-    Subclasses keep the policy in eval mode (no dropout), so sampling and scoring see the same function.
-    """
-
-    policy: nn.Module
-    logprob_count: int = 1  # executed action dims Te * Da; log-probs are divided by it when normalized
-    logprob_scale: float = 1.0  # what the returned log-probs were multiplied by (1 / count or 1)
-
-    def act(self, cond: torch.Tensor, deterministic: bool = False,
-            generator: torch.Generator | None = None) -> ActorSample:
-        raise NotImplementedError
-
-    def evaluate(self, cond: torch.Tensor, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(log_prob (B,), entropy (B,)) of stored latents under the current parameters."""
-        raise NotImplementedError
-
-    def bc_loss(self, cond: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
-        """W2 regularizer: MSE between the frozen reference's action and the current one (same noise)."""
-        raise NotImplementedError
-
-    def sigma_stats(self, cond: torch.Tensor) -> tuple[float, float, float]:
-        """(mean, min, max) of the exploration std over ``cond`` (normalized action units)."""
-        raise NotImplementedError
-
-    def set_noise_bounds(self, sigma_min: float, sigma_max: float) -> None:
-        """Apply the noise-bound schedule (no-op where the actor has no bounded noise)."""
-
-    def param_groups(self, cfg: FinetuneConfig) -> list[dict]:
-        raise NotImplementedError
-
-
-class FlowActor(PPOActor):
-    """ReinFlow actor: FlowPolicy + NoiseNet; latent = the chain (B, K + 1, Ta, Da).
-
-    Trained parameters: the velocity network ``policy.flow.net`` and the noise net. The observation
-    normalizer is fixed; a shortcut model's EMA copy is not updated (it is stale after fine-tuning).
-    """
-
-    def __init__(self, policy: nn.Module, cfg: FinetuneConfig, exec_horizon: int | None = None) -> None:
-        super().__init__()
-        ta, da = int(policy.action_horizon), int(policy.act_dim)
-        noise_net = NoiseNet(policy.cond_dim, (ta, da), cfg.sigma_min, cfg.sigma_max, cfg.noise_time_dependent,
-                             cfg.noise_hidden, cfg.noise_depth)
-        self.sampler = NoisyFlowSampler(policy, noise_net, cfg.steps, cfg.clip_intermediate, cfg.clip_action,
-                                        cfg.include_x0_logprob, cfg.normalize_logprob, exec_horizon=exec_horizon,
-                                        init_noise_scale=cfg.init_noise_scale)
-        self.logprob_count = self.sampler.logprob_count
-        self.logprob_scale = 1.0 / self.logprob_count if cfg.normalize_logprob else 1.0
-        self.reference = clone_module(policy)
-        self.eval()
-
-    @property
-    def policy(self) -> nn.Module:  # a property, so the weights appear once in state_dict (under sampler.)
-        return self.sampler.policy
-
-    @property
-    def noise_net(self) -> NoiseNet:
-        return self.sampler.noise_net
-
-    def act(self, cond, deterministic=False, generator=None) -> ActorSample:
-        chain, logp = self.sampler.sample(cond, deterministic=deterministic, generator=generator)
-        return ActorSample(chain, self.sampler.action(chain), logp)
-
-    def evaluate(self, cond, latent):
-        return self.sampler.log_prob(latent, cond)
-
-    def bc_loss(self, cond, latent):
-        x0 = latent[:, 0]
-        with torch.no_grad():
-            ref = self.sampler.mean_action(cond, x0, policy=self.reference)
-        return (self.sampler.mean_action(cond, x0) - ref).pow(2).mean()
-
-    def sigma_stats(self, cond):
-        s = self.sampler.sigmas(cond, self.sampler.grid())
-        return float(s.mean()), float(s.min()), float(s.max())
-
-    def set_noise_bounds(self, sigma_min, sigma_max) -> None:
-        self.noise_net.set_bounds(sigma_min, sigma_max)
-
-    def param_groups(self, cfg):
-        noise_lr = cfg.actor_lr if cfg.noise_lr is None else cfg.noise_lr
-        return [{"params": list(self.policy.flow.net.parameters()), "lr": cfg.actor_lr, "base_lr": cfg.actor_lr},
-                {"params": list(self.noise_net.parameters()), "lr": noise_lr, "base_lr": noise_lr}]
-
-
-class GaussianActor(PPOActor):
-    """Gaussian baseline: latent = the sampled normalized action chunk before clipping (B, Ta, Da).
-
-    Its std is the policy's own learned ``log_std`` (the noise-bound schedule does not apply). The log-prob
-    covers the executed actions only (the first Te of the chunk: the others are marginalized out exactly, as
-    the entries of a diagonal Gaussian are independent); ``normalize_logprob`` divides log-prob and entropy by
-    Te * Da, the same count as the flow actor's.
-    """
-
-    def __init__(self, policy: nn.Module, cfg: FinetuneConfig, exec_horizon: int | None = None) -> None:
-        super().__init__()
-        self.policy = policy
-        self.reference = clone_module(policy)
-        self.clip_action = cfg.clip_action
-        self.exec_horizon = int(policy.action_horizon if exec_horizon is None else exec_horizon)
-        if not 1 <= self.exec_horizon <= policy.action_horizon:
-            raise ValueError(f"exec_horizon must be in [1, Ta={policy.action_horizon}], got {exec_horizon}")
-        self.logprob_count = self.exec_horizon * int(policy.act_dim)
-        self.logprob_scale = self.scale = 1.0 / self.logprob_count if cfg.normalize_logprob else 1.0
-        self.eval()
-
-    def _executed(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, Ta * Da) -> (B, Te * Da): the entries of the executed actions (row-major chunk layout)."""
-        return x[:, : self.logprob_count]
-
-    def _shape(self, a: torch.Tensor) -> torch.Tensor:
-        return a.reshape(a.shape[0], self.policy.action_horizon, self.policy.act_dim)
-
-    def act(self, cond, deterministic=False, generator=None) -> ActorSample:
-        dist = self.policy.distribution(cond)
-        a = dist.mean
-        if not deterministic:
-            a = a + dist.stddev * rng.randn(a.shape, generator, a.device)
-        ex = self._executed
-        logp = gaussian_log_prob(ex(a), ex(dist.mean), ex(dist.stddev)).sum(-1) * self.scale
-        latent = self._shape(a)
-        action = latent if self.clip_action is None else latent.clamp(-self.clip_action, self.clip_action)
-        return ActorSample(latent, action, logp)
-
-    def evaluate(self, cond, latent):
-        dist = self.policy.distribution(cond)
-        a, ex = latent.reshape(latent.shape[0], -1), self._executed
-        return (gaussian_log_prob(ex(a), ex(dist.mean), ex(dist.stddev)).sum(-1) * self.scale,
-                ex(dist.entropy()).sum(-1) * self.scale)
-
-    def bc_loss(self, cond, latent):
-        with torch.no_grad():
-            ref = self.reference.distribution(cond).mean
-        return (self.policy.distribution(cond).mean - ref).pow(2).mean()
-
-    def sigma_stats(self, cond):
-        s = self._executed(self.policy.distribution(cond).stddev)
-        return float(s.mean()), float(s.min()), float(s.max())
-
-    def param_groups(self, cfg):
-        return [{"params": [p for p in self.policy.parameters() if p.requires_grad], "lr": cfg.actor_lr,
-                 "base_lr": cfg.actor_lr}]
-
-
-def make_actor(policy: nn.Module, cfg: FinetuneConfig, exec_horizon: int | None = None) -> PPOActor:
-    """FlowActor for ``policy.kind`` in (reflow, shortcut), GaussianActor for ``gaussian``.
-
-    ``exec_horizon``: actions of each chunk the env executes (None: the whole chunk, Ta).
-    """
-    kind = getattr(policy, "kind", None)
-    if kind in ("reflow", "shortcut"):
-        return FlowActor(policy, cfg, exec_horizon)
-    if kind == "gaussian":
-        return GaussianActor(policy, cfg, exec_horizon)
-    raise ValueError(f"cannot fine-tune a policy of kind {kind!r}; expected reflow, shortcut or gaussian")
-
-
-class ValueNet(nn.Module):
-    """V(s): MLP on condition features (B, Dc) -> (B,)."""
-
-    def __init__(self, cond_dim: int, hidden: tuple[int, ...] = (256, 256)) -> None:
-        super().__init__()
-        layers: list[nn.Module] = []
-        d = cond_dim
-        for h in hidden:
-            layers += [nn.Linear(d, h), nn.Mish()]
-            d = h
-        out = nn.Linear(d, 1)
-        nn.init.zeros_(out.bias)
-        out.weight.data.mul_(0.1)
-        self.mlp = nn.Sequential(*layers, out)
-
-    def forward(self, cond: torch.Tensor) -> torch.Tensor:
-        return self.mlp(cond).squeeze(-1)
 
 
 # --- the agent ---------------------------------------------------------------------------------------
 
 
-class ReinFlowPPO:
+class ReinFlowPPO(PPOUpdate):
     """PPO fine-tuning of a pretrained policy (ReinFlow for flow policies; plain PPO for Gaussian ones).
 
     The policy is fine-tuned in place (``agent.policy``); for flow policies its ``default_steps`` is set to
@@ -558,173 +244,6 @@ class ReinFlowPPO:
             "env_steps": env_steps, "ep_returns": ep_returns, "ep_successes": ep_successes,
         }
 
-    # --- update ---------------------------------------------------------------------------------------
-    def update(self, batch: dict[str, Any]) -> dict[str, float]:
-        """PPO epochs over one rollout. The actor is trained only after ``critic_warmup_iters`` iterations."""
-        c = self.cfg
-        adv, ret = compute_gae(batch["reward"], batch["value"], batch["next_value"], batch["terminated"],
-                               batch["done"], c.gamma, c.gae_lambda)
-        n_total = adv.numel()
-        cond = batch["cond"].reshape(n_total, -1)
-        latent = batch["latent"].reshape(n_total, *batch["latent"].shape[2:])
-        old_logp, adv, ret = batch["log_prob"].reshape(-1), adv.reshape(-1), ret.reshape(-1)
-        actor_active = self.iteration >= c.critic_warmup_iters
-        actor_params = [p for g in self.actor_optim.param_groups for p in g["params"]]
-        stats: dict[str, list[float]] = {k: [] for k in ("approx_kl", "kl_per_dim", "clipfrac", "policy_loss",
-                                                         "value_loss", "entropy", "bc_loss", "log_ratio_std",
-                                                         "log_ratio_absmax", "grad_norm", "two_pass",
-                                                         "carry_frac")}
-        # log-ratio per executed action dim, whatever the normalization: comparable across actors
-        per_dim = self.actor.logprob_scale * self.actor.logprob_count
-        ratio_first, epochs_done, stop = float("nan"), 0, False
-        dist_on = self.dist.enabled
-        # skip_clipped: a sample whose clipped surrogate term is the larger one has a zero gradient; when few
-        # samples carry a gradient (late epochs), a no-grad pass over the minibatch plus forward and backward
-        # over the carriers is cheaper than forward and backward over everyone, for the same gradient.
-        can_skip = c.skip_clipped and c.ent_coef == 0 and c.bc_coef <= 0
-        carry_frac = 1.0  # gradient carriers in the last minibatch: decides one pass or two for the next
-        n_global = n_total * self.dist.world_size  # samples of every process (global env order t * E + e)
-        mb = min(c.minibatch_size, n_global)
-        for _ in range(c.update_epochs):
-            perm = torch.randperm(n_global, generator=self.perm_gen).to(self.device)
-            for start in range(0, n_global, mb):
-                idx = perm[start:start + mb]
-                n_mb = idx.numel()
-                if dist_on:  # this process's samples of the global minibatch, as local indices
-                    t_, e_ = idx // self.global_num_envs, idx % self.global_num_envs - self.env_offset
-                    own = (e_ >= 0) & (e_ < self.num_envs)
-                    idx = t_[own] * self.num_envs + e_[own]
-                first = math.isnan(ratio_first)
-                two_pass = actor_active and can_skip and carry_frac < _TWO_PASS_BELOW
-                # the actor pass is needed when training it, and once for the first-minibatch ratio
-                with torch.set_grad_enabled(actor_active and not two_pass):
-                    if actor_active or first:
-                        if idx.numel():
-                            new_logp, entropy = self.actor.evaluate(cond[idx], latent[idx])
-                        else:  # data-parallel: none of this minibatch is here (zero sums, zero gradients)
-                            new_logp = entropy = old_logp[:0]
-                        log_ratio = new_logp - old_logp[idx]
-                        ratio = log_ratio.exp()
-                        a = adv[idx]
-                        with torch.no_grad():
-                            lr_full = log_ratio / self.actor.logprob_scale
-                            lr_dim = log_ratio / per_dim
-                            if dist_on:  # minibatch statistics over every process's share, in one all-reduce
-                                g = _global_minibatch_stats(ratio, log_ratio, lr_full, lr_dim, a, c.clip_coef, n_mb)
-                                approx_kl, kl_per_dim = g["approx_kl"], g["kl_full"] / self.actor.logprob_count
-                                clipfrac, lr_std = g["clipfrac"], g["lr_dim_std"]
-                                ratio_dev, adv_mean, adv_std = g["ratio_dev"], g["adv_mean"], g["adv_std"]
-                            else:
-                                approx_kl = float(((ratio - 1.0) - log_ratio).mean())
-                                # k3 estimate of the KL of the whole sample (chain), per executed action dim
-                                kl_per_dim = float(((lr_full.exp() - 1.0) - lr_full).mean()) / self.actor.logprob_count
-                                clipfrac = float(((ratio - 1.0).abs() > c.clip_coef).float().mean())
-                                lr_std = float(lr_dim.std()) if lr_dim.numel() > 1 else 0.0
-                                ratio_dev = None
-                            stats["log_ratio_std"].append(lr_std)
-                            if lr_dim.numel():
-                                stats["log_ratio_absmax"].append(float(lr_dim.abs().max()))
-                            if first:
-                                ratio_first = ratio_dev if dist_on else float((ratio - 1.0).abs().mean())
-                        if actor_active and c.target_kl is not None and kl_per_dim > c.target_kl:
-                            stop = True
-                            break
-                        if dist_on:
-                            if c.norm_adv and n_mb > 1:
-                                a = (a - adv_mean) / (adv_std + 1e-8)
-                            clipped = -a * ratio.clamp(1.0 - c.clip_coef, 1.0 + c.clip_coef)
-                            pg_terms = torch.max(-a * ratio, clipped)
-                            # this process's share of the minibatch mean: the summed gradients are the mean's
-                            pg_loss = pg_terms.sum() / n_mb
-                            actor_loss = pg_loss - c.ent_coef * entropy.sum() / n_mb
-                            if c.bc_coef > 0 and idx.numel():
-                                bc = self.actor.bc_loss(cond[idx], latent[idx])
-                                actor_loss = actor_loss + c.bc_coef * bc * (idx.numel() / n_mb)
-                                stats["bc_loss"].append(float(bc.detach()))
-                            pg_log = float(pg_terms.mean()) if idx.numel() else None
-                            ent_log = float(entropy.detach().mean()) if idx.numel() else None
-                        else:
-                            if c.norm_adv and a.numel() > 1:
-                                a = (a - a.mean()) / (a.std() + 1e-8)
-                            clipped = -a * ratio.clamp(1.0 - c.clip_coef, 1.0 + c.clip_coef)
-                            pg_loss = torch.max(-a * ratio, clipped).mean()
-                            actor_loss = pg_loss - c.ent_coef * entropy.mean()
-                            if c.bc_coef > 0:
-                                bc = self.actor.bc_loss(cond[idx], latent[idx])
-                                actor_loss = actor_loss + c.bc_coef * bc
-                                stats["bc_loss"].append(float(bc.detach()))
-                            pg_log, ent_log = float(pg_loss.detach()), float(entropy.detach().mean())
-                        stats["approx_kl"].append(approx_kl)
-                        stats["kl_per_dim"].append(kl_per_dim)
-                        stats["clipfrac"].append(clipfrac)
-                        if pg_log is not None:
-                            stats["policy_loss"].append(pg_log)
-                            stats["entropy"].append(ent_log)
-                        if actor_active:
-                            if not dist_on and not torch.isfinite(actor_loss):
-                                raise FloatingPointError(
-                                    f"non-finite actor loss ({float(actor_loss.detach())}) at fine-tuning iteration "
-                                    f"{self.iteration}; no parameter was changed by it")
-                            with torch.no_grad():  # the samples whose surrogate term has a gradient
-                                carry = ~(clipped > -a * ratio)
-                                carry_frac = float(carry.float().mean()) if carry.numel() else 0.0
-                            stats["two_pass"].append(float(two_pass))
-                            stats["carry_frac"].append(carry_frac)
-                            self.actor_optim.zero_grad(set_to_none=True)
-                            with torch.enable_grad():
-                                if two_pass:  # the same gradient from the carriers alone: sum(-A r) / n_mb
-                                    sub = idx[carry]
-                                    actor_loss = torch.zeros((), device=self.device)
-                                    if sub.numel():
-                                        sub_logp, _ = self.actor.evaluate(cond[sub], latent[sub])
-                                        actor_loss = (-a[carry] * (sub_logp - old_logp[sub]).exp()).sum() / n_mb
-                                if dist_on or two_pass:  # every parameter gets a gradient, also from an empty share
-                                    actor_loss = actor_loss + 0.0 * sum(p.sum() for p in actor_params)
-                            actor_loss.backward()
-                            distributed.sum_gradients(actor_params)
-                            gnorm = nn.utils.clip_grad_norm_(actor_params, c.max_grad_norm)
-                            stats["grad_norm"].append(float(gnorm))
-                            if not torch.isfinite(gnorm):
-                                raise FloatingPointError(f"non-finite actor gradient at fine-tuning iteration "
-                                                         f"{self.iteration}; no parameter was changed by it")
-                            self.actor_optim.step()
-                if dist_on:
-                    critic_params = list(self.critic.parameters())
-                    sq = 0.5 * (self.critic(cond[idx]) - ret[idx]).pow(2) if idx.numel() else ret[:0]
-                    v_loss = sq.sum() / n_mb + 0.0 * sum(p.sum() for p in critic_params)
-                    self.critic_optim.zero_grad(set_to_none=True)
-                    v_loss.backward()
-                    distributed.sum_gradients(critic_params)
-                    gn = nn.utils.clip_grad_norm_(critic_params, c.max_grad_norm)
-                    if not torch.isfinite(gn):
-                        raise FloatingPointError(f"non-finite value gradient at fine-tuning iteration "
-                                                 f"{self.iteration} (rewards or observations with NaN/Inf?)")
-                    self.critic_optim.step()
-                    if sq.numel():
-                        stats["value_loss"].append(float(sq.detach().mean()))
-                    continue
-                v_loss = 0.5 * (self.critic(cond[idx]) - ret[idx]).pow(2).mean()
-                if not torch.isfinite(v_loss):
-                    raise FloatingPointError(f"non-finite value loss ({float(v_loss.detach())}) at fine-tuning iteration "
-                                             f"{self.iteration} (rewards or observations with NaN/Inf?)")
-                self.critic_optim.zero_grad(set_to_none=True)
-                v_loss.backward()
-                nn.utils.clip_grad_norm_(self.critic.parameters(), c.max_grad_norm)
-                self.critic_optim.step()
-                stats["value_loss"].append(float(v_loss.detach()))
-            epochs_done += 1
-            if stop:
-                break
-        with torch.no_grad():
-            ev = explained_variance(batch["value"].reshape(-1), ret)
-            sigma, sigma_lo, sigma_hi = self.actor.sigma_stats(cond[: min(n_total, 4096)])
-        out = {f"train/{k}": float(np.mean(v)) for k, v in stats.items() if v}
-        out.update({"train/ratio_first_minibatch": ratio_first, "train/explained_variance": ev,
-                    "train/sigma_mean": sigma, "train/sigma_obs_min": sigma_lo, "train/sigma_obs_max": sigma_hi,
-                    "train/epochs": float(epochs_done),
-                    "train/actor_updated": float(actor_active), "train/target_kl_stop": float(stop)})
-        return out
-
     # --- evaluation -----------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, n_episodes: int | None = None, stochastic: bool = False) -> dict[str, float]:
@@ -877,31 +396,10 @@ class ReinFlowPPO:
         self._obs = None
 
 
-# two passes (no-grad forward over the minibatch, then forward + backward over the gradient carriers) cost
-# about (F + f (F + B)) / (F + B) of one pass, with F : B about 1 : 2 for the K-step log-prob: worth it below 0.6
-_TWO_PASS_BELOW = 0.6
-
-
-def _global_minibatch_stats(ratio, log_ratio, lr_full, lr_dim, adv, clip_coef: float, n: int) -> dict[str, float]:
-    """Statistics of a minibatch split across processes: one all-reduce of the per-process sums.
-
-    ``n`` is the global minibatch size; standard deviations are unbiased, as ``torch.std``."""
-    sums = torch.stack([((ratio - 1.0) - log_ratio).sum(), ((lr_full.exp() - 1.0) - lr_full).sum(),
-                        ((ratio - 1.0).abs() > clip_coef).float().sum(), lr_dim.sum(), lr_dim.pow(2).sum(),
-                        adv.sum(), adv.pow(2).sum(), (ratio - 1.0).abs().sum()]).double()
-    s = distributed.all_reduce_sum(sums).tolist()
-
-    def std(total: float, total_sq: float) -> float:
-        return math.sqrt(max(total_sq - total * total / n, 0.0) / (n - 1)) if n > 1 else 0.0
-
-    return {"approx_kl": s[0] / n, "kl_full": s[1] / n, "clipfrac": s[2] / n, "lr_dim_std": std(s[3], s[4]),
-            "adv_mean": s[5] / n, "adv_std": std(s[5], s[6]), "ratio_dev": s[7] / n}
-
-
 def _rows(obs, idx: np.ndarray):
     """Select env rows from an array or dict observation."""
     return {k: _rows(v, idx) for k, v in obs.items()} if isinstance(obs, dict) else np.asarray(obs)[idx]
 
 
 __all__ = ["FinetuneConfig", "ReinFlowPPO", "PPOActor", "FlowActor", "GaussianActor", "ValueNet", "make_actor",
-           "ActorSample"]
+           "ActorSample", "ACTORS", "register_actor"]

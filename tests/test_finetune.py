@@ -427,3 +427,25 @@ def test_stochastic_evaluation_runs_the_training_policy_on_the_same_episodes(kin
     seen = []
     agent.learn(1, callback=lambda a, m: seen.append(sorted(k for k in m if k.startswith("eval"))), progress=False)
     assert all("eval_stochastic/return_mean" in keys and "eval/return_mean" in keys for keys in seen) and seen
+
+
+def test_a_new_policy_kind_plugs_in_through_the_actor_registry(monkeypatch):
+    """register_actor is the one place a new policy kind names its PPO actor; nothing else in the loop changes."""
+    from agents import actors
+    from agents.actors import GaussianActor, make_actor, register_actor
+
+    monkeypatch.setattr(actors, "ACTORS", dict(actors.ACTORS))
+    policy = make_policy("gaussian")
+    policy.kind = "my_kind"
+    with pytest.raises(ValueError, match="register_actor"):
+        make_actor(policy, small_cfg())
+
+    class MyActor(GaussianActor):
+        pass
+
+    register_actor("my_kind", MyActor)
+    assert type(make_actor(policy, small_cfg())) is MyActor
+    agent = ReinFlowPPO(policy, make_envs(2), None, small_cfg())
+    assert type(agent.actor) is MyActor and agent.update(agent.collect_rollout())["train/value_loss"] >= 0
+    with pytest.raises(TypeError):
+        register_actor("bad", object)
