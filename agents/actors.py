@@ -5,8 +5,10 @@
   log-prob (:class:`~flowpolicy.reinflow.NoisyFlowSampler`).
 - :class:`GaussianActor`: a GaussianPolicy; it stores the sampled (unclipped) normalized action (B, Ta, Da).
 
-A new policy kind plugs in with :func:`register_actor` (its kind string -> an actor class); nothing in the
-PPO loop names a kind.
+- :class:`FPOActor`: Flow Policy Optimization; no noise network, its ratio is built from flow-matching losses.
+
+A new policy kind plugs in with :func:`register_actor` (its kind string -> an actor class), a new algorithm
+with :func:`register_algorithm` (``algo=<name>``); nothing in the PPO loop names a kind or an algorithm.
 """
 
 from __future__ import annotations
@@ -177,7 +179,87 @@ class GaussianActor(PPOActor):
                  "base_lr": cfg.actor_lr}]
 
 
+class FPOActor(PPOActor):
+    """Flow Policy Optimization (McAllister et al., 2025): PPO for a flow policy without a likelihood.
+
+    Exploration comes from the initial noise alone: a rollout samples x0 ~ N(0, I) and integrates the policy's
+    ODE (K Euler steps) to the chunk a. With it, ``fpo_mc_samples`` pairs (eps_i, t_i), eps_i ~ N(0, I),
+    t_i ~ U(0, 1), are drawn and stored. The "log-prob" is minus the conditional flow-matching loss of a,
+
+        L(a) = 1/N sum_i || v(t_i a + (1 - t_i) eps_i, t_i | s) - (a - eps_i) ||^2   (executed entries only),
+
+    so PPO's ratio exp(logp_new - logp_old) is FPO's exp(L_old - L_new) on the same (eps_i, t_i): 1 at the
+    first minibatch, and PPO's clipping bounds how far one update moves L. The loss term is a lower bound of
+    the log-likelihood up to a constant (the ELBO view of flow matching), so no noise network is needed.
+    Deterministic evaluation integrates the ODE from x0 ~ N(0, tau^2 I) with ``init_noise_scale`` tau, as
+    the saved policy does. Latent (B, N + 1, Ta * Da + 1): row 0 the chunk (last entry 0), rows 1..N the
+    pairs (eps_i, then t_i).
+    """
+
+    def __init__(self, policy: nn.Module, cfg: FinetuneConfig, exec_horizon: int | None = None) -> None:
+        super().__init__()
+        if getattr(policy, "kind", None) not in ("reflow", "shortcut"):
+            raise ValueError(f"algo=fpo fine-tunes flow policies (reflow, shortcut), not {policy.kind!r}")
+        self.policy = policy
+        self.reference = clone_module(policy)
+        self.steps, self.n_mc = int(cfg.steps), int(cfg.fpo_mc_samples)
+        self.ta, self.da = int(policy.action_horizon), int(policy.act_dim)
+        self.exec_horizon = int(self.ta if exec_horizon is None else exec_horizon)
+        self.logprob_count = self.exec_horizon * self.da
+        self.logprob_scale = 1.0 / self.logprob_count if cfg.normalize_logprob else 1.0
+        self.clip_action = cfg.clip_action
+        self.init_noise_scale = float(cfg.init_noise_scale)
+        self.eval()
+
+    def _ode(self, cond, x0, policy=None):
+        return (policy or self.policy).predict_normalized(cond, steps=self.steps, x0=x0)
+
+    def _velocity(self, x, t, cond):
+        d = None
+        if self.policy.kind == "shortcut":  # the flow-matching level: the finest step size
+            d = torch.full_like(t, self.policy.flow.finest_step)
+        return self.policy.velocity(x, t, cond, d)
+
+    def cfm_loss(self, cond: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+        """(B,) flow-matching loss of the stored chunks on their stored (eps_i, t_i), executed entries summed."""
+        b, n, dd = latent.shape[0], latent.shape[1] - 1, self.ta * self.da
+        a, eps, t = latent[:, :1, :dd], latent[:, 1:, :dd], latent[:, 1:, dd]
+        x_t = t[..., None] * a + (1.0 - t[..., None]) * eps
+        v = self._velocity(x_t.reshape(b * n, self.ta, self.da), t.reshape(b * n), cond.repeat_interleave(n, 0))
+        err = (v.reshape(b, n, dd) - (a - eps)).pow(2)[..., : self.logprob_count]
+        return err.sum(-1).mean(-1)
+
+    def act(self, cond, deterministic=False, generator=None) -> ActorSample:
+        b, dd = cond.shape[0], self.ta * self.da
+        scale = self.init_noise_scale if deterministic else 1.0
+        a = self._ode(cond, rng.randn((b, self.ta, self.da), generator, cond.device) * scale)
+        eps = rng.randn((b, self.n_mc, dd), generator, cond.device)
+        t = rng.rand((b, self.n_mc, 1), generator, cond.device)
+        latent = torch.cat([torch.cat([a.reshape(b, 1, dd), torch.zeros(b, 1, 1, device=cond.device)], -1),
+                            torch.cat([eps, t], -1)], 1)
+        action = a if self.clip_action is None else a.clamp(-self.clip_action, self.clip_action)
+        return ActorSample(latent, action, -self.cfm_loss(cond, latent) * self.logprob_scale)
+
+    def evaluate(self, cond, latent):
+        logp = -self.cfm_loss(cond, latent) * self.logprob_scale
+        return logp, torch.zeros_like(logp)
+
+    def bc_loss(self, cond, latent):
+        x0 = latent[:, 1, : self.ta * self.da].reshape(-1, self.ta, self.da)
+        with torch.no_grad():
+            ref = self._ode(cond, x0, self.reference)
+        return (self._ode(cond, x0) - ref).pow(2).mean()
+
+    def sigma_stats(self, cond):
+        return 0.0, 0.0, 0.0  # no injected noise: exploration is the initial noise
+
+    def param_groups(self, cfg):
+        return [{"params": list(self.policy.flow.net.parameters()), "lr": cfg.actor_lr, "base_lr": cfg.actor_lr}]
+
+
 ACTORS: dict[str, type[PPOActor]] = {"reflow": FlowActor, "shortcut": FlowActor, "gaussian": GaussianActor}
+# fine-tuning algorithms by name (`algo=<name>`; FinetuneConfig.algo): each is an actor the one PPO loop trains
+ALGORITHMS: dict[str, type[PPOActor]] = {"reinflow": FlowActor, "ppo": GaussianActor, "fpo": FPOActor}
 
 
 def register_actor(kind: str, actor_cls: type[PPOActor]) -> None:
@@ -187,12 +269,28 @@ def register_actor(kind: str, actor_cls: type[PPOActor]) -> None:
     ACTORS[str(kind)] = actor_cls
 
 
+def register_algorithm(name: str, actor_cls: type[PPOActor]) -> None:
+    """Make ``algo=<name>`` (``FinetuneConfig.algo``) fine-tune with ``actor_cls(policy, cfg, exec_horizon)``."""
+    if not (isinstance(actor_cls, type) and issubclass(actor_cls, PPOActor)):
+        raise TypeError(f"register_algorithm({name!r}, ...) needs a PPOActor subclass, got {actor_cls!r}")
+    ALGORITHMS[str(name)] = actor_cls
+
+
 def make_actor(policy: nn.Module, cfg: FinetuneConfig, exec_horizon: int | None = None) -> PPOActor:
-    """The registered actor of ``policy.kind`` (FlowActor for reflow/shortcut, GaussianActor for gaussian).
+    """The actor of ``cfg.algo`` (reinflow, ppo, fpo, or a registered one), or, with ``algo`` unset, the
+    registered actor of ``policy.kind`` (FlowActor for reflow/shortcut, GaussianActor for gaussian).
 
     ``exec_horizon``: actions of each chunk the env executes (None: the whole chunk, Ta).
     """
+    algo = getattr(cfg, "algo", None)
     kind = getattr(policy, "kind", None)
+    if algo is not None:
+        if algo not in ALGORITHMS:
+            raise ValueError(f"unknown fine-tuning algo {algo!r}; expected one of {sorted(ALGORITHMS)}")
+        flows = ("reflow", "shortcut")
+        if (algo == "ppo" and kind in flows) or (algo == "reinflow" and kind == "gaussian"):
+            raise ValueError(f"algo={algo} does not fine-tune a {kind} policy (reinflow/fpo: flows; ppo: gaussian)")
+        return ALGORITHMS[algo](policy, cfg, exec_horizon)
     if kind not in ACTORS:
         raise ValueError(f"cannot fine-tune a policy of kind {kind!r}; expected one of {sorted(ACTORS)} "
                          "(agents.actors.register_actor adds one)")

@@ -55,13 +55,16 @@ from tqdm.auto import tqdm
 from agents import distributed
 from agents.actors import (
     ACTORS,
+    ALGORITHMS,
     ActorSample,
     FlowActor,
+    FPOActor,
     GaussianActor,
     PPOActor,
     ValueNet,
     make_actor,
     register_actor,
+    register_algorithm,
 )
 from agents.finetune_config import FinetuneConfig
 from agents.ppo_update import PPOUpdate
@@ -402,4 +405,4 @@ def _rows(obs, idx: np.ndarray):
 
 
 __all__ = ["FinetuneConfig", "ReinFlowPPO", "PPOActor", "FlowActor", "GaussianActor", "ValueNet", "make_actor",
-           "ActorSample", "ACTORS", "register_actor"]
+           "ActorSample", "ACTORS", "register_actor", "ALGORITHMS", "register_algorithm", "FPOActor"]

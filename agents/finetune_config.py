@@ -32,6 +32,9 @@ class FinetuneConfig:
     # training envs with a success signal (Meta-World, robosuite); evaluation always runs whole episodes
     terminate_on_success: bool = False  # end a training episode at its first successful step
     success_reward: float | None = None  # sparse reward: this on a successful step, 0 otherwise (None: the env's)
+    # algorithm: None picks by policy kind (reinflow for flows, ppo for gaussian); reinflow | ppo | fpo
+    algo: str | None = None
+    fpo_mc_samples: int = 8  # FPO: (eps, t) pairs per chunk for its flow-matching-loss ratio
     # flow actor (ReinFlow)
     steps: int = 4  # (D) K denoising steps, fine-tuned and evaluated at this K
     sigma_min: float = 0.10  # (D) noise bounds at the start (locomotion)
@@ -90,6 +93,11 @@ class FinetuneConfig:
             (self.clip_action is None or self.clip_action > 0, "clip_action must be > 0"),
             (0.0 <= self.init_noise_scale <= 1.0, "init_noise_scale must be in [0, 1]"),
         ]
+        from agents.actors import ALGORITHMS  # late: the actors module imports this one
+
+        checks.append((self.algo is None or self.algo in ALGORITHMS,
+                       f"algo must be one of {sorted(ALGORITHMS)} (or null: by policy kind), got {self.algo!r}"))
+        checks.append((self.fpo_mc_samples >= 1, "fpo_mc_samples must be >= 1"))
         lo, hi = self.final_bounds()
         checks.append((0.0 < lo <= hi, "need 0 < sigma_min_final <= sigma_max_final"))
         for ok, msg in checks:

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -203,3 +204,25 @@ def test_finetune_with_async_env_workers_equals_the_sync_run(pretrained, tmp_pat
               for o in outs]
     assert outs[0]["env_steps"] == outs[1]["env_steps"] == 40 and torch.equal(*params)
     assert kinds == ["SyncVectorEnv", "SyncVectorEnv", "GuardedAsyncVectorEnv", "SyncVectorEnv"]  # train, eval
+
+
+def test_finetune_stage_runs_fpo_from_the_algo_config_group(pretrained, tmp_path):
+    """`train.py stage=finetune algo=fpo checkpoint=...`: the algorithm is a config group; FPO's actor has no
+    noise net, and the saved policy loads and acts."""
+    from agents.checkpoint import load_checkpoint
+    from agents.policies import policy_from_checkpoint
+    from agents.stages import run
+
+    run_dir, data, _ = pretrained
+    cfg = _compose("stage=finetune", "algo=fpo", f"checkpoint={run_dir}", f"data_dir={data}", "stage.num_envs=2",
+                   "stage.n_steps=10", "stage.eval_num_envs=2", "stage.eval_episodes=2", "stage.eval_every=1",
+                   "stage.critic_warmup_iters=0", "stage.minibatch_size=10", "stage.update_epochs=1",
+                   "stage.total_env_steps=40", *TINY[4:])
+    assert cfg.stage.algo == "fpo" and cfg.stage.fpo_mc_samples == 8
+    out = run(cfg, tmp_path)["finetune"]
+    assert out["env_steps"] == 40
+    ck = load_checkpoint(out["checkpoint"])
+    assert ck["config"]["finetune"]["algo"] == "fpo"
+    assert "noise_net" not in ck["extras"]  # a ReinFlow run saves its noise net there
+    policy, _ = policy_from_checkpoint(out["checkpoint"])
+    assert policy.predict_action_chunk(np.zeros((1, policy.obs_dim), np.float32)).shape[-1] == policy.act_dim
