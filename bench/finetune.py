@@ -47,7 +47,9 @@ POLICY_SPECS = {
                  "max_level": 5},
     "gaussian": {"kind": "gaussian", "hidden": 256, "depth": 2},
 }
-K_FOR = {"reflow": 4, "shortcut": 1, "gaussian": 1}
+K_FOR = {"reflow": 4, "shortcut": 1, "gaussian": 1, "fpo": 4}
+# methods that fine-tune another method's pretrained policy with another algorithm: method -> (kind, overrides)
+ALGO_METHODS = {"fpo": ("reflow", {"algo": "fpo"})}
 
 
 def task_spec(task: str) -> dict:
@@ -235,7 +237,8 @@ def main(argv=None):
     p.add_argument("--budget", choices=sorted(BUDGETS), default="small")
     p.add_argument("--env-steps", type=int, default=None, help="override the budget's fine-tuning env steps")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--methods", nargs="+", default=["reflow", "shortcut", "gaussian", "sb3_ppo"])
+    p.add_argument("--methods", nargs="+", default=["reflow", "shortcut", "fpo", "gaussian", "sb3_ppo"],
+                   help="reflow, shortcut (ReinFlow), fpo (FPO on the reflow policy), gaussian (same PPO), sb3_ppo")
     p.add_argument("--variant", action="append", default=[],
                    help="name:key=value,... extra fine-tuning settings to compare (default variant always runs)")
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2)))
@@ -265,7 +268,12 @@ def main(argv=None):
     demo_returns = [ep.episode_return for ep in read_demos(dataset)]
     slug = args.task.replace("/", "_")  # metaworld/push-v3 -> metaworld_push-v3
     work = Path(args.work) / slug
-    kinds = [m for m in args.methods if m in POLICY_SPECS]
+    unknown = [m for m in args.methods if m not in POLICY_SPECS and m not in ALGO_METHODS and m != "sb3_ppo"]
+    if unknown:
+        raise SystemExit(f"error: unknown --methods {unknown}; use {sorted([*POLICY_SPECS, *ALGO_METHODS, 'sb3_ppo'])}")
+    kinds = sorted({m for m in args.methods if m in POLICY_SPECS}
+                   | {ALGO_METHODS[m][0] for m in args.methods if m in ALGO_METHODS})
+    ft_methods = [m for m in args.methods if m in POLICY_SPECS or m in ALGO_METHODS]
     variants = [("default", {})] + [_parse_variant(v) for v in args.variant]
     ft_defaults = _task_finetune_defaults(args.task)
     steps_per_iter = int(ft_defaults.get("n_steps", 256)) * int(ft_defaults.get("num_envs", 16)) * t["exec_horizon"]
@@ -282,7 +290,8 @@ def main(argv=None):
         pre = pool.map(_pretrain, [(k, args.task, dataset, work / k, budget["pretrain_steps"], 0) for k in kinds])
         ckpts = {k: c for k, c, _ in pre}
         pre_wall = {k: w for k, _, w in pre}
-        jobs = [(m, vn, {**eval_over, **vo}, s, args.task, ckpts[m], budget["env_steps"]) for m in kinds
+        jobs = [(m, vn, {**eval_over, **ALGO_METHODS.get(m, (m, {}))[1], **vo}, s, args.task,
+                 ckpts[ALGO_METHODS.get(m, (m,))[0]], budget["env_steps"]) for m in ft_methods
                 for vn, vo in variants for s in args.seeds]
         async_sb3 = pool.map_async(_sb3_ppo, [(s, args.task, budget["env_steps"], eval_every_steps,
                                                args.eval_episodes, eval_seed, eval_num_envs) for s in args.seeds]) \
