@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from envs.episodes import run_episodes
 from envs.factory import make_vec_env
 from flowpolicy.align import flow_dpo_loss, rwr_weights
 from flowpolicy.flow import ShortcutFlow
@@ -163,7 +164,8 @@ def collect_rollouts(policy: FlowPolicy, env_name: str, num_start_states: int, r
     """``rollouts_per_state`` episodes from each of ``num_start_states`` start states (env seed ``seed + i``).
 
     Rollouts of one state differ only in the flow's initial noise (drawn from a generator seeded by ``seed``).
-    Each env runs one episode per batch; the policy acts with ``steps`` denoising steps.
+    Each env runs one episode per batch (:func:`envs.episodes.run_episodes`, the runner of every evaluator);
+    the policy acts with ``steps`` denoising steps and every (observation history, whole chunk) is kept.
     """
     per_batch = max(1, num_envs // rollouts_per_state)
     n = per_batch * rollouts_per_state
@@ -175,29 +177,30 @@ def collect_rollouts(policy: FlowPolicy, env_name: str, num_start_states: int, r
     try:
         for first in range(0, num_start_states, per_batch):
             states = [first + j // rollouts_per_state for j in range(n)]
-            obs, _ = envs.reset(seed=[seed + s for s in states])
-            done = np.zeros(n, bool)
-            ret, succ = np.zeros(n), np.zeros(n, bool)
             obs_buf: list[list[np.ndarray]] = [[] for _ in range(n)]
             act_buf: list[list[np.ndarray]] = [[] for _ in range(n)]
-            while not done.all():
+            last: dict[str, np.ndarray] = {}
+
+            def act(obs, last=last):
                 chunk = policy.predict_action_chunk(obs, steps=steps, generator=gen).cpu().numpy()
-                hist = obs if obs.ndim == 3 else obs[:, None]
-                for i in np.flatnonzero(~done):
-                    obs_buf[i].append(hist[i])
-                    act_buf[i].append(chunk[i])
-                act = chunk[:, : policy.exec_horizon]
-                obs, rew, term, trunc, info = envs.step(act[:, 0] if policy.exec_horizon == 1 else act)
-                live = ~done
-                ret[live] += rew[live]
-                succ[live] |= np.asarray(info.get("success", np.zeros(n, bool)), bool)[live]
-                done |= np.logical_or(term, trunc)
+                last["chunk"], last["hist"] = chunk, (obs if obs.ndim == 3 else obs[:, None])
+                a = chunk[:, : policy.exec_horizon]
+                return a[:, 0] if policy.exec_horizon == 1 else a
+
+            def record(active, last=last, obs_buf=obs_buf, act_buf=act_buf):
+                for i in np.flatnonzero(active):
+                    obs_buf[i].append(last["hist"][i])
+                    act_buf[i].append(last["chunk"][i])
+
+            res = run_episodes(envs, act, n, [seed + s for s in states], quotas=np.ones(n, int), on_step=record,
+                               default_chunk_steps=policy.exec_horizon)
+            ends = {i: (r, s) for i, r, s in zip(res["envs"], res["returns"], res["successes"])}
             for i, s in enumerate(states):
                 if s >= num_start_states:
                     continue
                 out.append(Trajectory(torch.as_tensor(np.stack(obs_buf[i])),
-                                      torch.as_tensor(np.stack(act_buf[i])), float(ret[i]), bool(succ[i]), s,
-                                      f"state{s}_rollout{i % rollouts_per_state}"))
+                                      torch.as_tensor(np.stack(act_buf[i])), float(ends[i][0]), bool(ends[i][1]),
+                                      s, f"state{s}_rollout{i % rollouts_per_state}"))
     finally:
         envs.close()
     return out

@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -120,29 +120,43 @@ class VecEnvStepper:
         return StepResult(obs, reward, terminated, truncated, final_obs, success, chunk)
 
 
-def run_episodes(envs: gym.vector.VectorEnv, act: Callable[[Any], np.ndarray], episodes: int, seed: int | None,
-                 first_env: int = 0, total_envs: int | None = None, default_chunk_steps: int = 1,
-                 on_episode: Callable[[], None] | None = None) -> dict[str, list]:
+def run_episodes(envs: gym.vector.VectorEnv, act: Callable[[Any], np.ndarray], episodes: int,
+                 seed: int | Sequence[int] | None, first_env: int = 0, total_envs: int | None = None,
+                 default_chunk_steps: int = 1, on_episode: Callable[[], None] | None = None,
+                 quotas: Sequence[int] | None = None,
+                 on_step: Callable[[np.ndarray], None] | None = None) -> dict[str, list]:
     """Run ``episodes`` episodes on ``envs`` (this process's share when ``first_env``/``total_envs`` are given).
 
     ``act(obs) -> actions`` is called once per vector step on every env's observation (also for envs that
     finished their quota, so the draws of a seeded sampler do not depend on episode lengths); the actions are
-    clipped to the action space. Envs are reset once with ``seed + first_env`` (env i gets ``+ i``); episode
-    ends go through :class:`VecEnvStepper`. Returns per-episode ``returns``, ``successes`` and ``lengths``
-    (env steps), in the order the episodes ended.
+    clipped to the action space. Envs are reset once with ``seed + first_env`` (env i gets ``+ i``), or with
+    ``seed[i]`` when ``seed`` is a list; episode ends go through :class:`VecEnvStepper`. ``quotas`` (one per
+    env) replaces the split of ``episodes``. ``on_step(active)`` runs after each ``act`` call with the mask of
+    envs whose steps count (still within their quota). Returns per-episode ``returns``, ``successes``,
+    ``lengths`` (env steps) and ``envs`` (the env index), in the order the episodes ended.
     """
     n = envs.num_envs
-    quota = episode_quotas(episodes, n, first_env, total_envs)
+    quota = (episode_quotas(episodes, n, first_env, total_envs) if quotas is None
+             else np.asarray(quotas, int).reshape(n))
     stepper = VecEnvStepper(envs, default_chunk_steps)
     space = envs.single_action_space
-    obs = stepper.reset(seed=None if seed is None else seed + first_env)
+    if seed is not None and not isinstance(seed, (int, np.integer)):
+        seed = [int(x) for x in seed]
+        if len(seed) != n:
+            raise ValueError(f"run_episodes: {len(seed)} seeds for {n} envs")
+    elif seed is not None:
+        seed = int(seed) + first_env
+    obs = stepper.reset(seed=seed)
     ep_ret, ep_len, ep_succ = np.zeros(n), np.zeros(n, np.int64), np.zeros(n, bool)
     done_count = np.zeros(n, int)
     returns: list[float] = []
     successes: list[bool] = []
     lengths: list[int] = []
+    env_ids: list[int] = []
     while (done_count < quota).any():
         a = np.asarray(act(obs))
+        if on_step is not None:
+            on_step(done_count < quota)
         if isinstance(space, gym.spaces.Box):
             a = np.clip(a, space.low, space.high).astype(space.dtype)
         res = stepper.step(a)
@@ -154,9 +168,10 @@ def run_episodes(envs: gym.vector.VectorEnv, act: Callable[[Any], np.ndarray], e
                 returns.append(float(ep_ret[i]))
                 successes.append(bool(ep_succ[i]))
                 lengths.append(int(ep_len[i]))
+                env_ids.append(int(i))
                 if on_episode is not None:
                     on_episode()
             done_count[i] += 1
             ep_ret[i], ep_len[i], ep_succ[i] = 0.0, 0, False
         obs = res.obs
-    return {"returns": returns, "successes": successes, "lengths": lengths}
+    return {"returns": returns, "successes": successes, "lengths": lengths, "envs": env_ids}

@@ -381,3 +381,19 @@ def test_image_alignment_raises_the_classifier_reward_of_a_tiny_generator(tmp_pa
         assert {"reward_heldout", "target_rate", "fd", "fd_target"} <= set(out["after"])
     flow, cfg = load_generator(results["dpo"]["checkpoint"])
     assert cfg.method == "align_dpo" and flow.sample(steps=2, batch=3).shape == (3, 1, 8, 8)
+
+
+def test_alignment_rollouts_and_evaluation_run_the_same_episodes(tiny_checkpoint):
+    """One runner (envs.episodes.run_episodes) under evaluation and preference-rollout collection: the same
+    policy, seed and env count give the same per-episode returns (PPO's evaluation is compared with the same
+    runner in tests/test_finetune.py)."""
+    from agents.align import collect_rollouts
+    from agents.evaluate import rollout_episodes
+    from agents.policies import policy_from_checkpoint
+
+    policy, _ = policy_from_checkpoint(tiny_checkpoint[0])
+    trajs = collect_rollouts(policy, ENV, 3, 1, seed=7, max_episode_steps=30, num_envs=3)
+    ev = rollout_episodes(policy, ENV, 3, num_envs=3, seed=7, max_episode_steps=30)
+    ret, length = dict(zip(ev["envs"], ev["returns"])), dict(zip(ev["envs"], ev["lengths"]))
+    assert [t.ret for t in trajs] == [ret[i] for i in range(3)]
+    assert [len(t.obs) * policy.exec_horizon for t in trajs] == [length[i] for i in range(3)]  # 30 = 15 chunks
