@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from envs.episodes import run_episodes
-from envs.factory import make_env, make_vec_env
+from envs.factory import make_vec_env
 from flowpolicy.policy import BasePolicy, FlowPolicy
 
 from .checkpoint import atomic_write_json, atomic_write_text
@@ -93,8 +93,14 @@ def video_name(env_name: str, steps: int | None, episode: int, prefix: str = "")
 
 def record_videos(policy: BasePolicy, env_name: str, out_dir: Path, episodes: int = 2, steps: int | None = None,
                   seed: int = 100_000, max_episode_steps: int | None = None, prefix: str = "") -> list[str]:
-    """mp4/GIF videos of the first ``episodes`` episodes, named by :func:`video_name`; [] with a warning when
-    no renderer is available."""
+    """mp4/GIF videos of ``episodes`` episodes (env seeds ``seed + i``), named by :func:`video_name`; [] with a
+    warning when no renderer is available.
+
+    The episodes run through :func:`envs.episodes.run_episodes` (the runner of every evaluator: its reset and
+    clipping rules), one env per episode stepping one action at a time so every frame is rendered; the flows'
+    initial noise comes from a generator seeded with ``seed``, so a video is reproducible."""
+    from collections import deque
+
     from envs.video import VideoRecorder, render_frame
 
     paths: list[str] = []
@@ -102,30 +108,39 @@ def record_videos(policy: BasePolicy, env_name: str, out_dir: Path, episodes: in
         warnings.warn("no videos: no display and MUJOCO_GL is not egl/osmesa (train.py picks osmesa when "
                       "libOSMesa is installed: apt-get install libosmesa6)", stacklevel=2)
         return paths
-    size = {"render_size": (160, 160)}
+    if episodes < 1:
+        return paths
     try:
-        env = make_env(env_name, seed=seed, render_mode="rgb_array", obs_horizon=policy.obs_horizon,
-                       action_horizon=1, max_episode_steps=max_episode_steps, **size)
+        envs = make_vec_env(env_name, episodes, seed=None, render_mode="rgb_array", obs_horizon=policy.obs_horizon,
+                            action_horizon=1, max_episode_steps=max_episode_steps, render_size=(160, 160))
     except Exception as err:  # noqa: BLE001 - report, never lose the evaluation
         warnings.warn(f"no videos: {err}", stacklevel=2)
         return paths
+    policy.eval()
+    gen = torch.Generator(device=policy.device).manual_seed(seed)
+    kw = {"generator": gen} if isinstance(policy, FlowPolicy) else {}
+    queue: deque = deque()  # the executed actions of the current chunk, one per env step
+
+    def act(obs):
+        if not queue:
+            chunk = policy.predict_action_chunk(obs, steps=steps, **kw).cpu().numpy()
+            queue.extend(chunk[:, : policy.exec_horizon].transpose(1, 0, 2))
+        return queue.popleft()
+
+    recorders = [VideoRecorder(Path(out_dir) / video_name(env_name, steps, i, prefix)) for i in range(episodes)]
+
+    def film(active):
+        for i in np.flatnonzero(active):
+            recorders[i].add(render_frame(envs.envs[i]))
+
     try:
-        for ep in range(episodes):
-            obs, _ = env.reset(seed=seed + ep)
-            policy.reset()
-            rec = VideoRecorder(out_dir / video_name(env_name, steps, ep, prefix))
-            done = False
-            while not done:
-                rec.add(render_frame(env))
-                act = policy.select_action(torch.as_tensor(obs)[None], steps=steps)[0].cpu().numpy()
-                obs, _, term, trunc, _ = env.step(act)
-                done = term or trunc
-            paths.append(str(rec.close()))
+        with torch.no_grad():
+            run_episodes(envs, act, episodes, seed, quotas=np.ones(episodes, int), on_step=film)
+        paths = [str(rec.close()) for rec in recorders]
     except RuntimeError as err:
         warnings.warn(f"no videos: {err}", stacklevel=2)
     finally:
-        env.close()
-        policy.reset()
+        envs.close()
     return paths
 
 

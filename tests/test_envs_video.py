@@ -91,3 +91,52 @@ def test_offscreen_rollout_video(tmp_path):
         return
     pytest.skip("no headless GL backend renders here (" + " | ".join(tried) + "); install Mesa's EGL "
                 "(libegl1 libgl1-mesa-dri) or libosmesa6")
+
+
+RECORD = textwrap.dedent("""
+    import sys
+    import numpy as np
+    try:
+        import mujoco  # noqa: F401
+    except Exception as err:
+        print("BACKEND-UNAVAILABLE", err)
+        raise SystemExit(4)
+    import warnings
+    import imageio
+    import torch
+    from agents.evaluate import record_videos, rollout_episodes
+    from flowpolicy.flow import RectifiedFlow
+    from flowpolicy.nets import MLPVelocity
+    from flowpolicy.policy import FlowPolicy
+
+    torch.manual_seed(0)
+    net = MLPVelocity((4, 4), cond_dim=39, hidden=32, depth=1)
+    policy = FlowPolicy(RectifiedFlow(net, (4, 4)), 39, 4, 1, 4, exec_horizon=2, default_steps=2,
+                        action_stats=(np.full(4, -1.0), np.full(4, 1.0)))
+    env = "metaworld/pick-place-v3"
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        a = record_videos(policy, env, sys.argv[1] + "/a", episodes=2, seed=5, max_episode_steps=7)
+        b = record_videos(policy, env, sys.argv[1] + "/b", episodes=2, seed=5, max_episode_steps=7)
+    if not a:
+        print("RENDER-ERROR", [str(x.message) for x in w])
+        raise SystemExit(3)
+    va, vb = [[imageio.mimread(p) for p in v] for v in (a, b)]
+    ev = rollout_episodes(policy, env, 2, num_envs=2, seed=5, max_episode_steps=7)
+    print("FRAMES", [len(v) for v in va], "SAME", all(np.array_equal(x, y) for p, q in zip(va, vb) for x, y in zip(p, q)),
+          "LENGTHS", [dict(zip(ev["envs"], ev["lengths"]))[i] for i in range(2)])
+""")
+
+
+def test_record_videos_runs_the_evaluation_runner_and_is_reproducible(tmp_path):
+    """Videos come from the one episode runner: one video per episode, a frame per env step (the episode
+    length the evaluation runner reports for the same seeds), and the same frames when recorded again."""
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY", "PYOPENGL_PLATFORM")}
+    env["MUJOCO_GL"] = "egl"
+    out = subprocess.run([sys.executable, "-c", RECORD, str(tmp_path)], env=env, capture_output=True, text=True,
+                         timeout=180, cwd=os.path.dirname(os.path.dirname(__file__)))
+    if out.returncode in (3, 4):
+        pytest.skip(f"no EGL rendering here: {out.stdout.strip()[-200:]}")
+    assert out.returncode == 0, out.stderr[-2000:]
+    line = out.stdout.split("FRAMES")[1]
+    assert "[7, 7]" in line.split("SAME")[0] and "SAME True" in line and "LENGTHS [7, 7]" in line, out.stdout
