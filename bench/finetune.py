@@ -248,6 +248,9 @@ def main(argv=None):
     p.add_argument("--eval-episodes", type=int, default=20, help="deterministic episodes per evaluation point")
     p.add_argument("--eval-points", type=int, default=10,
                    help="evaluation points along the curve (plus the initial one)")
+    p.add_argument("--eval-stochastic", action="store_true",
+                   help="also evaluate every run's policy as it acts in training (same episodes): final/best "
+                        "stochastic return and success beside the deterministic ones")
     p.add_argument("--eval-seed", type=int, default=None,
                    help="first env seed of the evaluation episodes (default: the task's, 100000); tune settings "
                         "with another one (and other training seeds) than the one whose numbers you report")
@@ -280,6 +283,8 @@ def main(argv=None):
     iters = max(1, math.ceil(budget["env_steps"] / steps_per_iter))
     eval_every = max(1, iters // max(1, args.eval_points))  # at least --eval-points points
     eval_over = {"eval_every": eval_every, "eval_episodes": args.eval_episodes}
+    if args.eval_stochastic:
+        eval_over["eval_stochastic"] = True
     if args.eval_seed is not None:
         eval_over["eval_seed"] = args.eval_seed
     eval_every_steps = eval_every * steps_per_iter
