@@ -3,7 +3,7 @@
 #
 #   bash bench/gpu_check.sh 1   # cuda-marked tests, bench.latency (CPU + CUDA, Hopper 16 async envs),
 #                               # bench.finetune: ReFlow/Gaussian on CPU vs on CUDA with 16 env workers, SB3 PPO
-#   bash bench/gpu_check.sh 2   # bench.scaling with 1, 2, 4, 8, 16 processes
+#   bash bench/gpu_check.sh 2   # bench.scaling with 1, 2, 4, 8, 16 processes (fine-tuning: 2 envs per process)
 #
 # Run from the project root on the GPU machine after the setup lines of shared/gpu/README.md (wheels, GL
 # loaders; carry data/ for the cached demos). Logs go to $OUT, the results folders to $OUT/results_<part>.tgz
@@ -36,7 +36,7 @@ if [[ $part == 1 ]]; then
   echo "rc $?" >> "$OUT/finetune.log"; tail -1 "$OUT/finetune.log"
 else
   log "scaling"
-  timeout 400 python3 -m bench.scaling --procs $procs --ft-envs 16 --repeats 1 $sc --out "$RES" \
+  timeout 400 python3 -m bench.scaling --procs $procs --ft-envs 2 --ft-weak --repeats 1 $sc --out "$RES" \
     > "$OUT/scaling.log" 2>&1; echo "rc $?" >> "$OUT/scaling.log"; tail -1 "$OUT/scaling.log"
 fi
 log "done"

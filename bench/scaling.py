@@ -2,6 +2,7 @@
 
     python -m bench.scaling                                   # 1 and 2 processes, this machine
     python -m bench.scaling --procs 1 2 4 8 16 --ft-envs 16   # a 16-core machine
+    python -m bench.scaling --procs 1 2 4 8 --ft-envs 2 --ft-weak   # fine-tuning with 2 envs per process
 
 For each process count N it launches ``torchrun --standalone --nproc_per_node N -m bench.scaling --worker``
 (N = 1: one plain process, the same code path as ``python train.py``), each process on one CPU thread:
@@ -98,6 +99,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=300, help="BC gradient steps")
     p.add_argument("--batch-size", type=int, default=1024, help="global BC batch (split across processes)")
     p.add_argument("--ft-envs", type=int, default=8, help="fine-tuning envs in all (split across processes)")
+    p.add_argument("--ft-weak", action="store_true",
+                   help="fine-tuning with --ft-envs envs per process (weak scaling: N processes do N times the "
+                        "work; ideal throughput N x one process) instead of --ft-envs in all")
     p.add_argument("--ft-iterations", type=int, default=3, help="fine-tuning iterations (0: BC only)")
     p.add_argument("--repeats", type=int, default=2, help="runs per process count (the median is reported)")
     p.add_argument("--out", default=None, help="results folder (default bench/results)")
@@ -114,7 +118,8 @@ def main() -> None:
     from bench.common import RESULTS, save_figure, save_results
     from envs.collect import ensure_demos
 
-    bad = [n for n in args.procs if n < 1 or args.batch_size % n or (args.ft_iterations and args.ft_envs % n)]
+    bad = [n for n in args.procs if n < 1 or args.batch_size % n
+           or (args.ft_iterations and not args.ft_weak and args.ft_envs % n)]
     if bad:
         p.error(f"--procs {bad}: each count must be >= 1 and divide --batch-size and --ft-envs")
     if 1 not in args.procs:
@@ -125,7 +130,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="flowpolicy_scaling_") as tmp:
         stages = [("bc", "pretrain (BC)", "samples/s")]
         if args.ft_iterations:
-            stages.append(("ft", "finetune (PPO)", "env steps/s"))
+            stages.append(("ft", "finetune (PPO, envs per process fixed)" if args.ft_weak else "finetune (PPO)",
+                           "env steps/s"))
         ckpt = None
         for kind, label, unit in stages:
             ref = None
@@ -142,7 +148,8 @@ def main() -> None:
                                    val_every=args.steps, save_every=args.steps, max_episode_steps=200,
                                    progress=False, tensorboard=False)
                     else:
-                        cfg = dict(checkpoint=ckpt, iterations=args.ft_iterations, num_envs=args.ft_envs,
+                        cfg = dict(checkpoint=ckpt, iterations=args.ft_iterations,
+                                   num_envs=args.ft_envs * (n if args.ft_weak else 1),
                                    n_steps=100, steps=4, eval_every=0, critic_warmup_iters=1, seed=0,
                                    sigma_min=0.05, sigma_max=0.10)
                     res, params = _launch(kind, n, cfg, run_dir.with_suffix(".out.json"))
@@ -150,7 +157,9 @@ def main() -> None:
                         ref = params
                         if kind == "bc":
                             ckpt = str(run_dir / "checkpoints" / "last")
-                    res["max_param_diff"] = float((params - ref).abs().max())
+                    # weak scaling: N processes train on other envs than one process; no equivalence to check
+                    res["max_param_diff"] = (float("nan") if kind == "ft" and args.ft_weak and n > 1
+                                             else float((params - ref).abs().max()))
                     runs.append(res)
                     print(f"{label}, {n} process(es), run {r}: {res['work'] / res['train_s']:.0f} {unit}")
                 train_s = float(np.median([x["train_s"] for x in runs]))
@@ -165,7 +174,8 @@ def main() -> None:
     cols = ["stage", "procs", "throughput", "unit", "speedup", "efficiency", "train_s", "max_param_diff_vs_1proc"]
     note = (f"\nBC: ReFlow 256x3 MLP on pick-place demos (20, noise 0.3), global batch {args.batch_size}, "
             f"{args.steps} steps. Fine-tuning: ReinFlow K=4 from the one-process BC policy, {args.ft_envs} "
-            f"pick-place envs in all, 100 chunk steps per env per iteration, {args.ft_iterations} iterations "
+            f"pick-place envs {'per process (weak scaling)' if args.ft_weak else 'in all'}, 100 chunk steps per "
+            f"env per iteration, {args.ft_iterations} iterations "
             f"(the first trains only the critic). One CPU thread per process, median of {args.repeats} runs. "
             "max_param_diff_vs_1proc: the largest |parameter difference| from the first one-process run. "
             "BC: float rounding (the same update). Fine-tuning: the policy's forward on N times fewer rows per "
