@@ -1,5 +1,6 @@
 """Checkpoints never lose work: kills injected at every point of the save sequence, fallback past a broken
-``last``, integrity checks, the run lock, disk handling, atomic run files (agents/checkpoint.py)."""
+``last``, integrity checks, the run lock, disk handling, atomic run files (agents/checkpoint.py, which
+re-exports agents/checkpoint_save.py, agents/checkpoint_load.py and agents/runfiles.py)."""
 
 import errno
 import os
@@ -10,7 +11,8 @@ import time
 import pytest
 import torch
 
-import agents.checkpoint as C
+import agents.checkpoint_save as S
+import agents.runfiles as R
 from agents.checkpoint import (
     CheckpointError,
     RunLock,
@@ -48,11 +50,11 @@ def _value(ck) -> float:
 def _points(scenario, root):
     """The names of the fault points of one save (recorded on a throwaway copy)."""
     seen = []
-    C._fault_hook = seen.append
+    S._fault_hook = seen.append
     try:
         _do(scenario, root)
     finally:
-        C._fault_hook = None
+        S._fault_hook = None
     return seen
 
 
@@ -79,7 +81,7 @@ def test_a_kill_at_any_point_of_a_save_never_loses_a_resumable_checkpoint(tmp_pa
         pid = os.fork()
         if pid == 0:  # the child dies (like SIGKILL: no cleanup, no finally) at this point of the save
             try:
-                C._fault_hook = lambda p, point=point: os._exit(9) if p == point else None
+                S._fault_hook = lambda p, point=point: os._exit(9) if p == point else None
                 _do(scenario, root)
             finally:
                 os._exit(0)
@@ -101,21 +103,21 @@ def test_resave_and_pruning_keep_the_promised_checkpoints(tmp_path):
 
     def count(point):
         if point == "wrote config.yaml":  # while writing: the older ones were pruned first (room for keep_last)
-            seen[len(seen)] = len(C._step_dirs(tmp_path))
+            seen[len(seen)] = len(S._step_dirs(tmp_path))
 
-    C._fault_hook = count
+    S._fault_hook = count
     try:
         for step in range(1, 7):
             _save(tmp_path, step, float(step), keep_last=3)
     finally:
-        C._fault_hook = None
+        S._fault_hook = None
     assert max(seen.values()) <= 2
-    assert [p.name for _, _, p in C._step_dirs(tmp_path)] == [f"step_00000000{i}" for i in (4, 5, 6)]
+    assert [p.name for _, _, p in S._step_dirs(tmp_path)] == [f"step_00000000{i}" for i in (4, 5, 6)]
     again = _save(tmp_path, 6, 60.0, keep_last=3)
     assert again.name == "step_000000006-1" and os.readlink(tmp_path / "last") == again.name
-    assert [p.name for _, _, p in C._step_dirs(tmp_path)] == ["step_000000004", "step_000000005", again.name]
+    assert [p.name for _, _, p in S._step_dirs(tmp_path)] == ["step_000000004", "step_000000005", again.name]
     assert _value(load_checkpoint(tmp_path)) == 60.0
-    assert again.stat().st_mode & 0o777 == 0o777 & ~C._UMASK  # the umask's mode, not mkdtemp's 0700
+    assert again.stat().st_mode & 0o777 == 0o777 & ~R._UMASK  # the umask's mode, not mkdtemp's 0700
 
 
 @pytest.mark.parametrize("broken", ["dangling", "missing", "corrupt"])
@@ -200,7 +202,7 @@ def test_second_process_on_a_run_dir_is_refused_and_a_stale_lock_is_taken_over(t
 
 def test_disk_space_is_checked_before_a_save_and_write_errors_name_the_checkpoint(tmp_path, monkeypatch):
     first = _save(tmp_path, 1, 1.0)
-    monkeypatch.setattr(C.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**6, 10**6 - 100, 100))
+    monkeypatch.setattr(S.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**6, 10**6 - 100, 100))
     with pytest.raises(CheckpointError, match=rf"not enough disk space to save step 2 in {tmp_path}: about \d+ bytes"):
         _save(tmp_path, 2, 2.0)
     monkeypatch.undo()
@@ -208,7 +210,7 @@ def test_disk_space_is_checked_before_a_save_and_write_errors_name_the_checkpoin
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(C, "save_file", full)
+    monkeypatch.setattr(S, "save_file", full)
     with pytest.raises(CheckpointError, match="step 2 .* failed while writing model.safetensors: disk full"):
         _save(tmp_path, 2, 2.0)
     assert os.readlink(tmp_path / "last") == first.name
@@ -235,7 +237,7 @@ def test_run_files_are_written_atomically_and_damaged_json_names_the_file(tmp_pa
     def crash(*a):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(C.os, "replace", crash)
+    monkeypatch.setattr(R.os, "replace", crash)
     with pytest.raises(KeyboardInterrupt):
         atomic_write_json(path, [{"a": 2}])
     monkeypatch.undo()
