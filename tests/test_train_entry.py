@@ -50,17 +50,18 @@ def test_eval_stage_reads_a_run_directory(pretrained, tmp_path):
 
 
 def test_eval_stage_reads_its_episodes_num_envs_videos_and_seed(pretrained, tmp_path, monkeypatch):
+    import agents.stage_runners as runners
     import agents.stages as stages
 
     run_dir, data, _ = pretrained
     calls = []
-    real = stages.evaluate_policy_steps
+    real = runners.evaluate_policy_steps
 
     def spy(*args, **kwargs):
         calls.append(kwargs)
         return real(*args, **{**kwargs, "videos": 0})  # rendering needs a GL backend; the value is what counts
 
-    monkeypatch.setattr(stages, "evaluate_policy_steps", spy)
+    monkeypatch.setattr(runners, "evaluate_policy_steps", spy)  # run_eval lives there
     # TINY sets task.eval.episodes=2, num_envs=2, videos=0; the stage's own values must win
     out = stages.run(_compose("stage=eval", f"checkpoint={run_dir}", f"data_dir={data}", "stage.steps=[1]",
                               "stage.episodes=3", "stage.num_envs=3", "stage.videos=1", "stage.seed=7", *TINY[4:]),
