@@ -68,12 +68,7 @@ from agents.actors import (
 )
 from agents.finetune_config import FinetuneConfig
 from agents.ppo_update import PPOUpdate
-from agents.ppo_utils import (
-    RunningRewardScaler,
-    VecEnvStepper,
-    iteration_seed,
-    lr_factor,
-)
+from agents.ppo_utils import RunningRewardScaler, VecEnvStepper, _rows, iteration_seed, lr_factor
 from envs.episodes import run_episodes
 from flowpolicy import rng
 
@@ -397,11 +392,6 @@ class ReinFlowPPO(PPOUpdate):
         self.env_steps = int(state["env_steps"])
         self.episodes = int(state["episodes"])
         self._obs = None
-
-
-def _rows(obs, idx: np.ndarray):
-    """Select env rows from an array or dict observation."""
-    return {k: _rows(v, idx) for k, v in obs.items()} if isinstance(obs, dict) else np.asarray(obs)[idx]
 
 
 __all__ = ["FinetuneConfig", "ReinFlowPPO", "PPOActor", "FlowActor", "GaussianActor", "ValueNet", "make_actor",

@@ -138,3 +138,8 @@ def clone_module(module: torch.nn.Module) -> torch.nn.Module:
     for p in frozen.parameters():
         p.requires_grad_(False)
     return frozen
+
+
+def _rows(obs, idx: np.ndarray):
+    """Select env rows from an array or dict observation."""
+    return {k: _rows(v, idx) for k, v in obs.items()} if isinstance(obs, dict) else np.asarray(obs)[idx]
