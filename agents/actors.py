@@ -20,6 +20,7 @@ from torch import nn
 
 from agents.finetune_config import FinetuneConfig
 from agents.ppo_utils import clone_module
+from agents.registry import ALGORITHM_NAMES
 from flowpolicy import rng
 from flowpolicy.reinflow import NoiseNet, NoisyFlowSampler, gaussian_log_prob
 
@@ -274,6 +275,7 @@ def register_algorithm(name: str, actor_cls: type[PPOActor]) -> None:
     if not (isinstance(actor_cls, type) and issubclass(actor_cls, PPOActor)):
         raise TypeError(f"register_algorithm({name!r}, ...) needs a PPOActor subclass, got {actor_cls!r}")
     ALGORITHMS[str(name)] = actor_cls
+    ALGORITHM_NAMES.add(str(name))
 
 
 def make_actor(policy: nn.Module, cfg: FinetuneConfig, exec_horizon: int | None = None) -> PPOActor:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agents.ppo_utils import LR_SCHEDULES, hold_then_linear
+from agents.registry import ALGORITHM_NAMES
 
 
 @dataclass
@@ -93,10 +94,8 @@ class FinetuneConfig:
             (self.clip_action is None or self.clip_action > 0, "clip_action must be > 0"),
             (0.0 <= self.init_noise_scale <= 1.0, "init_noise_scale must be in [0, 1]"),
         ]
-        from agents.actors import ALGORITHMS  # late: the actors module imports this one
-
-        checks.append((self.algo is None or self.algo in ALGORITHMS,
-                       f"algo must be one of {sorted(ALGORITHMS)} (or null: by policy kind), got {self.algo!r}"))
+        checks.append((self.algo is None or self.algo in ALGORITHM_NAMES,
+                       f"algo must be one of {sorted(ALGORITHM_NAMES)} (or null: by policy kind), got {self.algo!r}"))
         checks.append((self.fpo_mc_samples >= 1, "fpo_mc_samples must be >= 1"))
         lo, hi = self.final_bounds()
         checks.append((0.0 < lo <= hi, "need 0 < sigma_min_final <= sigma_max_final"))

@@ -533,3 +533,24 @@ def test_fpo_improves_a_poorly_pretrained_flow_policy():
     evals = fpo_gain(0)
     assert len(evals) == 2
     assert evals[1] > evals[0] + 0.1, evals
+
+
+def test_a_registered_algorithm_is_accepted_by_the_settings_and_trains(monkeypatch):
+    from agents import actors, registry
+    from agents.actors import GaussianActor, register_algorithm
+
+    monkeypatch.setattr(actors, "ALGORITHMS", dict(actors.ALGORITHMS))
+    monkeypatch.setattr(actors, "ALGORITHM_NAMES", set(registry.ALGORITHM_NAMES))
+    monkeypatch.setattr(registry, "ALGORITHM_NAMES", actors.ALGORITHM_NAMES)
+    import agents.finetune_config as fc
+
+    monkeypatch.setattr(fc, "ALGORITHM_NAMES", actors.ALGORITHM_NAMES)
+    with pytest.raises(ValueError, match="algo must be one of"):
+        small_cfg(algo="my_ppo")
+
+    class MyPPO(GaussianActor):
+        pass
+
+    register_algorithm("my_ppo", MyPPO)
+    agent = ReinFlowPPO(make_policy("gaussian"), make_envs(2), None, small_cfg(algo="my_ppo"))
+    assert type(agent.actor) is MyPPO
