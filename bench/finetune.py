@@ -241,6 +241,8 @@ def main(argv=None):
                    help="reflow, shortcut (ReinFlow), fpo (FPO on the reflow policy), gaussian (same PPO), sb3_ppo")
     p.add_argument("--variant", action="append", default=[],
                    help="name:key=value,... extra fine-tuning settings to compare (default variant always runs)")
+    p.add_argument("--skip-default", action="store_true",
+                   help="run only the --variant settings (e.g. when the default's runs exist from another command)")
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2)))
     p.add_argument("--out", default=None, help="results folder (default bench/results)")
     p.add_argument("--work", default="/tmp/flowpolicy_bench", help="folder for pretraining checkpoints")
@@ -277,7 +279,8 @@ def main(argv=None):
     kinds = sorted({m for m in args.methods if m in POLICY_SPECS}
                    | {ALGO_METHODS[m][0] for m in args.methods if m in ALGO_METHODS})
     ft_methods = [m for m in args.methods if m in POLICY_SPECS or m in ALGO_METHODS]
-    variants = [("default", {})] + [_parse_variant(v) for v in args.variant]
+    variants = ([] if args.skip_default and args.variant else [("default", {})]) + [_parse_variant(v) for v in
+                                                                                   args.variant]
     ft_defaults = _task_finetune_defaults(args.task)
     steps_per_iter = int(ft_defaults.get("n_steps", 256)) * int(ft_defaults.get("num_envs", 16)) * t["exec_horizon"]
     iters = max(1, math.ceil(budget["env_steps"] / steps_per_iter))
