@@ -19,6 +19,8 @@ SECTIONS = [
     ("pretrain_pick_place", "Behavior cloning on pick-place: few-step evaluation, peers on the same HDF5 and budget"),
     ("pretrain_hopper_medium", "Behavior cloning on Hopper-v5 medium demos: few-step evaluation and peers"),
     ("finetune_hopper_medium", "Online fine-tuning on Hopper-v5 from medium demos (ReinFlow vs peers)"),
+    ("fpo_hopper/finetune_hopper_medium_fpo_200k", "FPO beside ReinFlow and the Gaussian on Hopper-v5 (200k env "
+                                                   "steps, 5 seeds)"),
     ("hopper_1m/finetune_hopper_medium_1m", "Online fine-tuning on Hopper-v5 up to 1M env steps (3 seeds; wall "
                                             "times not comparable: other jobs shared the cores)"),
     ("finetune_pick_place", "Online fine-tuning on Meta-World pick-place: settings compared side by side "
