@@ -23,6 +23,8 @@ SECTIONS = [
                                                    "steps, 5 seeds)"),
     ("hopper_1m/finetune_hopper_medium_1m", "Online fine-tuning on Hopper-v5 up to 1M env steps (3 seeds; wall "
                                             "times not comparable: other jobs shared the cores)"),
+    ("pick_place_300k/finetune_pick_place_300k", "Online fine-tuning on Meta-World pick-place, 300k env steps, 5 "
+                                                 "seeds, noise bounds [0.15, 0.30]"),
     ("finetune_pick_place", "Online fine-tuning on Meta-World pick-place: settings compared side by side "
                             "(2026-11-26, before log-probs were normalized by the executed action dims)"),
     ("latency", "Policy latency: eager vs fast K-step sampling, and policies in the env loop"),
