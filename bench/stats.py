@@ -66,3 +66,20 @@ def mean_curve(curves: Sequence[Sequence[tuple[float, float]]], n_boot: int = 20
         lo.append(a)
         hi.append(b)
     return np.array(xs), np.array(mean), np.array(lo), np.array(hi)
+
+
+def wilson_interval(successes: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a success rate (k of n episodes): unlike the normal approximation it stays in
+    [0, 1] and is not empty at 0 or n successes. (nan, nan) for n = 0."""
+    if n <= 0:
+        return math.nan, math.nan
+    from statistics import NormalDist
+
+    z = NormalDist().inv_cdf(0.5 + level / 2)
+    p = successes / n
+    denom = 1 + z * z / n
+    center = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    lo = 0.0 if successes == 0 else max(0.0, center - half)  # exact ends (the float sum leaves ~1e-17)
+    hi = 1.0 if successes == n else min(1.0, center + half)
+    return lo, hi

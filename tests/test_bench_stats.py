@@ -32,3 +32,14 @@ def test_summarize_and_mean_curve():
     xs, mean, lo, hi = mean_curve([[(0, 1.0), (10, 3.0)], [(0, 3.0), (10, 5.0)]])
     assert list(xs) == [0.0, 10.0] and list(mean) == [2.0, 4.0]
     assert (lo <= mean).all() and (mean <= hi).all()
+
+
+def test_wilson_interval_matches_the_closed_form_and_stays_in_unit_range():
+    from bench.stats import wilson_interval
+
+    lo, hi = wilson_interval(40, 50)  # p = 0.8, n = 50: the textbook Wilson interval is [0.670, 0.888]
+    assert abs(lo - 0.670) < 2e-3 and abs(hi - 0.888) < 2e-3
+    assert wilson_interval(0, 20)[0] == 0.0 and 0.0 < wilson_interval(0, 20)[1] < 0.2
+    assert wilson_interval(20, 20)[1] == 1.0 and 0.8 < wilson_interval(20, 20)[0] < 1.0
+    assert wilson_interval(5, 10)[1] - wilson_interval(5, 10)[0] > wilson_interval(50, 100)[1] - wilson_interval(
+        50, 100)[0]

@@ -1,0 +1,103 @@
+"""Screen Meta-World v3 tasks for fine-tuning: success of behavior cloning from noisy scripted demos.
+
+    python -m bench.mw_screen --tasks door-open-v3 drawer-close-v3 push-v3 --episodes 50 --workers 2
+
+Fine-tuning is worth measuring where BC leaves room: the fine-tuning issue asks for Meta-World tasks on
+which BC from 20 noisy demos starts at or below 70% success. Each task gets exactly the setup that
+``python -m bench.finetune --task metaworld/<task>`` uses (20 scripted-expert demos with action noise 0.3,
+Ta = 4, Te = 2, 200-step episodes, the ReFlow MLP pretrained for ``--pretrain-steps``), then ``--episodes``
+deterministic episodes at K = 4. The episodes start from ``--eval-seed`` (default 200000): NOT the env seeds
+that bench.finetune reports (100000), so choosing tasks here does not tune on the reported evaluation.
+
+Writes bench/results/mw_screen.{json,md,png}: per task the demos' mean length, BC success with a 95%
+Wilson interval, and whether it is at or below ``--max-success``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import time
+from pathlib import Path
+
+from bench.stats import wilson_interval
+
+
+def _screen(args):
+    task, pretrain_steps, episodes, eval_seed, work = args
+    import torch
+
+    torch.set_num_threads(1)
+    from agents.evaluate import rollout_episodes
+    from agents.policies import policy_from_checkpoint
+    from bench.finetune import _pretrain, task_spec
+    from envs.collect import ensure_demos
+    from envs.hdf5 import read_demos
+
+    name = f"metaworld/{task}"
+    t = task_spec(name)
+    t0 = time.perf_counter()
+    dataset = str(ensure_demos(t["env"], seed=0, progress=False, **t["demos"]))
+    demos = read_demos(dataset)
+    _, ckpt, pre_s = _pretrain(("reflow", name, dataset, Path(work) / task / "reflow", pretrain_steps, 0))
+    policy, _ = policy_from_checkpoint(ckpt)
+    r = rollout_episodes(policy, t["env"], episodes, 4, 8, eval_seed, t["max_episode_steps"])
+    succ = [bool(s) for s in r["successes"]]
+    k = sum(succ)
+    lo, hi = wilson_interval(k, len(succ))
+    return {"task": task, "demo_len": sum(len(ep.actions) for ep in demos) / len(demos),
+            "bc_success": k / len(succ), "bc_ci95": f"[{lo:.2f}, {hi:.2f}]", "bc_low": lo, "bc_high": hi,
+            "episodes": len(succ), "bc_return": sum(r["returns"]) / len(r["returns"]),
+            "pretrain_s": round(pre_s, 1), "wall_s": round(time.perf_counter() - t0, 1)}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tasks", nargs="+", required=True, help="Meta-World v3 task names, e.g. door-open-v3")
+    p.add_argument("--pretrain-steps", type=int, default=3000, help="BC gradient steps (bench.finetune's)")
+    p.add_argument("--episodes", type=int, default=50)
+    p.add_argument("--eval-seed", type=int, default=200_000)
+    p.add_argument("--max-success", type=float, default=0.70, help="the bar BC must start at or below")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--work", default="/tmp/flowpolicy_bench", help="folder for pretraining checkpoints")
+    p.add_argument("--out", default=None, help="results folder (default bench/results)")
+    args = p.parse_args(argv)
+    from bench.common import save_figure, save_results
+
+    bad = [x for x in args.tasks if not x.endswith("-v3")]
+    if bad:
+        raise SystemExit(f"error: Meta-World v3 task names end in -v3 (e.g. door-open-v3), got {bad}")
+    t0 = time.perf_counter()
+    jobs = [(x, args.pretrain_steps, args.episodes, args.eval_seed, args.work) for x in args.tasks]
+    with mp.get_context("spawn").Pool(args.workers) as pool:
+        rows = pool.map(_screen, jobs)
+    for row in rows:
+        row["at_or_below_bar"] = row["bc_success"] <= args.max_success
+    cols = ["task", "demo_len", "bc_success", "bc_ci95", "bc_return", "episodes", "at_or_below_bar",
+            "pretrain_s", "wall_s"]
+    note = (f"\nReFlow K = 4 BC from 20 scripted demos (action noise 0.3), {args.pretrain_steps} gradient steps, "
+            f"{args.episodes} deterministic episodes from env seed {args.eval_seed} (not the reported "
+            f"evaluation seeds); 95% Wilson intervals. Bar: BC success <= {args.max_success:.2f}.\n")
+    path = save_results("mw_screen", rows, cols, vars(args), time.perf_counter() - t0, extra_md=note,
+                        out_dir=Path(args.out) if args.out else None)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1.2 + 0.8 * len(rows), 3.2))
+    xs = range(len(rows))
+    ax.bar(xs, [r["bc_success"] for r in rows], color="tab:blue")
+    ax.errorbar(xs, [r["bc_success"] for r in rows],
+                yerr=[[r["bc_success"] - r["bc_low"] for r in rows], [r["bc_high"] - r["bc_success"] for r in rows]],
+                fmt="none", ecolor="k", capsize=3)
+    ax.axhline(args.max_success, color="r", ls="--", lw=1, label=f"bar {args.max_success:.2f}")
+    ax.set_xticks(list(xs), [r["task"].removesuffix("-v3") for r in rows], rotation=30, ha="right")
+    ax.set_ylabel("BC success (K=4)")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=8)
+    save_figure(fig, path.with_suffix(".png"))
+
+
+if __name__ == "__main__":
+    main()
