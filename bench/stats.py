@@ -83,3 +83,39 @@ def wilson_interval(successes: int, n: int, level: float = 0.95) -> tuple[float,
     lo = 0.0 if successes == 0 else max(0.0, center - half)  # exact ends (the float sum leaves ~1e-17)
     hi = 1.0 if successes == n else min(1.0, center + half)
     return lo, hi
+
+
+def mcnemar_exact(b: int, c: int) -> float:
+    """Two-sided exact McNemar test on paired binary outcomes: ``b`` pairs where only the first succeeded,
+    ``c`` where only the second did. Under the null each discordant pair goes either way with probability 1/2,
+    so p = min(1, 2 P(X <= min(b, c))) with X ~ Binomial(b + c, 1/2). 1.0 when there is no discordant pair."""
+    b, c = int(b), int(c)
+    if b < 0 or c < 0:
+        raise ValueError(f"discordant counts must be >= 0, got b={b}, c={c}")
+    n = b + c
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(b, c) + 1)) / 2.0**n
+    return float(min(1.0, 2.0 * tail))
+
+
+def discordant(first: Sequence[bool], second: Sequence[bool]) -> tuple[int, int]:
+    """(b, c) of paired outcomes: b = first succeeded and second failed, c = the reverse."""
+    x, y = np.asarray(first, bool), np.asarray(second, bool)
+    if x.shape != y.shape:
+        raise ValueError(f"paired outcomes need the same length, got {x.shape} and {y.shape}")
+    return int((x & ~y).sum()), int((~x & y).sum())
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values (same order as given): controls the family-wise error rate of the
+    whole list of tests; nan entries are left out of the family and stay nan."""
+    p = np.asarray(pvalues, dtype=float)
+    ok = np.flatnonzero(~np.isnan(p))
+    out = np.full(len(p), math.nan)
+    m = len(ok)
+    running = 0.0
+    for rank, i in enumerate(ok[np.argsort(p[ok], kind="stable")]):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        out[i] = running
+    return [float(v) for v in out]

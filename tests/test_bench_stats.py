@@ -43,3 +43,24 @@ def test_wilson_interval_matches_the_closed_form_and_stays_in_unit_range():
     assert wilson_interval(20, 20)[1] == 1.0 and 0.8 < wilson_interval(20, 20)[0] < 1.0
     assert wilson_interval(5, 10)[1] - wilson_interval(5, 10)[0] > wilson_interval(50, 100)[1] - wilson_interval(
         50, 100)[0]
+
+
+def test_mcnemar_exact_matches_the_binomial_tail_and_is_symmetric():
+    from bench.stats import mcnemar_exact
+
+    assert mcnemar_exact(0, 0) == 1.0
+    assert mcnemar_exact(0, 6) == 2 / 64  # both tails of Binomial(6, 1/2) at the extremes
+    assert abs(mcnemar_exact(1, 9) - 2 * 11 / 1024) < 1e-15
+    assert mcnemar_exact(9, 1) == mcnemar_exact(1, 9)
+    assert mcnemar_exact(5, 5) == 1.0 and mcnemar_exact(3, 4) == 1.0
+    assert mcnemar_exact(0, 5) > 0.05 > mcnemar_exact(0, 6)  # 5 one-sided flips are not yet significant
+
+
+def test_discordant_counts_and_holm_adjustment():
+    from bench.stats import discordant, holm
+
+    assert discordant([1, 1, 0, 0, 1], [1, 0, 1, 1, 1]) == (1, 2)
+    adj = holm([0.01, 0.04, 0.03, float("nan")])
+    # sorted 0.01, 0.03, 0.04 times 3, 2, 1, made monotone: 0.03, 0.06, 0.06
+    assert np.allclose(adj[:3], [0.03, 0.06, 0.06]) and np.isnan(adj[3])
+    assert holm([0.5, 0.9]) == [1.0, 1.0]
