@@ -27,10 +27,10 @@ import torch
 
 from envs.dataset import DemoDataset
 from flowpolicy import ShortcutFlow, distillation_loss, make_couplings
-from flowpolicy.fit import fit
 from flowpolicy.policy import FlowPolicy
 
 from .checkpoint import save_checkpoint
+from .loop import fit
 from .policies import policy_config
 
 

@@ -15,8 +15,8 @@ import time
 import torch
 
 import flowpolicy as fp
+from agents.loop import fit
 from bench.common import RESULTS, save_figure, save_results
-from flowpolicy.fit import fit
 from flowpolicy.metrics import sliced_wasserstein
 from flowpolicy.toy import TARGETS
 

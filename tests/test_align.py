@@ -12,6 +12,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from agents.loop import fit
 from flowpolicy.align import (
     dpo_beta,
     flow_dpo_loss,
@@ -21,7 +22,6 @@ from flowpolicy.align import (
     rwr_weights,
     velocity_errors,
 )
-from flowpolicy.fit import fit
 from flowpolicy.flow import RectifiedFlow, linear_path
 from flowpolicy.nets import MLPVelocity
 

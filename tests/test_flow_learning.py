@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import flowpolicy as fp
-from flowpolicy.fit import fit
+from agents.loop import fit
 from flowpolicy.metrics import mmd_rbf, sliced_wasserstein
 from flowpolicy.toy import eight_gaussians, two_moons
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from agents.checkpoint import load_checkpoint
+from agents.loop import fit
 from agents.policies import build_policy, policy_from_checkpoint
 from agents.policy_reflow import (
     PolicyReflowConfig,
@@ -15,7 +16,6 @@ from agents.policy_reflow import (
     rectify_policy,
     save_reflow_checkpoint,
 )
-from flowpolicy.fit import fit
 
 torch.set_num_threads(1)
 SPEC = {"kind": "reflow", "hidden": 64, "depth": 2, "emb_dim": 16, "default_steps": 4}
