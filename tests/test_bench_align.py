@@ -1,0 +1,64 @@
+"""bench.align's new paths end to end at a tiny budget (numbers meaningless), and the drift measures
+(agents/align_metrics.py)."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import torch
+
+
+def test_policy_drift_is_zero_for_the_same_policy_and_grows_with_a_changed_one():
+    from agents.align_metrics import observation_sample, policy_drift, sample_drift
+    from agents.policies import build_policy
+
+    torch.manual_seed(0)
+    ref = build_policy({"kind": "reflow", "hidden": 16, "depth": 1, "default_steps": 4}, 3, 2, 1, 4)
+    obs = observation_sample(torch.randn(50, 1, 3), 20, seed=1)
+    assert obs.shape == (20, 1, 3)
+    same = copy.deepcopy(ref)
+    assert policy_drift(same, ref, obs, 4) == 0.0
+    moved = copy.deepcopy(ref)
+    with torch.no_grad():
+        for p in moved.flow.net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    d = policy_drift(moved, ref, obs, 4, seed=3)
+    assert d > 0 and d == policy_drift(moved, ref, obs, 4, seed=3)  # same noise: reproducible
+    x = torch.randn(8, 1, 4, 4)
+    assert sample_drift(x, x) == 0.0 and abs(sample_drift(x + 0.5, x) - 0.25) < 1e-6
+
+
+def test_bench_align_tiny_run_reports_drift_equal_samples_and_paired_tests(tmp_path):
+    from bench.align import main
+
+    out = main(["--budget", "tiny", "--seeds", "0", "--betas", "20", "--policy-betas", "2000",
+                "--beta-schedules", "constant", "diffusion_dpo", "--states", "3", "--pairing", "all",
+                "--out", str(tmp_path), "--classifier-cache", str(tmp_path / "clf"), "--name", "t"])
+    rec = json.loads(out.read_text())
+    per_seed = rec["per_seed"]
+    pp = [r for r in per_seed if r["domain"] == "pick_place"]
+    dg = [r for r in per_seed if r["domain"] == "digits"]
+    assert pp[0]["method"] == "pretrained (BC)" and pp[0]["drift"] == 0.0
+    methods = [r["method"] for r in pp]
+    assert "Flow-DPO β=2000" in methods and "Flow-DPO β=2000, β_t = β t²" in methods
+    for r in pp[1:]:
+        assert r["drift"] >= 0 and 0 <= r["p_mcnemar"] <= 1 and r["b"] + r["c"] <= r["n_eval"]
+        assert len(r["successes"]) == r["n_eval"] == pp[0]["n_eval"]
+        assert r["success_lo"] <= r["success_rate"] <= r["success_hi"]
+        assert "same start state" in r["pref_source"]
+    seen = {r["variant"]: r["samples_seen"] for r in pp[1:]}
+    assert seen["dpo"] == seen["sft"] == seen["rwr"]  # equal chunks seen at equal steps
+    seen = {r["variant"]: r["samples_seen"] for r in dg if r["variant"] in ("dpo", "rwr", "sft")}
+    assert seen["dpo"] == seen["sft"] == seen["rwr"]
+    steps = {r["variant"]: r["steps"] for r in dg if r["variant"] in ("dpo", "sft")}
+    assert steps["sft"] == 2 * steps["dpo"]  # DPO sees two images per pair
+    assert all(r["drift"] > 0 for r in dg if r["variant"] in ("dpo", "rwr", "sft"))
+    assert all("reward_heldout" in r for r in dg)
+    digits = {r["method"]: r for r in rec["rows"] if r["domain"] == "digits"}
+    assert digits["Flow-DPO β=20"]["vs_sft"] == "fewer than 3 seeds"
+    policy = {r["method"]: r for r in rec["rows"] if r["domain"] == "pick_place"}
+    assert all("p_holm" in r and "verdict" in r for m, r in policy.items() if m != "pretrained (BC)")
+    md = (tmp_path / "t.md").read_text()
+    assert "classifier B" in md and "McNemar" in md and "Wilson" in md
+    assert (tmp_path / "t.png").exists()
