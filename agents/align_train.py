@@ -15,7 +15,16 @@ from flowpolicy.flow import ShortcutFlow
 from flowpolicy.policy import FlowPolicy
 
 from .align_data import AlignConfig, Trajectory
-from .checkpoint import stop_requested
+from .loop import (
+    History,
+    LogScalars,
+    NonFiniteGuard,
+    ProgressBar,
+    ShortcutTarget,
+    StopOnCtrlC,
+    SupervisedLoop,
+    every,
+)
 from .tblog import Logger
 
 
@@ -91,47 +100,40 @@ def align_policy(policy: FlowPolicy, trajs: list[Trajectory], pairs: list[tuple[
         info["winner_chunks"] = int(pool.numel())
     params = list(aligned.flow.net.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    history: list[dict[str, float]] = []
-    from tqdm.auto import tqdm
 
-    bar = tqdm(range(cfg.steps), desc=f"align {cfg.method}", disable=not cfg.progress, mininterval=1.0)
-    for step in bar:
+    def loss_fn(step: int) -> tuple[torch.Tensor, dict]:
         if cfg.method == "dpo":
             p = pair_t[torch.randint(0, len(pair_t), (cfg.batch_pairs,), generator=gen).to(dev)]
             s = cfg.chunks_per_pair
             u = torch.rand(cfg.batch_pairs * s, generator=gen).to(dev)
             iw = data.at(p[:, 0].repeat_interleave(s), u)
             il = data.at(p[:, 1].repeat_interleave(s), u)
-            loss, linfo = flow_dpo_loss(aligned.flow, ref_net, data.x[iw], data.x[il], data.cond[iw],
-                                        data.cond[il], beta=cfg.beta, beta_schedule=cfg.beta_schedule,
-                                        samples_per_pair=s, generator=gen)
-        elif cfg.method == "rwr":
+            return flow_dpo_loss(aligned.flow, ref_net, data.x[iw], data.x[il], data.cond[iw], data.cond[il],
+                                 beta=cfg.beta, beta_schedule=cfg.beta_schedule, samples_per_pair=s,
+                                 generator=gen)
+        if cfg.method == "rwr":
             idx = torch.randint(0, data.x.shape[0], (cfg.batch_size,), generator=gen).to(dev)
-            loss, linfo = aligned.flow.loss(data.x[idx], data.cond[idx], weights=chunk_w[idx], generator=gen)
-        else:
-            idx = pool[torch.randint(0, pool.numel(), (cfg.batch_size,), generator=gen).to(dev)]
-            loss, linfo = aligned.flow.loss(data.x[idx], data.cond[idx], generator=gen)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"align {cfg.method}: non-finite loss {float(loss)} at step {step}; "
-                                     "lower lr or beta")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        if isinstance(aligned.flow, ShortcutFlow):
-            aligned.flow.update_ema()
-        rec = {"train/loss": float(loss.detach()), "train/grad_norm": float(gnorm),
-               **{"train/" + (k.split("/", 1)[-1] if k.startswith("loss/") else k.replace("/", "_")): v
-                  for k, v in linfo.items()}}
-        history.append(rec)
-        if logger is not None and (step % 10 == 0 or step == cfg.steps - 1):
-            logger.log(rec, step)
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{rec['train/loss']:.4f}")
-        if stop_requested():  # Ctrl-C: stop after this step; the stage saves what was aligned so far
-            info["stopped_at"] = step + 1
-            break
-    bar.close()
+            return aligned.flow.loss(data.x[idx], data.cond[idx], weights=chunk_w[idx], generator=gen)
+        idx = pool[torch.randint(0, pool.numel(), (cfg.batch_size,), generator=gen).to(dev)]
+        return aligned.flow.loss(data.x[idx], data.cond[idx], generator=gen)
+
+    history = History(lambda s: {
+        "train/loss": float(s.value), "train/grad_norm": float(s.grad_norm),
+        **{"train/" + (k.split("/", 1)[-1] if k.startswith("loss/") else k.replace("/", "_")): v
+           for k, v in s.info.items()}})
+    loop = SupervisedLoop(params, opt, loss_fn, grad_clip=cfg.grad_clip, callbacks=[
+        NonFiniteGuard(lambda s: f"align {cfg.method}: non-finite loss {float(s.value)} at step {s.index}; "
+                                 "lower lr or beta"),
+        ShortcutTarget(aligned.flow),
+        history,
+        LogScalars(logger, lambda s: history.records[-1], every(10, cfg.steps, first=True), at=lambda s: s.index),
+        ProgressBar(cfg.steps, f"align {cfg.method}", disable=not cfg.progress, postfix_every=20),
+        StopOnCtrlC(),  # Ctrl-C: stop after this step; the stage saves what was aligned so far
+    ])
+    done = loop.run(cfg.steps)
+    if loop.stopped:
+        info["stopped_at"] = done
+    history = history.records
     info["final"] = {k: float(np.mean([h[k] for h in history[-20:]])) for k in history[-1]}
     info["history"] = history
     return aligned.eval(), info

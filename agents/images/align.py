@@ -35,6 +35,7 @@ from omegaconf import OmegaConf
 from flowpolicy import EMA, RectifiedFlow
 from flowpolicy.align import flow_dpo_loss, flow_rwr_loss, guided_sample
 
+from ..loop import History, NonFiniteGuard, ProgressBar, SupervisedLoop
 from .classifier import FrechetScorer, ImageClassifier, load_or_train_classifier
 from .data import ImageData, load_dataset
 from .trainer import TrainedModel, eval_noise, image_grid, load_generator, save_checkpoint
@@ -145,30 +146,26 @@ def align_generator(flow: RectifiedFlow, images: torch.Tensor, rewards: torch.Te
     gen = torch.Generator().manual_seed(cfg.seed)
     rwr_beta = cfg.rwr_beta or max(float(rewards.std()), 1e-6)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-    from tqdm.auto import tqdm
 
-    history = []
-    for step in tqdm(range(cfg.steps), desc=f"align {cfg.method}", disable=not cfg.progress, mininterval=1.0):
+    def loss_fn(step: int) -> tuple[torch.Tensor, dict]:
         if cfg.method == "dpo":
             k = torch.randint(0, len(winners), (cfg.batch_size,), generator=gen)
             x_w, x_l = images[winners[k].to(dev)], images[losers[k].to(dev)]
-            loss, info = flow_dpo_loss(aligned, ref_net, x_w, x_l, beta=cfg.beta,
-                                       beta_schedule=cfg.beta_schedule, generator=gen)
-        elif cfg.method == "rwr":
+            return flow_dpo_loss(aligned, ref_net, x_w, x_l, beta=cfg.beta, beta_schedule=cfg.beta_schedule,
+                                 generator=gen)
+        if cfg.method == "rwr":
             idx = torch.randint(0, len(images), (cfg.batch_size,), generator=gen).to(dev)
-            loss, info = flow_rwr_loss(aligned, images[idx], rewards[idx], beta=rwr_beta,
-                                       max_weight=cfg.rwr_max_weight, generator=gen)
-        else:
-            idx = winners[torch.randint(0, len(winners), (cfg.batch_size,), generator=gen)].to(dev)
-            loss, info = aligned.loss(images[idx], generator=gen)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"image align {cfg.method}: non-finite loss at step {step}; lower lr or "
-                                     "beta")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
-        opt.step()
-        history.append({"loss": float(loss.detach()), **info})
+            return flow_rwr_loss(aligned, images[idx], rewards[idx], beta=rwr_beta, max_weight=cfg.rwr_max_weight,
+                                 generator=gen)
+        idx = winners[torch.randint(0, len(winners), (cfg.batch_size,), generator=gen)].to(dev)
+        return aligned.loss(images[idx], generator=gen)
+
+    record = History(lambda s: {"loss": float(s.value), **s.info})
+    SupervisedLoop(net.parameters(), opt, loss_fn, grad_clip=cfg.grad_clip, callbacks=[
+        NonFiniteGuard(lambda s: f"image align {cfg.method}: non-finite loss at step {s.index}; lower lr or beta"),
+        record, ProgressBar(cfg.steps, f"align {cfg.method}", disable=not cfg.progress),
+    ]).run(cfg.steps)
+    history = record.records
     net.eval()
     last = history[-20:]
     final = {k: sum(h[k] for h in last) / len(last) for k in last[-1]}
