@@ -49,7 +49,7 @@ Hydra's own help: python train.py --hydra-help; the composed config: python trai
 
 def slug(text: str) -> str:
     """A path-safe piece of a run name: ``metaworld/door-open-v3`` -> ``door-open-v3``."""
-    text = str(text).split("@")[0]
+    text = str(text).split("@")[0].split("{")[0]
     text = text.rsplit("/", 1)[-1].rsplit(":", 1)[-1]
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "env"
 

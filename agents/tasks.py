@@ -62,8 +62,15 @@ def resolve_task(cfg: DictConfig) -> TaskData:
         note(f"{path}: actions are {info['action_dtype']}; converted to float32")
     from envs.factory import env_name_from_env_args
 
-    file_env = env_name_from_env_args(info["env_args"], None if info["ours"] else used, where=str(path)) \
-        if info["env_args"].get("env_name") else None
+    ignored: list[str] = []
+    try:
+        file_env = env_name_from_env_args(info["env_args"], None if info["ours"] else used, where=str(path),
+                                          ignored=ignored) if info["env_args"].get("env_name") else None
+    except ImportError as err:
+        raise UserError(f"{path} (its env_args name a robosuite env) needs robosuite: {err}") from err
+    if ignored and not info["ours"]:
+        note(f"{path}: env_args env_kwargs {ignored} are set by flowpolicy's env factory (rendering, camera "
+             "observations, episode length: task.max_episode_steps), not taken from the file")
     if task.get("env"):
         env = parse_env_name(task.env).canonical
         if file_env and file_env.split("@")[0] != env.split("@")[0]:

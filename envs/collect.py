@@ -1,9 +1,10 @@
-"""Demonstration collectors: Meta-World scripted experts and stable-baselines3 PPO experts.
+"""Demonstration collectors: Meta-World and robosuite scripted experts, stable-baselines3 PPO experts.
 
 ``ensure_demos(name, num_demos, noise, seed)`` returns the cached demo file under ``data/demos/``
 (collecting it first when missing); ``train.py`` calls it. CLI::
 
     python -m envs.collect metaworld/pick-place-v3 --num-demos 20 --noise 0.3
+    python -m envs.collect robosuite/Lift --num-demos 20 --noise 0.3      # needs the robosuite extra
     python -m envs.collect Hopper-v5 --num-demos 20 --quality medium --expert-steps 700000
 
 Meta-World: the task's scripted policy from ``metaworld.policies`` (it reads the raw 39-dim observation)
@@ -11,6 +12,10 @@ with Gaussian action noise (std ``noise``, actions clipped to [-1, 1]; the noisy
 and recorded). An episode stops ``post_success_steps`` steps after the first successful step (so demos end
 holding the goal briefly rather than wandering for the rest of the 500 steps); episodes that never succeed
 are discarded (success filter).
+
+robosuite (Lift, Can): the state machines of :mod:`envs.robosuite_experts` on the default low-dim observation,
+with the same noise, early stop and success filter; failed attempts end at :data:`ROBOSUITE_COLLECT_STEPS`.
+The file's ``env_args`` are robomimic's (``{"env_name": "Lift", "type": 1, "env_kwargs": {...}}``).
 
 Locomotion: a PPO expert (8 envs) trained for a step budget, evaluated every ``eval_freq`` steps with a
 checkpoint saved at each evaluation (PPO on Hopper is unstable late in training, so the final weights are
@@ -36,7 +41,9 @@ from tqdm import tqdm
 from envs.factory import env_meta, make_env, parse_env_name
 from envs.hdf5 import DatasetError, Episode, env_args_for, read_demos, read_meta, write_demos
 
-DEFAULT_NOISE = {"metaworld": 0.3, "locomotion": 0.0}
+DEFAULT_NOISE = {"metaworld": 0.3, "locomotion": 0.0, "robosuite": 0.3}
+# episode cap while collecting robosuite demos (the experts succeed in ~40-80 Lift / ~120-230 Can steps)
+ROBOSUITE_COLLECT_STEPS = {"Lift": 150, "Can": 400}
 DEFAULT_EXPERT_STEPS = 700_000
 DEFAULT_MEDIUM_FRACTION = 1.0 / 3.0
 # The least best-evaluated return that counts as "the PPO expert learned the task" (random policies score far
@@ -76,7 +83,7 @@ def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
-    for pkg in ("gymnasium", "mujoco", "metaworld", "stable-baselines3", "numpy"):
+    for pkg in ("gymnasium", "mujoco", "metaworld", "robosuite", "stable-baselines3", "numpy"):
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:
@@ -98,10 +105,13 @@ def _summary(episodes: list[Episode]) -> dict[str, Any]:
 
 def _rollout(
     env, act: Callable[[np.ndarray], np.ndarray], noise: float, rng: np.random.Generator,
-    post_success_steps: int | None,
+    post_success_steps: int | None, on_reset: Callable[[], None] | None = None,
 ) -> Episode:
-    """One episode with Gaussian action noise. ``post_success_steps=None``: run to the episode's end."""
+    """One episode with Gaussian action noise. ``post_success_steps=None``: run to the episode's end.
+    ``on_reset`` is called after the env's reset (a stateful expert starts its episode)."""
     obs, _ = env.reset()
+    if on_reset is not None:
+        on_reset()
     observations, actions, rewards, next_observations = [], [], [], []
     success_step = None
     terminated = False
@@ -179,6 +189,54 @@ def collect_metaworld_demos(
                            f"with noise {noise}; wanted {num_demos} (lower the noise or raise max_attempts)")
     meta = {
         "expert": f"metaworld.policies.{type(policy).__name__}",
+        "noise": noise, "seed": seed, "post_success_steps": post_success_steps,
+        "attempts": attempts, "success_rate": len(episodes) / attempts,
+        "collection_s": time.perf_counter() - start,
+        **_summary(episodes),
+    }
+    return episodes, meta
+
+
+def collect_robosuite_demos(
+    name: str,
+    num_demos: int,
+    noise: float = DEFAULT_NOISE["robosuite"],
+    seed: int = 0,
+    max_episode_steps: int | None = None,
+    post_success_steps: int = 5,
+    max_attempts: int | None = None,
+    progress: bool = True,
+) -> tuple[list[Episode], dict[str, Any]]:
+    """Collect ``num_demos`` successful scripted-expert demos on robosuite Lift or Can (the default
+    observation keys); returns (episodes, meta for the file). Raises RuntimeError when fewer than
+    ``num_demos`` of ``max_attempts`` (default 3 * num_demos + 10) episodes succeed."""
+    from envs.robosuite_experts import expert_for
+
+    parsed = parse_env_name(name)
+    if parsed.family != "robosuite" or parsed.obs_keys:
+        raise ValueError(f"{name!r} is not a robosuite task with the default observation keys")
+    env = make_env(parsed.canonical, seed=seed,
+                   max_episode_steps=max_episode_steps or ROBOSUITE_COLLECT_STEPS[parsed.task])
+    env.reset(seed=seed)
+    expert = expert_for(env)
+    rng = np.random.default_rng(seed)
+    max_attempts = max_attempts or 3 * num_demos + 10
+    episodes: list[Episode] = []
+    attempts = 0
+    start = time.perf_counter()
+    with tqdm(total=num_demos, desc=f"demos {parsed.canonical}", disable=not progress) as bar:
+        while len(episodes) < num_demos and attempts < max_attempts:
+            attempts += 1
+            ep = _rollout(env, expert, noise, rng, post_success_steps, on_reset=expert.reset)
+            if ep.success:
+                episodes.append(ep)
+                bar.update(1)
+    env.close()
+    if len(episodes) < num_demos:
+        raise RuntimeError(f"{name}: only {len(episodes)} of {attempts} scripted episodes succeeded "
+                           f"with noise {noise}; wanted {num_demos} (lower the noise or raise max_attempts)")
+    meta = {
+        "expert": f"envs.robosuite_experts.{type(expert).__name__}",
         "noise": noise, "seed": seed, "post_success_steps": post_success_steps,
         "attempts": attempts, "success_rate": len(episodes) / attempts,
         "collection_s": time.perf_counter() - start,
@@ -366,7 +424,7 @@ def ensure_demos(
 ) -> Path:
     """Return the demo file for these settings, collecting it (and training an SB3 expert) when missing.
 
-    ``noise`` defaults to 0.3 for Meta-World and 0.0 for locomotion. An existing file is validated and
+    ``noise`` defaults to 0.3 for Meta-World and robosuite, 0.0 for locomotion. An existing file is validated and
     returned; an invalid one raises :class:`envs.hdf5.DatasetError` (pass ``force=True`` to recollect). A
     locomotion expert is trained once per (env, steps, seed) and reused unless ``retrain_expert``.
     ``expert_kwargs`` go to :func:`train_sb3_expert` (e.g. ``n_envs``, ``eval_freq``, ``ppo_kwargs``).
@@ -388,8 +446,9 @@ def ensure_demos(
             raise DatasetError(f"{err}\n(cached demo file is invalid; rerun with force=True / --force)") from err
         return path
     meta_env = env_meta(parsed.canonical, max_episode_steps=max_episode_steps)
-    if parsed.family == "metaworld":
-        episodes, meta = collect_metaworld_demos(
+    if parsed.family in ("metaworld", "robosuite"):
+        collect = collect_metaworld_demos if parsed.family == "metaworld" else collect_robosuite_demos
+        episodes, meta = collect(
             parsed.canonical, num_demos, noise, seed, max_episode_steps=max_episode_steps, progress=progress
         )
     else:
@@ -412,7 +471,7 @@ def ensure_demos(
 
 def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m envs.collect", description=__doc__.split("\n\n")[0])
-    p.add_argument("name", help="env name, e.g. metaworld/pick-place-v3 or Hopper-v5")
+    p.add_argument("name", help="env name, e.g. metaworld/pick-place-v3, robosuite/Lift or Hopper-v5")
     p.add_argument("--num-demos", type=int, default=20)
     p.add_argument("--noise", type=float, default=None, help="Gaussian action noise std (default per family)")
     p.add_argument("--seed", type=int, default=0)

@@ -6,12 +6,16 @@ Names (see ``FAMILY_EXAMPLES``):
   gymnasium MuJoCo v5 env (``Swimmer-v5``, ``Reacher-v5``, ``InvertedPendulum-v5``, ...), family "locomotion";
 - Meta-World v3 single tasks: ``metaworld/<task>-v3`` (alias ``mw/<task>-v3``), e.g. ``metaworld/pick-place-v3``;
 - robosuite tasks (optional extra ``pip install -e ".[robosuite]"``): ``robosuite/Lift``, ``robosuite/Can``;
+  ``robosuite.make`` keywords other than the factory's defaults ride in the name as compact JSON after the task,
+  ``robosuite/Lift{"reward_shaping":false}`` (a robomimic file's ``env_args["env_kwargs"]``, see
+  :func:`env_name_from_env_args`), so a checkpoint's env name rebuilds the same env everywhere;
 - any other registered gymnasium env: ``gym/<id>``, also ``gym/<module>:<id>`` (the module is imported first
   and registers the id), e.g. an env of your own.
 
 Envs with dict observations (robosuite, ``gym/`` envs with a ``Dict`` space) are flattened by concatenating
 low-dim keys in sorted order, or in the order a name suffix states: ``robosuite/Lift@object,robot0_eef_pos``
 (robomimic's key ``object`` is robosuite's ``object-state``). A demo file's keys and the env's keys then match.
+robosuite's default keys are robomimic's low-dim set, :data:`ROBOSUITE_DEFAULT_KEYS` (sorted).
 
 Every env returned by :func:`make_env` has a float32 ``Box`` observation space, reports
 ``info["success"]`` as a Python ``bool`` on every step (always ``False`` for locomotion), and
@@ -27,6 +31,7 @@ Shapes: with ``obs_horizon == 1`` and ``action_horizon == 1`` the spaces are the
 from __future__ import annotations
 
 import functools
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +48,17 @@ MUJOCO_TASKS = ("Ant-v5", "HalfCheetah-v5", "Hopper-v5", "Humanoid-v5", "Humanoi
 ROBOSUITE_TASKS = ("Lift", "Can")
 # robosuite's own environment class for each of our task names ("Can" is robomimic's name for PickPlaceCan).
 _ROBOSUITE_ENV_NAMES = {"Lift": "Lift", "Can": "PickPlaceCan"}
+# robomimic's low-dim observation of its robosuite datasets: a robosuite env's observation without '@keys'
+ROBOSUITE_DEFAULT_KEYS = ("object", "robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos")
+# robosuite.make settings of the factory; a name's JSON kwargs override them (``robosuite/Lift{"robots":"Sawyer"}``)
+ROBOSUITE_DEFAULT_KWARGS = {"robots": "Panda", "reward_shaping": True, "control_freq": 20}
+# robosuite.make keywords the factory sets itself (rendering, low-dim observations, episode length: the
+# TimeLimit's max_episode_steps); a file's env_kwargs may hold them (robomimic writes them), they are not used
+ROBOSUITE_FACTORY_KEYS = frozenset({
+    "has_renderer", "has_offscreen_renderer", "use_camera_obs", "use_object_obs", "render_camera", "camera_names",
+    "camera_heights", "camera_widths", "camera_depths", "camera_segmentations", "renderer", "renderer_config",
+    "render_gpu_device_id", "render_collision_mesh", "render_visual_mesh", "horizon", "ignore_done", "hard_reset",
+    "max_episode_steps"})
 FAMILY_EXAMPLES = {
     "locomotion": list(LOCOMOTION_TASKS),
     "metaworld": ["metaworld/pick-place-v3", "mw/reach-v3", "metaworld/<any Meta-World v3 task>"],
@@ -64,12 +80,28 @@ class EnvName:
     family: str
     task: str
     obs_keys: tuple[str, ...] | None = None
+    kwargs: str | None = None  # robosuite.make keywords as compact JSON with sorted keys (hashable)
 
     @property
     def canonical(self) -> str:
         """The name written to datasets and checkpoints (``mw/`` is spelled ``metaworld/``)."""
         base = self.task if self.family == "locomotion" else f"{self.family}/{self.task}"
-        return base + ("@" + ",".join(self.obs_keys) if self.obs_keys else "")
+        return base + (self.kwargs or "") + ("@" + ",".join(self.obs_keys) if self.obs_keys else "")
+
+    @property
+    def env_kwargs(self) -> dict[str, Any]:
+        """The keywords the name carries (``{}`` when none)."""
+        return json.loads(self.kwargs) if self.kwargs else {}
+
+
+def kwargs_json(kwargs: dict[str, Any]) -> str:
+    """The compact, key-sorted JSON that :class:`EnvName` carries (``{"reward_shaping":false}``)."""
+    return json.dumps(kwargs, sort_keys=True, separators=(",", ":"))
+
+
+def env_base_name(name: str) -> str:
+    """``name`` without its keywords and observation keys: ``robosuite/Lift{...}@object`` -> ``robosuite/Lift``."""
+    return str(name).split("@")[0].split("{")[0]
 
 
 def _unknown_name_error(name: str, detail: str = "") -> ValueError:
@@ -80,6 +112,18 @@ def _unknown_name_error(name: str, detail: str = "") -> ValueError:
 def parse_env_name(name: str) -> EnvName:
     """Split ``name`` into family and task, raising a ValueError listing the families for unknown names."""
     name = str(name)
+    if "{" in name:  # robosuite.make keywords: robosuite/<task>{json}[@keys]
+        start = name.index("{")
+        try:
+            kwargs, end = json.JSONDecoder().raw_decode(name, start)
+        except json.JSONDecodeError as err:
+            raise _unknown_name_error(name, f" (the keywords after the task are not valid JSON: {err})") from err
+        if not isinstance(kwargs, dict):
+            raise _unknown_name_error(name, " (the keywords after the task must be a JSON object)")
+        parsed = parse_env_name(name[:start] + name[end:])
+        if parsed.family != "robosuite":
+            raise _unknown_name_error(name, f" (keywords in the name apply to robosuite envs, not to {parsed.family})")
+        return EnvName(parsed.family, parsed.task, parsed.obs_keys, kwargs_json(kwargs) if kwargs else None)
     if "@" in name:
         base, _, keys = name.partition("@")
         parsed = parse_env_name(base)
@@ -270,7 +314,6 @@ def _make_robosuite(
     task: str,
     render_mode: str | None,
     max_episode_steps: int | None,
-    robots: str = "Panda",
     terminate_on_success: bool = False,
     render_size: tuple[int, int] = (256, 256),
     camera_name: str = "agentview",
@@ -285,28 +328,87 @@ def _make_robosuite(
         raise ImportError(ROBOSUITE_INSTALL_HINT) from err
     width, height = render_size
     steps = max_episode_steps or ROBOSUITE_DEFAULT_MAX_STEPS
+    fixed = sorted(set(kwargs) & ROBOSUITE_FACTORY_KEYS)
+    if fixed:
+        raise ValueError(f"robosuite/{task}: {fixed} are set by the env factory (rendering, low-dim observations, "
+                         "episode length: max_episode_steps); leave them out")
+    make_kwargs = {**ROBOSUITE_DEFAULT_KWARGS, **kwargs}
+    controller = make_kwargs.get("controller_configs")
+    if isinstance(controller, dict) and "body_parts" not in controller:  # robosuite <= 1.4's format (robomimic's)
+        from robosuite.controllers.composite.composite_controller_factory import (
+            refactor_composite_controller_config,
+        )
+
+        robot = make_kwargs["robots"]
+        robot = robot[0] if isinstance(robot, list | tuple) else robot
+        make_kwargs["controller_configs"] = refactor_composite_controller_config(controller, robot, ["right"])
     rs_env = robosuite.make(
         _ROBOSUITE_ENV_NAMES[task],
-        robots=robots,
         has_renderer=False,
         has_offscreen_renderer=render_mode is not None,
         use_camera_obs=False,
-        reward_shaping=True,
-        control_freq=20,
         horizon=steps,
         ignore_done=True,  # robosuite's only "done" is its horizon: a time limit, left to the TimeLimit below
+        hard_reset=False,  # reset in place (True reloads the model from XML at every reset: ~5x slower episodes)
         render_camera=camera_name,
         camera_names=camera_name,
         camera_widths=width,
         camera_heights=height,
-        **kwargs,
+        **make_kwargs,
     )
     # robomimic names robosuite's "object-state" key "object"
-    keys = [("object-state" if k == "object" else k) for k in obs_keys] if obs_keys else None
+    keys = [("object-state" if k == "object" else k) for k in (obs_keys or ROBOSUITE_DEFAULT_KEYS)]
     env = _RobosuiteGym(GymWrapper(rs_env, keys=keys), rs_env, render_mode, camera_name, width, height)
     env = gym.wrappers.TimeLimit(env, steps)
     return SuccessInfo(env, success_fn=rs_env._check_success, terminate_on_success=terminate_on_success,
                        success_reward=success_reward)
+
+
+def robosuite_make_kwargs(task: str) -> set[str]:
+    """The keywords ``robosuite.make`` accepts for one of our robosuite tasks: the parameters of its env class
+    and of the base classes it passes ``**kwargs`` on to."""
+    import inspect
+
+    from robosuite.environments.base import REGISTERED_ENVS
+
+    accepted: set[str] = set()
+    for cls in REGISTERED_ENVS[_ROBOSUITE_ENV_NAMES[task]].__mro__:
+        if "__init__" not in vars(cls):
+            continue
+        params = inspect.signature(cls.__init__).parameters
+        accepted |= {n for n, p in params.items() if n != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+        if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+            break
+    return accepted
+
+
+def robosuite_env_kwargs(task: str, env_kwargs: dict[str, Any] | None, where: str = "") -> tuple[dict, list[str]]:
+    """The keywords of a robomimic file's ``env_kwargs`` that our robosuite env takes, and the ones it ignores.
+
+    Keys the factory sets itself (:data:`ROBOSUITE_FACTORY_KEYS`: rendering, camera observations, episode
+    length) are ignored and listed; values equal to the factory's defaults (``robots`` ``"Panda"`` or
+    ``["Panda"]``, ``reward_shaping`` true, ``control_freq`` 20) are dropped, so files made by this project name
+    the plain ``robosuite/<task>``. Any other key must be a keyword ``robosuite.make`` accepts for the task, else
+    a ValueError names it. Needs robosuite (ImportError with the install hint otherwise)."""
+    try:
+        accepted = robosuite_make_kwargs(task)
+    except ImportError as err:
+        raise ImportError(ROBOSUITE_INSTALL_HINT) from err
+    kept, ignored = {}, []
+    for key, value in sorted((env_kwargs or {}).items()):
+        if key in ROBOSUITE_FACTORY_KEYS:
+            ignored.append(key)
+            continue
+        if key not in accepted:
+            raise ValueError(f"{where}: env_args['env_kwargs'] has {key!r}, which robosuite.make("
+                             f"{_ROBOSUITE_ENV_NAMES[task]!r}) does not accept (it accepts {sorted(accepted)}); "
+                             "remove it from the file's env_args, or name the env with task.env=robosuite/"
+                             f"{task}")
+        default = ROBOSUITE_DEFAULT_KWARGS.get(key, object())
+        if value == default or (key == "robots" and value == [default]):
+            continue
+        kept[key] = value
+    return kept, ignored
 
 
 class _RobosuiteGym(gym.Wrapper):
@@ -321,6 +423,8 @@ class _RobosuiteGym(gym.Wrapper):
         super().__init__(env)
         self._rs_env = rs_env
         self._render_mode = render_mode
+        # robosuite's GymWrapper leaves metadata None; vector envs copy it
+        self.metadata = {"render_modes": ["rgb_array"], "render_fps": int(getattr(rs_env, "control_freq", 20))}
         self._camera, self._width, self._height = camera, width, height
 
     @property
@@ -361,9 +465,9 @@ def make_env(
         task_kwargs: family options. Meta-World: ``task_index`` (None: draw one of MT1's 50 seeded
             placements each reset from the episode RNG; int: always that one), ``terminate_on_success``,
             ``success_reward`` (a sparse reward: this value on a successful step, else 0), ``render_size``,
-            ``camera_name``. Locomotion: any ``gym.make`` keyword. robosuite: ``robots``,
-            ``terminate_on_success``, ``success_reward``, ``render_size``, ``camera_name`` and
-            ``robosuite.make`` keywords.
+            ``camera_name``. Locomotion: any ``gym.make`` keyword. robosuite: ``terminate_on_success``,
+            ``success_reward``, ``render_size``, ``camera_name`` and ``robosuite.make`` keywords (``robots``,
+            ``reward_shaping``, ``controller_configs``, ...; also from the name, ``robosuite/Lift{...}``).
 
     Returns:
         A Gymnasium env with float32 observations and a bool ``info["success"]``.
@@ -377,6 +481,8 @@ def make_env(
                 "gym": _make_gym}
     if parsed.obs_keys:
         task_kwargs["obs_keys"] = parsed.obs_keys
+    if parsed.kwargs:  # keywords given to make_env win over the name's
+        task_kwargs = {**parsed.env_kwargs, **task_kwargs}
     env = builders[parsed.family](parsed.task, render_mode, max_episode_steps, **task_kwargs)
     env = _Float32Observation(env)
     env = _SeedOnFirstReset(env, seed)
@@ -471,21 +577,33 @@ def _base_info(env: gym.Env) -> dict:
     return inner.step(inner.action_space.sample())[4]
 
 
-def env_name_from_env_args(env_args: dict[str, Any], obs_keys=None, where: str = "") -> str:
+def env_name_from_env_args(env_args: dict[str, Any], obs_keys=None, where: str = "",
+                           ignored: list[str] | None = None) -> str:
     """Our env name for a robomimic ``env_args`` (``{"env_name", "type", "env_kwargs"}``): robosuite (type 1)
     ``Lift``/``PickPlaceCan`` -> ``robosuite/Lift``/``robosuite/Can``; gym (type 2) names we know (``Hopper-v5``,
     ``metaworld/...``) as they are, other gymnasium ids as ``gym/<id>``. ``obs_keys`` are appended for envs with
-    dict observations (``@k1,k2``) so the env flattens them in the dataset's order."""
+    dict observations (``@k1,k2``) so the env flattens them in the dataset's order.
+
+    A robosuite env's ``env_kwargs`` are kept in the name as JSON (``robosuite/Lift{"reward_shaping":false}``)
+    when they differ from the factory's defaults (:func:`robosuite_env_kwargs`: keys ``robosuite.make`` does not
+    accept are a ValueError; rendering and episode-length keys are left to the factory and appended to
+    ``ignored``). Gym envs' ``env_kwargs`` are not used (the task config sets ``max_episode_steps``)."""
     if not env_args or "env_name" not in env_args:
         raise ValueError(f"{where}: data.attrs['env_args'] has no env_name; name the env with task.env=<name>")
     raw, kind = str(env_args["env_name"]), env_args.get("type")
     keys = list(obs_keys or [])
-    if kind == 1 or raw in _ROBOSUITE_ENV_NAMES.values():
-        task = {v: k for k, v in _ROBOSUITE_ENV_NAMES.items()}.get(raw, raw)
+    if kind == 1 or raw in _ROBOSUITE_ENV_NAMES.values() or raw.startswith("robosuite/"):
+        task = {v: k for k, v in _ROBOSUITE_ENV_NAMES.items()}.get(raw, raw.removeprefix("robosuite/"))
         if task not in ROBOSUITE_TASKS:
             raise ValueError(f"{where}: env_args name the robosuite env {raw!r}; supported: "
                              f"{sorted(_ROBOSUITE_ENV_NAMES.values())}")
-        return f"robosuite/{task}" + ("@" + ",".join(keys) if keys else "")
+        env_kwargs = env_args.get("env_kwargs") or {}
+        if not isinstance(env_kwargs, dict):
+            raise ValueError(f"{where}: env_args['env_kwargs'] is a {type(env_kwargs).__name__}, not a JSON object")
+        kept, skipped = robosuite_env_kwargs(task, env_kwargs, where) if env_kwargs else ({}, [])
+        if ignored is not None:
+            ignored.extend(skipped)
+        return f"robosuite/{task}" + (kwargs_json(kept) if kept else "") + ("@" + ",".join(keys) if keys else "")
     if kind not in (None, 2):
         raise ValueError(f"{where}: env_args type {kind} (env {raw!r}) is not supported; robosuite (1) and "
                          "gym (2) are")

@@ -87,7 +87,22 @@ class Episode:
 
 
 def env_args_for(meta: Mapping[str, Any]) -> dict[str, Any]:
-    """robomimic-style ``env_args`` from :func:`envs.factory.env_meta`: ``{"env_name", "type", "env_kwargs"}``."""
+    """robomimic-style ``env_args`` from :func:`envs.factory.env_meta`: ``{"env_name", "type", "env_kwargs"}``.
+
+    robosuite envs get robomimic's own form: robosuite's env name (``Lift``, ``PickPlaceCan``) and the
+    ``robosuite.make`` keywords of the env (the factory's defaults, the name's keywords, ``horizon``), so
+    robomimic can rebuild it and :func:`envs.factory.env_name_from_env_args` reads the same env back."""
+    if meta["family"] == "robosuite":
+        from envs.factory import _ROBOSUITE_ENV_NAMES, ROBOSUITE_DEFAULT_KWARGS, parse_env_name
+
+        parsed = parse_env_name(meta["name"])
+        ours = ("terminate_on_success", "success_reward", "render_size", "camera_name")  # wrapper options
+        task_kwargs = {k: v for k, v in meta.get("task_kwargs", {}).items() if k not in ours}
+        env_kwargs = {**ROBOSUITE_DEFAULT_KWARGS, **parsed.env_kwargs, **task_kwargs,
+                      "horizon": meta.get("max_episode_steps"), "has_renderer": False,
+                      "has_offscreen_renderer": False, "use_camera_obs": False, "ignore_done": True}
+        return {"env_name": _ROBOSUITE_ENV_NAMES[parsed.task], "type": ROBOMIMIC_ENV_TYPE["robosuite"],
+                "env_kwargs": env_kwargs}
     env_kwargs = dict(meta.get("task_kwargs", {}))
     env_kwargs["max_episode_steps"] = meta.get("max_episode_steps")
     return {"env_name": meta["name"], "type": ROBOMIMIC_ENV_TYPE[meta["family"]], "env_kwargs": env_kwargs}
