@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from tqdm import tqdm
 
 from flowpolicy import (
     EMA,
@@ -26,7 +25,17 @@ from flowpolicy import (
     make_time_sampler,
 )
 
-from ..checkpoint import stop_requested
+from ..loop import (
+    EMAUpdate,
+    LogScalars,
+    NonFiniteGuard,
+    ProgressBar,
+    Step,
+    StopOnCtrlC,
+    SupervisedLoop,
+    every,
+)
+from ..tblog import Logger
 from .data import ImageData
 
 METHODS = ("rf", "reflow", "shortcut")
@@ -107,24 +116,15 @@ class _Stopped(Exception):
         self.model, self.step = model, step
 
 
-class _Logger:
-    """TensorBoard scalars (optional) with one global step across the models of a run."""
+class _Logger(Logger):
+    """The TensorBoard logger with one global step across the models of a run."""
 
     def __init__(self, log_dir: Path | None) -> None:
-        self.writer = None
-        if log_dir is not None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(log_dir))
+        super().__init__(log_dir)
         self.step = 0
 
     def scalar(self, tag: str, value: float, step: int | None = None) -> None:
-        if self.writer is not None:
-            self.writer.add_scalar(tag, value, self.step if step is None else step)
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        self.log({tag: value}, self.step if step is None else step)
 
 
 def fit(
@@ -150,37 +150,29 @@ def fit(
     net.train()
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps)) if schedule == "cosine" else None
-    bar = tqdm(range(steps), desc=model.name, disable=not progress, leave=False, mininterval=1.0)
-    for i in bar:
-        loss, info = loss_fn()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{model.name}: non-finite loss {float(loss)} at step {i}; lower stage.lr")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip:
-            torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
-        opt.step()
-        if sched is not None:
-            sched.step()
-        model.ema.update(net)
-        if i % log_every == 0 or i == steps - 1:
-            value = float(loss.detach())
-            bar.set_postfix(loss=f"{value:.4f}")
-            if logger is not None:
-                logger.scalar("train/loss", value, logger.step + 1)
-                logger.scalar("train/lr", opt.param_groups[0]["lr"], logger.step + 1)
-                for k, v in info.items():
-                    logger.scalar("train/" + k.split("/", 1)[-1], v, logger.step + 1)
-        if logger is not None:
-            logger.step += 1
-        if stop_requested():  # Ctrl-C: stop after this step; run() saves this model once
-            bar.close()
-            net.eval()
-            model.train_s += time.perf_counter() - start
-            raise _Stopped(model, i + 1)
-    bar.close()
+    base = logger.step if logger is not None else 0  # the logger's global step before this model
+
+    def scalars(s: Step) -> dict:
+        return {"train/loss": float(s.value), "train/lr": opt.param_groups[0]["lr"],
+                **{"train/" + k.split("/", 1)[-1]: v for k, v in s.info.items()}}
+
+    # the shortcut model's EMA is its target network too (train_base), so EMAUpdate covers both
+    callbacks = [
+        NonFiniteGuard(lambda s: f"{model.name}: non-finite loss {float(s.value)} at step {s.index}; lower stage.lr"),
+        EMAUpdate(model.ema, net),
+        LogScalars(logger, scalars, every(log_every, steps, first=True), at=lambda s: base + s.done),
+        ProgressBar(steps, model.name, disable=not progress, leave=False, postfix_every=log_every),
+        StopOnCtrlC(),  # Ctrl-C: stop after this step; run() saves this model once
+    ]
+    loop = SupervisedLoop(net.parameters(), opt, lambda i: loss_fn(), scheduler=sched, grad_clip=grad_clip or None,
+                          callbacks=callbacks)
+    done = loop.run(steps)
+    if logger is not None:
+        logger.step = base + done
     net.eval()
     model.train_s += time.perf_counter() - start
+    if loop.stopped:
+        raise _Stopped(model, done)
     return model
 
 
