@@ -26,9 +26,12 @@ task families (task=...):
   metaworld  task.env=metaworld/<any Meta-World v3 task>   scripted-expert demos, collected on first use
   mujoco     task.env=<gymnasium MuJoCo v5 env>             PPO expert + demos made on first use
              (task.demos.expert_steps=..., task.demos.quality=expert|medium)
+  robosuite  task.env=robosuite/Lift|robosuite/Can         scripted-expert demos made on first use
+             (the robosuite extra: pip install -e ".[robosuite]")
   robomimic  task.demos.path=FILE                           a robomimic low-dim HDF5 file; the env comes
              from its env_args, obs keys = all low-dim keys (sorted) unless task.obs_keys=[a,b]
-  presets    pick_place (default), hopper_medium, walker2d_medium, digits (images)
+  presets    pick_place (default), hopper_medium, walker2d_medium, robosuite_lift, robosuite_can,
+             digits (images)
 
 examples:
   python train.py                                                   # default pick-place pipeline

@@ -40,6 +40,11 @@ TASKS = {
                         "obs_horizon": 1, "action_horizon": 4, "exec_horizon": 4, "max_episode_steps": 1000},
     "pick_place": {"env": "metaworld/pick-place-v3", "demos": {"num_demos": 20, "noise": 0.3},
                    "obs_horizon": 1, "action_horizon": 4, "exec_horizon": 2, "max_episode_steps": 200},
+    # the robosuite extra; settings of configs/task/robosuite_{lift,can}.yaml (python -m bench.robosuite)
+    "robosuite_lift": {"env": "robosuite/Lift", "demos": {"num_demos": 20, "noise": 0.3},
+                       "obs_horizon": 1, "action_horizon": 4, "exec_horizon": 2, "max_episode_steps": 150},
+    "robosuite_can": {"env": "robosuite/Can", "demos": {"num_demos": 30, "noise": 0.2},
+                      "obs_horizon": 1, "action_horizon": 4, "exec_horizon": 2, "max_episode_steps": 400},
 }
 POLICY_SPECS = {
     "reflow": {"kind": "reflow", "network": "mlp", "hidden": 256, "depth": 3, "default_steps": 4},
@@ -310,7 +315,7 @@ def main(argv=None):
         async_ft = pool.map_async(_finetune, in_pool)
         runs = async_ft.get() + (async_sb3.get() if async_sb3 else [])
     runs += [_finetune(j) for j in jobs if j[2].get("async_envs")]
-    has_success = t["env"].startswith("metaworld")
+    has_success = t["env"].startswith(("metaworld", "robosuite"))
     score = "success" if has_success else "return"
     rows = []
     sb3_final = {r["seed"]: r["curve"][-1]["return"] for r in runs if r["method"] == "sb3_ppo"}

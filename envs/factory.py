@@ -401,7 +401,8 @@ def robosuite_env_kwargs(task: str, env_kwargs: dict[str, Any] | None, where: st
             continue
         if key not in accepted:
             raise ValueError(f"{where}: env_args['env_kwargs'] has {key!r}, which robosuite.make("
-                             f"{_ROBOSUITE_ENV_NAMES[task]!r}) does not accept (it accepts {sorted(accepted)}); "
+                             f"{_ROBOSUITE_ENV_NAMES[task]!r}) does not accept (a file may set "
+                             f"{sorted(accepted - ROBOSUITE_FACTORY_KEYS)}); "
                              "remove it from the file's env_args, or name the env with task.env=robosuite/"
                              f"{task}")
         default = ROBOSUITE_DEFAULT_KWARGS.get(key, object())
