@@ -443,7 +443,7 @@ def _plot(policy_summary: list[dict], image_summary: list[dict], samples: dict, 
         ax.imshow(np.asarray(image_grid([x[:12] for x in samples.values()], scale=1)), cmap="gray")
         ax.set_yticks([(i + 0.5) * 9 for i in range(len(samples))], list(samples), fontsize=6)
         ax.set_xticks([])
-        ax.set_title("same noise, one row per method (first seed)", fontsize=9)
+        ax.set_title("same noise, one row per method (one seed)", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -505,6 +505,9 @@ def main(argv=None) -> Path:
     p.add_argument("--name", default="align", help="result files bench/results/<name>.{json,md,png}")
     p.add_argument("--out", type=Path, default=None, help="results folder (default bench/results)")
     p.add_argument("--classifier-cache", type=Path, default=None, help="default data/classifiers")
+    p.add_argument("--merge", type=Path, nargs="+", default=[],
+                   help="earlier bench.align JSONs with the same settings whose seeds are added to this run's "
+                        "(e.g. a one-seed timing run); their commands are listed in the results")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     b = dict(BUDGETS[args.budget])
@@ -535,6 +538,24 @@ def main(argv=None) -> Path:
             metas.append({"seed": seed, **meta})
             samples = samples or s
         config["digits"] = {"per_seed": metas, "wall_s": round(time.perf_counter() - t0, 1)}
+    merged = []
+    for path in args.merge:
+        old = json.loads(Path(path).read_text())
+        for key in ("budget", "states", "betas", "policy_betas", "beta_schedules", "pairing"):
+            if old["config"].get(key) != config.get(key):
+                raise SystemExit(f"--merge {path}: {key}={old['config'].get(key)!r} differs from this run's "
+                                 f"{config.get(key)!r}")
+        clash = set(old["config"]["seeds"]) & set(args.seeds)
+        if clash:
+            raise SystemExit(f"--merge {path}: seeds {sorted(clash)} are also run here")
+        for domain, rows in (("pick_place", policy_rows), ("digits", image_rows)):
+            if domain in config and domain in old["config"]:
+                config[domain]["per_seed"] = old["config"][domain]["per_seed"] + config[domain]["per_seed"]
+                rows[:0] = [r for r in old["per_seed"] if r["domain"] == domain]
+        merged.append({"command": old["command"], "wall_s": old["wall_s"], "seeds": old["config"]["seeds"],
+                       "date": old["date"]})
+        config["seeds"] = old["config"]["seeds"] + config["seeds"]
+    config["merged"] = merged
     policy_summary = summarize_policy(policy_rows) if policy_rows else []
     image_summary = summarize_images(image_rows) if image_rows else []
     wall = time.perf_counter() - t_start
@@ -547,6 +568,9 @@ def main(argv=None) -> Path:
     (out_dir / f"{args.name}.json").write_text(json.dumps(record, indent=2, default=float))
     parts = [f"# {args.name}\n\n`{record['command'].strip()}` on {record['machine']}, {record['date']}, wall "
              f"time {record['wall_s']} s."]
+    for m in merged:
+        parts[0] += (f" Seeds {m['seeds']} merged from `{m['command'].strip()}` ({m['date']}, wall time "
+                     f"{m['wall_s']} s, same machine).")
     if policy_summary:
         parts.append("**Pick-place** (preference source: return of rollouts from the same start state)\n\n"
                      + policy_table(policy_summary))

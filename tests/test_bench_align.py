@@ -62,3 +62,12 @@ def test_bench_align_tiny_run_reports_drift_equal_samples_and_paired_tests(tmp_p
     md = (tmp_path / "t.md").read_text()
     assert "classifier B" in md and "McNemar" in md and "Wilson" in md
     assert (tmp_path / "t.png").exists()
+
+    # a second run's seeds merged with the first's (digits only here, to stay fast)
+    out2 = main(["--budget", "tiny", "--seeds", "1", "--betas", "20", "--policy-betas", "2000",
+                 "--beta-schedules", "constant", "diffusion_dpo", "--states", "3", "--pairing", "all",
+                 "--skip-policy", "--out", str(tmp_path), "--classifier-cache", str(tmp_path / "clf"),
+                 "--name", "t2", "--merge", str(out)])
+    rec2 = json.loads(out2.read_text())
+    assert rec2["config"]["seeds"] == [0, 1] and {r["seed"] for r in rec2["per_seed"]} == {0, 1}
+    assert all(r["seeds"] == 2 for r in rec2["rows"]) and "merged from" in (tmp_path / "t2.md").read_text()
