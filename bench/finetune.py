@@ -258,6 +258,11 @@ def main(argv=None):
     p.add_argument("--eval-stochastic", action="store_true",
                    help="also evaluate every run's policy as it acts in training (same episodes): final/best "
                         "stochastic return and success beside the deterministic ones")
+    p.add_argument("--merge", default=None, metavar="JSON",
+                   help="an earlier finetune_<task>.json (with its _curves.json beside it) made with the same "
+                        "task, budget, pretraining, dataset and evaluation: its runs join this run's tables and "
+                        "plot (for a method added later without rerunning the others); settings are checked and "
+                        "both commands are listed")
     p.add_argument("--eval-seed", type=int, default=None,
                    help="first env seed of the evaluation episodes (default: the task's, 100000); tune settings "
                         "with another one (and other training seeds) than the one whose numbers you report")
@@ -343,6 +348,16 @@ def main(argv=None):
         if r["seed"] in sb3_final and r["method"] != "sb3_ppo":
             row["final_vs_sb3_ppo"] = final / sb3_final[r["seed"]] if sb3_final[r["seed"]] else None
         rows.append(row)
+    merged_note = ""
+    if args.merge:
+        earlier = _load_merge(args.merge, {"task": args.task, **budget, "finetune_defaults": ft_defaults,
+                                           "eval": {**eval_over, "seed": eval_seed}, "dataset": Path(dataset).name,
+                                           "demo_return_mean": float(np.mean(demo_returns))}, rows)
+        rows += earlier["rows"]
+        runs += earlier["runs"]
+        merged_note = (f"\nRows of {earlier['methods']} come from an earlier run with the same task, budget, "
+                       f"pretraining, dataset and evaluation episodes (checked): `{earlier['command']}` on "
+                       f"{earlier['machine']}, {earlier['date']}, wall time {earlier['wall_s']} s.\n")
     summary = _summarize(rows, score)
     wall = time.perf_counter() - t_start
     name = f"finetune_{slug}"
@@ -374,6 +389,7 @@ def main(argv=None):
              "method. growth_pct: final vs the pretrained policy's deterministic return at the same K. wall_s_per_100k: "
              "wall time of a run per 100k env steps, evaluations included; train_s_per_100k: the same without "
              "the evaluations (training rollouts and updates only).\n")
+    extra += merged_note
     async_vs = [vn for vn, vo in variants if vo.get("async_envs")]
     if async_vs:
         gpu = torch_device_name()
@@ -386,6 +402,28 @@ def main(argv=None):
                                     "demo_return_mean": float(np.mean(demo_returns)), "workers": args.workers,
                                     "summary": summary},
                  wall, extra_md=extra, out_dir=out_dir, module="bench.finetune")
+
+
+def _load_merge(path: str, mine: dict, rows: list[dict]) -> dict:
+    """Rows and curves of an earlier run for ``--merge``, after checking that its settings equal ``mine``."""
+    p = Path(path)
+    try:
+        rec = json.loads(p.read_text())
+        runs = json.loads(p.with_name(p.stem + "_curves.json").read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: --merge {path}: cannot read it and its _curves.json ({e})") from None
+    cfg = dict(rec.get("config", {}))
+    cfg["dataset"] = Path(str(cfg.get("dataset"))).name  # the demo file by name (runs from other checkouts)
+    diff = [k for k, v in mine.items() if json.loads(json.dumps(cfg.get(k))) != json.loads(json.dumps(v))]
+    if diff:
+        raise SystemExit(f"error: --merge {path}: settings differ from this run's in {diff}; rerun instead")
+    mine_keys = {(r["method"], r["variant"], r["seed"]) for r in rows}
+    clash = sorted({(r["method"], r["variant"], r["seed"]) for r in rec["rows"]} & mine_keys)
+    if clash:
+        raise SystemExit(f"error: --merge {path}: runs {clash} are in both; merge only other methods or seeds")
+    return {"rows": rec["rows"], "runs": runs, "methods": sorted({r["method"] for r in rec["rows"]}),
+            "command": rec.get("command"), "machine": rec.get("machine"), "date": rec.get("date"),
+            "wall_s": rec.get("wall_s")}
 
 
 def torch_device_name() -> str:

@@ -1,0 +1,32 @@
+"""bench.finetune --merge: an earlier run's rows join only when its settings equal this run's."""
+
+import json
+
+import pytest
+
+from bench.finetune import _load_merge
+
+
+def _write(tmp_path, cfg, rows):
+    p = tmp_path / "finetune_x.json"
+    p.write_text(json.dumps({"config": cfg, "rows": rows, "command": "python -m bench.finetune ...",
+                             "machine": "m", "date": "d", "wall_s": 1.0}))
+    (tmp_path / "finetune_x_curves.json").write_text(json.dumps([{"method": "reflow", "seed": 0, "curve": []}]))
+    return str(p)
+
+
+def test_merge_checks_settings_and_clashes(tmp_path):
+    mine = {"task": "pick_place", "env_steps": 100, "eval": {"eval_every": 2, "seed": 5},
+            "dataset": "demos.hdf5", "demo_return_mean": 1.5}
+    earlier = {**mine, "dataset": "/elsewhere/data/demos.hdf5", "seeds": [0, 1]}  # same file, other checkout
+    path = _write(tmp_path, earlier, [{"method": "reflow", "variant": "default", "seed": 0}])
+    out = _load_merge(path, mine, [{"method": "gaussian", "variant": "default", "seed": 0}])
+    assert out["methods"] == ["reflow"] and len(out["rows"]) == 1 and len(out["runs"]) == 1
+    with pytest.raises(SystemExit, match="in both"):
+        _load_merge(path, mine, [{"method": "reflow", "variant": "default", "seed": 0}])
+    with pytest.raises(SystemExit, match=r"differ .*\['env_steps'\]"):
+        _load_merge(path, {**mine, "env_steps": 200}, [])
+    with pytest.raises(SystemExit, match="eval"):
+        _load_merge(path, {**mine, "eval": {"eval_every": 3, "seed": 5}}, [])
+    with pytest.raises(SystemExit, match="cannot read"):
+        _load_merge(str(tmp_path / "missing.json"), mine, [])
