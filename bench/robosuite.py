@@ -109,11 +109,15 @@ def main(argv=None):
                    help="evaluations along each run after the initial one (1: the final one only)")
     p.add_argument("--workers", type=int, default=1, help="parallel fine-tuning runs (one CPU thread each)")
     p.add_argument("--out", default=None, help="results folder (default bench/results)")
+    p.add_argument("--reuse", nargs="*", default=[], choices=sorted(TASKS),
+                   help="tasks whose per-task files in <out>/robosuite/ come from an earlier command: read, not run "
+                        "(the table says so)")
     args = p.parse_args(argv)
-    try:
-        import robosuite  # noqa: F401
-    except ImportError:
-        raise SystemExit('error: robosuite is not installed; pip install -e ".[robosuite]"') from None
+    if set(args.tasks) - set(args.reuse):
+        try:
+            import robosuite  # noqa: F401
+        except ImportError:
+            raise SystemExit('error: robosuite is not installed; pip install -e ".[robosuite]"') from None
     from bench import finetune
     from bench.common import RESULTS, markdown_table, save_results
 
@@ -123,6 +127,12 @@ def main(argv=None):
     rows = []
     for task in args.tasks:
         name = TASKS[task]
+        if task in args.reuse:
+            record = json.loads((work / f"finetune_{name}.json").read_text())
+            curves = json.loads((work / f"finetune_{name}_curves.json").read_text())
+            rows.append({**_task_row(task, record, curves, record["config"]["eval"]["eval_episodes"]),
+                         "command": record["command"]})
+            continue
         sub = ["--task", name, "--methods", "reflow", "--seeds", *map(str, args.seeds),
                "--env-steps", str(_env_steps(args.env_steps, task)), "--pretrain-steps", str(args.pretrain_steps),
                "--eval-episodes", str(args.eval_episodes), "--eval-points", str(args.eval_points),
@@ -135,7 +145,7 @@ def main(argv=None):
             sys.argv = argv_before
         record = json.loads((work / f"finetune_{name}.json").read_text())
         curves = json.loads((work / f"finetune_{name}_curves.json").read_text())
-        rows.append(_task_row(task, record, curves, args.eval_episodes))
+        rows.append({**_task_row(task, record, curves, args.eval_episodes), "command": record["command"]})
     wall = time.perf_counter() - t0
     _plot(rows, out / "robosuite.png")
     cols = ["task", "demos", "demo_noise", "expert_success", "pretrain_steps", "env_steps", "seeds", "episodes",
@@ -147,11 +157,15 @@ def main(argv=None):
              "expert_success: the noisy scripted expert's success while collecting (failed attempts are "
              "discarded). Per-run files: " + ", ".join(f"robosuite/finetune_{TASKS[t]}.md" for t in args.tasks)
              + ". Fine-tuning settings: configs/task/robosuite_<task>.yaml (Meta-World's, not tuned on robosuite)."
-             "\n\n" + markdown_table(rows, ["task", "pretrain_wall_s", "finetune_wall_s", "task_wall_s"]) + "\n")
+             "\n\n" + markdown_table(rows, ["task", "pretrain_wall_s", "finetune_wall_s", "task_wall_s", "command"])
+             + "\n")
+    if args.reuse:
+        extra += (f"\nTasks {args.reuse} were read from the files of the earlier command in their row (`--reuse`), "
+                  "not run by this one; this command's wall time leaves them out.\n")
     save_results("robosuite", rows, cols, {"tasks": args.tasks, "seeds": args.seeds, "env_steps": args.env_steps,
                                            "pretrain_steps": args.pretrain_steps,
                                            "eval_episodes": args.eval_episodes, "eval_points": args.eval_points,
-                                           "workers": args.workers}, wall, extra_md=extra, out_dir=out,
+                                           "workers": args.workers, "reuse": args.reuse}, wall, extra_md=extra, out_dir=out,
                  module="bench.robosuite")
 
 
