@@ -45,12 +45,12 @@ def _task_row(task: str, record: dict, curves: list[dict], episodes: int) -> dic
     from envs.hdf5 import read_meta
 
     runs = sorted(curves, key=lambda r: r["seed"])
-    before = runs[0]["curve"][0]  # the pretrained policy (every seed's run starts from it)
-    k_before = int(round(before["success"] * episodes))
+    # every seed's run evaluates the one pretrained policy first (same episodes, the run's own sampler noise)
+    k_before = [int(round(r["curve"][0]["success"] * episodes)) for r in runs]
     k_after = [int(round(r["curve"][-1]["success"] * episodes)) for r in runs]
-    n_after = episodes * len(runs)
-    lo_b, hi_b = wilson_interval(k_before, episodes)
-    lo_a, hi_a = wilson_interval(sum(k_after), n_after)
+    n = episodes * len(runs)
+    lo_b, hi_b = wilson_interval(sum(k_before), n)
+    lo_a, hi_a = wilson_interval(sum(k_after), n)
     demo_meta = read_meta(record["config"]["dataset"])
     cfg = record["config"]
     return {
@@ -58,10 +58,12 @@ def _task_row(task: str, record: dict, curves: list[dict], episodes: int) -> dic
         "demo_noise": demo_meta.get("noise"), "expert_success": demo_meta.get("success_rate"),
         "pretrain_steps": cfg["pretrain_steps"], "env_steps": int(np.mean([r["env_steps"] for r in runs])),
         "seeds": len(runs), "episodes": episodes,
-        "success_before": k_before / episodes, "before_ci95": f"[{lo_b:.2f}, {hi_b:.2f}]",
-        "success_after": sum(k_after) / n_after, "after_ci95": f"[{lo_a:.2f}, {hi_a:.2f}]",
+        "success_before": sum(k_before) / n, "before_ci95": f"[{lo_b:.2f}, {hi_b:.2f}]",
+        "before_per_seed": " ".join(f"{k / episodes:.2f}" for k in k_before),
+        "success_after": sum(k_after) / n, "after_ci95": f"[{lo_a:.2f}, {hi_a:.2f}]",
         "after_per_seed": " ".join(f"{k / episodes:.2f}" for k in k_after),
-        "return_before": before["return"], "return_after": float(np.mean([r["curve"][-1]["return"] for r in runs])),
+        "return_before": float(np.mean([r["curve"][0]["return"] for r in runs])),
+        "return_after": float(np.mean([r["curve"][-1]["return"] for r in runs])),
         "success_before_ci": [lo_b, hi_b], "success_after_ci": [lo_a, hi_a],
         "pretrain_wall_s": round(sum(cfg["pretrain_wall_s"].values()), 1),
         "finetune_wall_s": round(sum(r["wall_s"] for r in runs), 1), "task_wall_s": record["wall_s"],
@@ -85,10 +87,9 @@ def _plot(rows: list[dict], path: Path) -> None:
             lo, hi = r[f"success_{key}_ci"]
             ax.bar(x, p, width=0.33, color=color, label=label if i == 0 else None)
             ax.errorbar(x, p, yerr=[[p - lo], [hi - p]], color="k", capsize=4)
-            if key == "after":
-                seeds = [float(v) for v in r["after_per_seed"].split()]
-                ax.scatter([x] * len(seeds), seeds, color="k", s=12, zorder=3,
-                           label="per seed" if i == 0 else None)
+            seeds = [float(v) for v in r[f"{key}_per_seed"].split()]
+            ax.scatter([x] * len(seeds), seeds, color="k", s=12, zorder=3,
+                       label="per seed" if i == 0 and j == 0 else None)
     ax.set_xticks(range(len(rows)), [f"{r['task']}\n{r['env_steps']} env steps" for r in rows])
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("success rate (95% Wilson interval)")
@@ -149,11 +150,13 @@ def main(argv=None):
     wall = time.perf_counter() - t0
     _plot(rows, out / "robosuite.png")
     cols = ["task", "demos", "demo_noise", "expert_success", "pretrain_steps", "env_steps", "seeds", "episodes",
-            "success_before", "before_ci95", "success_after", "after_ci95", "after_per_seed", "return_before",
+            "success_before", "before_ci95", "before_per_seed", "success_after", "after_ci95", "after_per_seed",
+            "return_before",
             "return_after", "task_wall_s"]
-    extra = ("\nsuccess_before: the BC policy (ReFlow K=4, pretrained once, seed 0) on `episodes` deterministic "
-             "episodes; success_after: each seed's fine-tuned policy on the same episodes, pooled (Wilson "
-             "interval over episodes x seeds; it leaves out the spread between seeds, listed in after_per_seed). "
+    extra = ("\nsuccess_before: the BC policy (ReFlow K=4, pretrained once, seed 0) evaluated at the start of "
+             "every seed's run on `episodes` deterministic episodes (the same env seeds; each run's own sampler "
+             "noise), pooled; success_after: each seed's fine-tuned policy on the same episodes, pooled. The 95% "
+             "Wilson intervals are over episodes x seeds and leave out the spread between seeds (listed per seed). "
              "expert_success: the noisy scripted expert's success while collecting (failed attempts are "
              "discarded). Per-run files: " + ", ".join(f"robosuite/finetune_{TASKS[t]}.md" for t in args.tasks)
              + ". Fine-tuning settings: configs/task/robosuite_<task>.yaml (Meta-World's, not tuned on robosuite)."
