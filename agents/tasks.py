@@ -66,8 +66,14 @@ def resolve_task(cfg: DictConfig) -> TaskData:
     try:
         file_env = env_name_from_env_args(info["env_args"], None if info["ours"] else used, where=str(path),
                                           ignored=ignored) if info["env_args"].get("env_name") else None
-    except ImportError as err:
-        raise UserError(f"{path} (its env_args name a robosuite env) needs robosuite: {err}") from err
+    except (ImportError, ValueError) as err:
+        if task.get("env"):  # the user named the env: the file's env_args are not used
+            note(f"{err}; using task.env={task.env} (not the file's env_args)")
+            file_env = None
+        elif isinstance(err, ImportError):
+            raise UserError(f"{path} (its env_args name a robosuite env) needs robosuite: {err}") from err
+        else:
+            raise
     if ignored and not info["ours"]:
         note(f"{path}: env_args env_kwargs {ignored} are set by flowpolicy's env factory (rendering, camera "
              "observations, episode length: task.max_episode_steps), not taken from the file")

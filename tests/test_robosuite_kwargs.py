@@ -99,3 +99,25 @@ def test_robosuite_task_configs_collect_demos_on_first_use(monkeypatch, tmp_path
         assert data.env == env and data.dataset is None and cfg.task.max_episode_steps == steps
         demos_for(cfg, data)
         assert calls[-1][0] == env and calls[-1][1]["num_demos"] == cfg.task.demos.num
+
+
+def test_task_env_overrides_env_args_that_robosuite_would_refuse(fake_robosuite, tmp_path, capsys):
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+
+    from agents.stages import resolve_task
+    from tests.fixture_envs import NAME, write_robomimic_file
+
+    bad = write_robomimic_file(tmp_path / "bad.hdf5", 2,
+                               env_args={"env_name": "Lift", "type": 1, "env_kwargs": {"lift_height": 0.3}})
+    configs = str(Path(__file__).resolve().parents[1] / "configs")
+
+    def resolve(*extra):
+        with initialize_config_dir(configs, version_base="1.3"):
+            return resolve_task(compose("config", overrides=["task=robomimic", f"task.demos.path={bad}", *extra]))
+
+    with pytest.raises(ValueError, match="has 'lift_height', which robosuite.make"):
+        resolve()
+    assert resolve(f"task.env={NAME}").env.startswith(NAME)  # the user's env; the file's env_args are not read
+    assert "using task.env=" in capsys.readouterr().err
