@@ -47,6 +47,19 @@ from .checkpoint import (
     tag_checkpoint,
 )
 from .evaluate import rollout_episodes
+from .loop import (
+    Callback,
+    EMAUpdate,
+    LogScalars,
+    NonFiniteGuard,
+    Periodic,
+    ProgressBar,
+    ShortcutTarget,
+    Step,
+    StopOnCtrlC,
+    SupervisedLoop,
+    every,
+)
 from .policies import build_policy, extra_modules, policy_config, stats_pair, validate_spec
 from .tblog import Logger
 
@@ -141,6 +154,7 @@ class Pretrainer:
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.step = 0
         self.best = -math.inf
+        self._stop_now = False  # Ctrl-C seen (on any rank) during the current step
         self.verified: Path | None = None  # the newest checkpoint written (hashed) or loaded (verified)
         self._saved_step: int | None = None  # step of self.verified
         self._tensors = _materialize(self.train_ds)
@@ -250,80 +264,88 @@ class Pretrainer:
         return {"eval/return_mean": float(np.mean(r["returns"])), "eval/success_rate": float(np.mean(r["successes"])),
                 "eval/length_mean": float(np.mean(r["lengths"]))}
 
-    def run(self) -> dict[str, Any]:
-        cfg = self.cfg
-        main, world = self.dist.is_main, self.dist.world_size
-        logger = Logger(self.run_dir / "tb" if cfg.tensorboard and main else None)
-        from tqdm.auto import tqdm
+    def _loss_fn(self, index: int) -> tuple[torch.Tensor, dict]:
+        self.policy.train()
+        with frng.shard(self.dist.rank, self.dist.world_size):
+            return self._loss(self._batch(), generator=self.gen)
 
-        bar = tqdm(total=cfg.steps, initial=self.step, desc=f"pretrain {cfg.policy['kind']}",
-                   disable=not (cfg.progress and main), mininterval=1.0)
+    def _sync(self, stop: StopOnInterrupt) -> Callback:
+        """Reads Ctrl-C once per step; under DDP also the global mean loss and "any rank saw Ctrl-C", in one
+        all-reduce."""
+        trainer = self
+
+        class Sync(Callback):
+            def on_loss(self, s: Step) -> None:
+                trainer._stop_now = stop.requested
+                if trainer.dist.enabled:
+                    red = distributed.all_reduce_sum(
+                        torch.stack([s.loss.detach().float().cpu(), torch.tensor(float(trainer._stop_now))]))
+                    s.value, trainer._stop_now = red[0] / trainer.dist.world_size, bool(red[1] > 0)
+
+            def on_step_end(self, s: Step) -> None:
+                trainer.step = s.done
+
+        return Sync()
+
+    def _callbacks(self, stop: StopOnInterrupt, logger: Logger, metrics: dict) -> list[Callback]:
+        cfg, main = self.cfg, self.dist.is_main
+        cbs = [self._sync(stop),
+               NonFiniteGuard(lambda s: f"non-finite loss ({float(s.value)}) at pretraining step {s.index}; "
+                                        f"{self._last_good()}",
+                              lambda s: f"non-finite gradient at pretraining step {s.index}; {self._last_good()}"),
+               EMAUpdate(self.ema, self.policy), ShortcutTarget(getattr(self.policy, "flow", None)),
+               ProgressBar(cfg.steps, f"pretrain {cfg.policy['kind']}", initial=self.step,
+                           disable=not (cfg.progress and main)),
+               LogScalars(logger, lambda s: {"train/loss": float(s.value), "train/lr": self.sched.get_last_lr()[0],
+                                             "train/grad_norm": float(s.grad_norm),
+                                             **{f"train/{k}": v for k, v in s.info.items()}}, every(50))]
+        if not main:  # validation, evaluation and checkpoints are rank 0's
+            def stopped(s: Step) -> None:
+                raise TrainingInterrupted(f"stopped at step {s.done} (rank {self.dist.rank}); rank 0 saved the "
+                                          "checkpoint")
+
+            return [*cbs, StopOnCtrlC(lambda: self._stop_now, stopped)]
+
+        def validate(s: Step) -> None:
+            v = self.validation_loss()
+            if v is not None:
+                logger.log({"val/loss": v}, s.done)
+                metrics["val/loss"] = v
+
+        def evaluate(s: Step) -> None:
+            m = self.evaluate()
+            logger.log(m, s.done)
+            metrics.update(m)
+            score = m["eval/success_rate"] if self.env_meta.get("has_success") else m["eval/return_mean"]
+            if score > self.best:
+                self.best = score
+                s.tags.append("best")
+
+        def stopped(s: Step) -> None:
+            raise TrainingInterrupted(f"stopped at step {s.done}; saved {self.save(('last',))}")
+
+        return [*cbs, Periodic(validate, every(cfg.val_every, cfg.steps)),
+                Periodic(evaluate, lambda s: bool(cfg.eval_every and cfg.eval_episodes)
+                         and every(cfg.eval_every, cfg.steps)(s)),
+                Periodic(lambda s: self.save(tuple(s.tags)),
+                         lambda s: every(cfg.save_every, cfg.steps)(s) or len(s.tags) > 1),
+                StopOnCtrlC(lambda: self._stop_now, stopped)]
+
+    def run(self) -> dict[str, Any]:
+        cfg, main = self.cfg, self.dist.is_main
+        logger = Logger(self.run_dir / "tb" if cfg.tensorboard and main else None)
         last_metrics: dict[str, float] = {}
         stop = StopOnInterrupt("pretraining").__enter__()  # Ctrl-C: finish the current step, save, then stop
         if self._lock is not None:
             self._lock.acquire()
         try:
-            while self.step < cfg.steps:
-                self.policy.train()
-                with frng.shard(self.dist.rank, world):
-                    loss, info = self._loss(self._batch(), generator=self.gen)
-                stop_now = stop.requested
-                if self.dist.enabled:  # the global mean loss and "any rank saw Ctrl-C", in one all-reduce
-                    red = distributed.all_reduce_sum(
-                        torch.stack([loss.detach().float().cpu(), torch.tensor(float(stop_now))]))
-                    loss_value, stop_now = red[0] / world, bool(red[1] > 0)
-                else:
-                    loss_value = loss.detach()
-                if not torch.isfinite(loss_value):
-                    raise FloatingPointError(f"non-finite loss ({float(loss_value)}) at pretraining step "
-                                             f"{self.step}; {self._last_good()}")
-                self.opt.zero_grad(set_to_none=True)
-                loss.backward()
-                gnorm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip)
-                if not torch.isfinite(gnorm):
-                    raise FloatingPointError(f"non-finite gradient at pretraining step {self.step}; "
-                                             f"{self._last_good()}")
-                self.opt.step()
-                self.sched.step()
-                self.ema.update(self.policy)
-                if hasattr(self.policy, "flow") and hasattr(self.policy.flow, "update_ema"):
-                    self.policy.flow.update_ema()
-                self.step += 1
-                bar.update(1)
-                if self.step % 50 == 0:
-                    logger.log({"train/loss": float(loss_value), "train/lr": self.sched.get_last_lr()[0],
-                                "train/grad_norm": float(gnorm), **{f"train/{k}": v for k, v in info.items()}},
-                               self.step)
-                    bar.set_postfix(loss=f"{float(loss_value):.4f}")
-                if not main:  # validation, evaluation and checkpoints are rank 0's
-                    if stop_now:
-                        raise TrainingInterrupted(f"stopped at step {self.step} (rank {self.dist.rank}); "
-                                                  "rank 0 saved the checkpoint")
-                    continue
-                if self.step % cfg.val_every == 0 or self.step == cfg.steps:
-                    v = self.validation_loss()
-                    if v is not None:
-                        logger.log({"val/loss": v}, self.step)
-                        last_metrics["val/loss"] = v
-                tags = ["last"]
-                if cfg.eval_every and cfg.eval_episodes and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
-                    m = self.evaluate()
-                    logger.log(m, self.step)
-                    last_metrics.update(m)
-                    score = m["eval/success_rate"] if self.env_meta.get("has_success") else m["eval/return_mean"]
-                    if score > self.best:
-                        self.best = score
-                        tags.append("best")
-                if self.step % cfg.save_every == 0 or self.step == cfg.steps or len(tags) > 1:
-                    self.save(tuple(tags))
-                if stop_now:
-                    path = self.save(("last",))
-                    raise TrainingInterrupted(f"stopped at step {self.step}; saved {path}")
+            SupervisedLoop(self.policy.parameters(), self.opt, self._loss_fn, scheduler=self.sched,
+                           grad_clip=cfg.grad_clip, callbacks=self._callbacks(stop, logger, last_metrics),
+                           ).run(cfg.steps, start=self.step)
             if main and not (self.ckpt_dir / "best").exists():
                 self.save(("last", "best"))
         finally:
             stop.__exit__()
-            bar.close()
             logger.close()
             if self._lock is not None:
                 self._lock.release()
