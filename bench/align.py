@@ -4,7 +4,7 @@ from the reference and significance over seeds.
 
     python -m bench.align [--budget small|full] [--seeds 0 1 2] [--betas 20 200 2000]
                           [--policy-betas 200 2000 20000] [--states 128] [--pairing all]
-                          [--skip-policy] [--skip-images]
+                          [--skip-policy] [--skip-images] [--merge earlier.json ...]
 
 Meta-World pick-place: a reflow policy is pretrained by behavior cloning (agents.pretrain) on 20 noisy
 scripted-expert demos. From each of ``states`` start states it runs 4 rollouts that differ only in the flow's
@@ -28,7 +28,8 @@ generator's samples from the same noise.
 
 With several ``--seeds`` every row is the mean over seeds with a 95% percentile-bootstrap interval over seeds;
 pick-place success is also pooled over all seeds' episodes (Wilson), and the McNemar test pools the paired
-episodes of all seeds (Holm-adjusted over the aligned variants). Writes bench/results/align.{json,md,png}.
+episodes of all seeds (Holm-adjusted over the aligned variants). ``--merge`` adds the seeds of earlier runs
+with the same settings. Writes bench/results/<name>.{json,md,png} (``--name``, default align).
 """
 
 from __future__ import annotations
