@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..loop import SupervisedLoop
 from .data import ImageData
 
 
@@ -118,18 +119,17 @@ def train_classifier(
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps))
         model.train()
-        for _ in range(steps):
+
+        def loss_fn(i: int) -> tuple[torch.Tensor, dict]:
             idx = train[torch.randint(0, train.numel(), (batch_size,), generator=g)]
             x = images[idx]
             # small random shifts (1 pixel per 8) against overfitting the few thousand training images
             pad = max(1, x.shape[-1] // 8)
             dx, dy = torch.randint(-pad, pad + 1, (2,), generator=g).tolist()
             x = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
-            loss = F.cross_entropy(model(x), labels[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+            return F.cross_entropy(model(x), labels[idx]), {}
+
+        SupervisedLoop(model.parameters(), opt, loss_fn, scheduler=sched).run(steps)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

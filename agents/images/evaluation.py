@@ -39,6 +39,7 @@ from torch import nn
 
 from flowpolicy.metrics import nearest_distances, precision_recall_coverage
 
+from ..loop import SupervisedLoop
 from .classifier import accuracy, frechet_distance, gaussian_fit
 from .data import ImageData
 
@@ -111,16 +112,15 @@ def train_encoder(train: ImageData, steps: int = 1500, batch_size: int = 128, lr
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps))
         model.train()
-        for _ in range(steps):
+
+        def loss_fn(i: int) -> tuple[torch.Tensor, dict]:
             idx = torch.randint(0, len(train), (batch_size,), generator=g)
             x = train.images[idx]
             pad = max(1, x.shape[-1] // 8)
             dx, dy = torch.randint(-pad, pad + 1, (2,), generator=g).tolist()
-            loss = F.cross_entropy(model(torch.roll(x, shifts=(dy, dx), dims=(2, 3))), train.labels[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+            return F.cross_entropy(model(torch.roll(x, shifts=(dy, dx), dims=(2, 3))), train.labels[idx]), {}
+
+        SupervisedLoop(model.parameters(), opt, loss_fn, scheduler=sched).run(steps)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
