@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from envs.episodes import run_episodes
-from envs.factory import make_vec_env
+from envs.factory import env_base_name, make_vec_env
 from flowpolicy.policy import BasePolicy, FlowPolicy
 
 from .checkpoint import atomic_write_json, atomic_write_text
@@ -87,7 +87,7 @@ def measure_latency(policy: BasePolicy, steps: int | None = None, repeats: int =
 def video_name(env_name: str, steps: int | None, episode: int, prefix: str = "") -> str:
     """``<prefix>_<env>_K<steps>_ep<i>.mp4``; the prefix (the evaluation's name, e.g. ``eval_pretrained`` or
     ``eval_finetuned``) keeps the videos of different stages of one run apart."""
-    env = env_name.split("@")[0].split("{")[0].replace("/", "_").replace(":", "_")
+    env = env_base_name(env_name).replace("/", "_").replace(":", "_")
     return f"{prefix + '_' if prefix else ''}{env}_K{steps}_ep{episode}.mp4"
 
 
