@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import json
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -323,9 +324,11 @@ def _make_robosuite(
 ):
     try:
         import robosuite
+        from robosuite.utils.log_utils import ROBOSUITE_DEFAULT_LOGGER
         from robosuite.wrappers import GymWrapper
     except ImportError as err:
         raise ImportError(ROBOSUITE_INSTALL_HINT) from err
+    ROBOSUITE_DEFAULT_LOGGER.setLevel("WARNING")  # not one "Loading controller configuration" line per env
     width, height = render_size
     steps = max_episode_steps or ROBOSUITE_DEFAULT_MAX_STEPS
     fixed = sorted(set(kwargs) & ROBOSUITE_FACTORY_KEYS)
@@ -358,7 +361,10 @@ def _make_robosuite(
     )
     # robomimic names robosuite's "object-state" key "object"
     keys = [("object-state" if k == "object" else k) for k in (obs_keys or ROBOSUITE_DEFAULT_KEYS)]
-    env = _RobosuiteGym(GymWrapper(rs_env, keys=keys), rs_env, render_mode, camera_name, width, height)
+    with warnings.catch_warnings():  # GymWrapper builds float32 Boxes from float64 bounds (gymnasium warns)
+        warnings.filterwarnings("ignore", message=".*precision lowered by casting to float32")
+        wrapped = GymWrapper(rs_env, keys=keys)
+    env = _RobosuiteGym(wrapped, rs_env, render_mode, camera_name, width, height)
     env = gym.wrappers.TimeLimit(env, steps)
     return SuccessInfo(env, success_fn=rs_env._check_success, terminate_on_success=terminate_on_success,
                        success_reward=success_reward)
