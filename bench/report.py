@@ -25,6 +25,8 @@ SECTIONS = [
                                             "times not comparable: other jobs shared the cores)"),
     ("pick_place_300k/finetune_pick_place_300k", "Online fine-tuning on Meta-World pick-place, 300k env steps, 5 "
                                                  "seeds, noise bounds [0.15, 0.30]"),
+    ("mw_screen", "Meta-World tasks screened for fine-tuning: BC success from 20 noisy scripted demos (held-out "
+                  "env seeds)"),
     ("robosuite", "robosuite Lift and Can: scripted-expert demos, BC, then ReinFlow fine-tuning (success before "
                   "and after)"),
     ("finetune_pick_place", "Online fine-tuning on Meta-World pick-place: settings compared side by side "
