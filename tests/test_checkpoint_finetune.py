@@ -126,4 +126,4 @@ def test_ctrl_c_in_image_training_stops_after_the_step_with_the_model(tmp_path):
     with StopOnInterrupt("image training"), pytest.raises(_Stopped) as stopped:
         fit(model, loss_fn, steps=50, lr=1e-3, progress=False)
     assert stopped.value.step == 3 and len(calls) == 3 and stopped.value.model is model
-    assert (save_checkpoint(model, tmp_path / "toy") / "model.safetensors").exists()
+    assert (save_checkpoint(model, tmp_path / "toy") / "last" / "model.safetensors").exists()

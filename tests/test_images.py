@@ -213,14 +213,34 @@ def test_short_rectified_flow_training_lowers_fd(short_rf, classifier, digits):
 def test_checkpoint_round_trip_reproduces_the_samples(short_rf, tmp_path):
     path = save_checkpoint(short_rf, tmp_path / "ckpt")
     save_checkpoint(short_rf, tmp_path / "ckpt")  # overwriting an existing checkpoint works
-    assert sorted(p.name for p in path.iterdir()) == ["config.yaml", "model.safetensors"]
-    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temp dirs left behind
+    # one checkpoint in the policies' format (the second save replaced the first), no temp dirs left behind
+    assert sorted(p.name for p in path.iterdir()) == ["last", f"step_{short_rf.ema.num_updates:09d}-1"]
+    assert sorted(p.name for p in (path / "last").iterdir()) == ["config.yaml", "env_meta.json", "extra",
+                                                                  "manifest.json", "model.safetensors"]
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
     flow, cfg = load_generator(path)
     assert cfg.model == "1rf" and cfg.flow["class"] == "RectifiedFlow"
     x0 = eval_noise(16, (1, 8, 8), seed=3)
     assert torch.allclose(flow.sample(steps=4, x0=x0), short_rf.generate(x0, 4), atol=1e-6)
     with pytest.raises(FileNotFoundError, match="not an image generator checkpoint"):
         load_generator(tmp_path)
+
+
+def test_generators_saved_in_format_1_still_load(short_rf, tmp_path):
+    """Before image generators used the policies' checkpoint format: config.yaml + one model.safetensors with
+    ema.* (sampling) and net.* (training) weights."""
+    from safetensors.torch import save_file
+
+    path = tmp_path / "old"
+    path.mkdir()
+    tensors = {f"ema.{k}": v.contiguous() for k, v in short_rf.ema.model.state_dict().items()}
+    tensors.update({f"net.{k}": v.contiguous() for k, v in short_rf.flow.net.state_dict().items()})
+    save_file(tensors, str(path / "model.safetensors"))
+    OmegaConf.save(OmegaConf.create({"format_version": 1, "kind": "image_generator", "model": short_rf.name,
+                                     "flow": short_rf.spec}), path / "config.yaml")
+    flow, cfg = load_generator(path)
+    x0 = eval_noise(8, (1, 8, 8), seed=3)
+    assert cfg.model == "1rf" and torch.equal(flow.sample(steps=4, x0=x0), short_rf.generate(x0, 4))
 
 
 @pytest.mark.parametrize("method, over, models", [
@@ -235,8 +255,8 @@ def test_run_end_to_end_writes_checkpoints_grids_and_metrics(tmp_path, method, o
     assert list(summary["models"]) == models
     for name in models:
         entry = summary["models"][name]
-        assert (out / "checkpoints" / name / "model.safetensors").exists()
-        assert (out / "checkpoints" / name / "config.yaml").exists()
+        assert (out / "checkpoints" / name / "last" / "model.safetensors").exists()
+        assert (out / "checkpoints" / name / "last" / "config.yaml").exists()
         with Image.open(out / "samples" / f"{name}.png") as im:
             assert im.size[0] > 8 and im.size[1] > 8
         assert set(entry["fd"]) == {1, 2} and all(np.isfinite(v) for v in entry["fd"].values())

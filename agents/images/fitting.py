@@ -39,7 +39,7 @@ from ..tblog import Logger
 from .data import ImageData
 
 METHODS = ("rf", "reflow", "shortcut")
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 1  # the image-only format before generators used agents.checkpoint_save (still loads)
 
 
 class _SamplingView(RectifiedFlow):

@@ -6,8 +6,6 @@ straightness), sample grids, and generator checkpoints (:func:`save_checkpoint`,
 from __future__ import annotations
 
 import copy
-import os
-import shutil
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,9 +14,12 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-import flowpolicy
 from flowpolicy import RectifiedFlow, ShortcutFlow, make_network, make_time_sampler, straightness
 
+from ..checkpoint_load import load_checkpoint, resolve
+from ..checkpoint_save import FORMAT_VERSION
+from ..checkpoint_save import save_checkpoint as write_checkpoint
+from ..runfiles import CheckpointError
 from .classifier import FrechetScorer
 from .data import to_uint8
 from .fitting import CHECKPOINT_FORMAT, TrainedModel, _SamplingView
@@ -100,50 +101,39 @@ def image_grid(rows: list[torch.Tensor], scale: int = 4, pad: int = 1) -> PILIma
 
 
 def save_checkpoint(model: TrainedModel, path: str | Path, extra: dict | None = None) -> Path:
-    """Write ``path/{model.safetensors, config.yaml}`` atomically (temp dir, then rename).
-
-    ``model.safetensors`` holds ``ema.*`` (sampling weights) and ``net.*`` (training weights).
+    """Save ``model`` under ``path`` with the policies' atomic writer (:func:`agents.checkpoint.save_checkpoint`):
+    a verified ``path/step_<N>`` directory (N: the model's EMA updates) that ``path/last`` points at, with
+    ``model.safetensors`` (the training weights), ``extra/ema.safetensors`` (the sampling weights) and a
+    ``config.yaml`` of kind ``image_generator``. Saving again replaces it. Returns ``path``.
     """
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    tensors = {f"ema.{k}": v.detach().cpu().contiguous() for k, v in model.ema.model.state_dict().items()}
-    tensors.update({f"net.{k}": v.detach().cpu().contiguous() for k, v in model.flow.net.state_dict().items()})
-    save_file(tensors, str(tmp / "model.safetensors"))
-    cfg = {"format_version": CHECKPOINT_FORMAT, "flowpolicy_version": flowpolicy.__version__,
-           "kind": "image_generator", "model": model.name, "flow": model.spec, "train_s": model.train_s,
+    cfg = {"kind": "image_generator", "model": model.name, "flow": model.spec, "train_s": model.train_s,
            "ema_updates": model.ema.num_updates, **(extra or {})}
-    OmegaConf.save(OmegaConf.create(cfg), tmp / "config.yaml")
-    if path.exists():
-        old = path.parent / f".{path.name}.old{os.getpid()}"
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, path)
-    return path
+    write_checkpoint(path, model.ema.num_updates, cfg, model.flow.net, extra_modules={"ema": model.ema.model},
+                     keep_last=1)
+    return Path(path)
 
 
 def load_generator(path: str | Path, device: str | torch.device = "cpu") -> tuple[RectifiedFlow, DictConfig]:
     """Rebuild a saved generator with its EMA (sampling) weights as ``flow.net``; returns (flow, config).
 
-    Sample with ``flow.sample(steps=K, batch=N)`` (images (N, C, H, W) in [-1, 1]).
+    ``path``: what :func:`save_checkpoint` returned, one of its ``step_*`` directories, or a generator saved
+    before image generators used the policies' format (``config.yaml`` + ``model.safetensors`` with ``ema.*``
+    and ``net.*`` weights, format 1). Sample with ``flow.sample(steps=K, batch=N)`` (images (N, C, H, W) in
+    [-1, 1]).
     """
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if not (path / "config.yaml").exists() or not (path / "model.safetensors").exists():
-        raise FileNotFoundError(f"{str(path)!r} is not an image generator checkpoint (config.yaml + "
-                                "model.safetensors)")
-    cfg = OmegaConf.load(path / "config.yaml")
-    if cfg.get("format_version") != CHECKPOINT_FORMAT or cfg.get("kind") != "image_generator":
+    try:
+        resolve(path)
+    except CheckpointError as err:
+        raise FileNotFoundError(f"{str(path)!r} is not an image generator checkpoint ({err})") from None
+    ck = load_checkpoint(path)
+    cfg = OmegaConf.create(ck["config"])
+    if cfg.get("kind") != "image_generator" or cfg.get("format_version") not in (CHECKPOINT_FORMAT, FORMAT_VERSION):
         raise ValueError(f"{str(path)!r}: unsupported checkpoint (kind={cfg.get('kind')}, "
                          f"format_version={cfg.get('format_version')})")
+    if "ema" in ck["extras"]:
+        weights = ck["extras"]["ema"]
+    else:  # format 1: one file, ema.* and net.*
+        weights = {k[4:]: v for k, v in ck["model"].items() if k.startswith("ema.")}
     spec = OmegaConf.to_container(cfg.flow, resolve=True)
     net_cfg = dict(spec["net"])
     kind, step_input = net_cfg.pop("kind"), net_cfg.pop("step_input")
@@ -151,8 +141,7 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu") -> tupl
         net_cfg["channels"] = tuple(net_cfg["channels"])
     x_shape = tuple(spec["x_shape"])
     net = make_network(kind, x_shape, cond_dim=0, step_input=step_input, **net_cfg)
-    weights = load_file(str(path / "model.safetensors"))
-    net.load_state_dict({k[4:]: v for k, v in weights.items() if k.startswith("ema.")})
+    net.load_state_dict(weights)
     sampler = make_time_sampler(spec["time_sampler"])
     if spec["class"] == "ShortcutFlow":
         flow = ShortcutFlow(net, x_shape, max_level=spec["max_level"], sc_fraction=spec["sc_fraction"],

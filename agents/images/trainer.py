@@ -13,7 +13,8 @@ Methods (``stage.method``):
   the fixed pairs; then couplings from the 2-RF and K-step distillations of it (``2rf_distill_k<K>``).
 - ``shortcut``: a shortcut model (network also takes the step size), sampled with powers-of-two steps.
 
-A run directory receives ``checkpoints/<model>/{model.safetensors, config.yaml}``, ``samples/<model>.png``
+A run directory receives ``checkpoints/<model>/`` (the policies' atomic checkpoint format, kind
+``image_generator``: ``last`` -> ``step_<N>/``; see :func:`save_checkpoint`), ``samples/<model>.png``
 (one row per number of sampling steps, same noise for every model and row), TensorBoard scalars under ``tb/``
 and ``eval.json``.
 """
