@@ -231,7 +231,13 @@ def _parse_variant(text: str) -> tuple[str, dict]:
     over = {}
     for item in filter(None, kv.split(",")):
         k, _, v = item.partition("=")
-        over[k] = yaml.safe_load(v)
+        val = yaml.safe_load(v)
+        if isinstance(val, str):  # YAML 1.1 reads 1e-5 (no dot) as a string: a number is meant
+            try:
+                val = float(val)
+            except ValueError:
+                pass
+        over[k] = val
     return name, over
 
 
