@@ -27,7 +27,7 @@ PAIRINGS = ("best_worst", "all")
 
 @dataclass
 class AlignConfig:
-    """Settings of policy alignment (``configs/stage/align.yaml`` mirrors them one to one)."""
+    """Settings of policy alignment: the schema of ``configs/stage/align.yaml`` (agents.config_schema)."""
 
     method: str = "dpo"
     source: str = "rollouts"

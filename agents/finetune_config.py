@@ -1,5 +1,5 @@
-"""Settings of PPO fine-tuning (ReinFlow and the Gaussian baseline): one dataclass, mirrored by
-``configs/stage/finetune.yaml``; :class:`agents.finetune.ReinFlowPPO` reads it."""
+"""Settings of PPO fine-tuning (ReinFlow and the Gaussian baseline): one dataclass, the schema of
+``configs/stage/finetune.yaml`` (registered by agents.config_schema); :class:`agents.finetune.ReinFlowPPO` reads it."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from agents.registry import ALGORITHM_NAMES
 
 @dataclass
 class FinetuneConfig:
-    """PPO / ReinFlow fine-tuning settings (mirrored by ``configs/stage/finetune.yaml``).
+    """PPO / ReinFlow fine-tuning settings (the schema of ``configs/stage/finetune.yaml``).
 
     Units: a "step" of the rollout is one action chunk per env; ``gamma`` applies per chunk. Noise bounds are
     in the policy's normalized action units ([-1, 1]). Defaults marked (D) follow the ReinFlow paper's recipe;

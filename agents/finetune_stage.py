@@ -40,11 +40,10 @@ from .checkpoint import (
     seed_everything,
     tag_checkpoint,
 )
+from .config_schema import RUNNER_KEYS
 from .finetune import FinetuneConfig, ReinFlowPPO
 from .policies import extra_modules, policy_config, policy_from_checkpoint
 from .tblog import Logger
-
-RUNNER_KEYS = ("name", "total_env_steps", "save_every")
 
 
 def run_finetune_stage(cfg: DictConfig, run_dir: str | Path, checkpoint: str, stage_cfg) -> dict[str, Any]:

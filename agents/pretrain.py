@@ -65,8 +65,27 @@ from .tblog import Logger
 
 
 @dataclass
-class PretrainConfig:
-    """Everything pretraining needs. ``policy`` is the policy spec (see agents.policies)."""
+class PretrainSettings:
+    """The settings a user tunes (``stage=pretrain``; the schema of ``configs/stage/pretrain.yaml``)."""
+
+    steps: int = 3000  # gradient steps
+    batch_size: int = 256  # the global batch (split evenly across torchrun processes)
+    lr: float = 1e-3  # AdamW, cosine decay
+    weight_decay: float = 1e-6
+    grad_clip: float = 1.0
+    ema_decay: float = 0.995  # EMA of the weights; evaluation and checkpoints use the EMA policy
+    val_every: int = 500  # steps between validation losses
+    eval_every: int = 1500  # steps between rollout evaluations (0: never)
+    eval_episodes: int = 10
+    eval_num_envs: int = 4
+    save_every: int = 500  # steps between checkpoints
+    resume: bool = True  # False: delete the run's checkpoints and start fresh (True: resume when there are any)
+
+
+@dataclass(kw_only=True)
+class PretrainConfig(PretrainSettings):
+    """Everything pretraining needs: the settings plus what the task and the run decide. ``policy`` is the
+    policy spec (see agents.policies)."""
 
     dataset: str
     env_name: str
@@ -75,22 +94,10 @@ class PretrainConfig:
     obs_horizon: int = 1
     action_horizon: int = 4
     exec_horizon: int | None = None
-    steps: int = 4000
-    batch_size: int = 256
-    lr: float = 1e-3
-    weight_decay: float = 1e-6
-    grad_clip: float = 1.0
-    ema_decay: float = 0.995
-    val_every: int = 500
-    eval_every: int = 2000
-    eval_episodes: int = 10
-    eval_num_envs: int = 4
     max_episode_steps: int | None = None
     obs_keys: list[str] | None = None  # obs/<key> arrays of the demo file, in order (None: all low-dim, sorted)
-    save_every: int = 1000
     seed: int = 0
     device: str = "cpu"
-    resume: bool = True  # False: delete the run's checkpoints and start fresh (True: resume when there are any)
     progress: bool = True
     tensorboard: bool = True
 
@@ -108,7 +115,7 @@ class PretrainConfig:
         validate_spec(self.policy)
 
 
-__all__ = ["PretrainConfig", "Pretrainer", "TrainingInterrupted"]
+__all__ = ["PretrainConfig", "PretrainSettings", "Pretrainer", "TrainingInterrupted"]
 
 
 class _Loss(torch.nn.Module):

@@ -135,7 +135,7 @@ def run_reflow(cfg: DictConfig, run_dir: Path, checkpoint: str) -> dict[str, Any
     dataset = ck["config"].get("train", {}).get("dataset") or demos_for(cfg)
     s = _plain(cfg.stage)
     s.pop("name", None)
-    rcfg = PolicyReflowConfig(**s, seed=int(cfg.seed), progress=bool(cfg.progress))
+    rcfg = PolicyReflowConfig(**s)
     # the observation keys the policy was pretrained on (a robomimic file's chosen keys, in their order)
     train = ck["config"].get("train", {})
     obs_keys = train.get("obs_keys") or (list(cfg.task.obs_keys) if cfg.task.get("obs_keys") else None)

@@ -117,6 +117,13 @@ def validate_config(cfg: DictConfig) -> None:
             raise UserError(f"{prefix}: {err}") from err
         except ValueError as err:
             raise UserError(f"{str(err).replace('pretrain.', prefix + '.')}") from err
+    if task.get("finetune") is not None:  # a task file's fine-tuning defaults: only settings that exist
+        from .config_schema import unknown_task_keys
+
+        bad = unknown_task_keys(task.finetune, "finetune")
+        if bad:
+            raise UserError(f"task={task.name}: task.finetune has unknown settings {bad} (not fields of "
+                            "agents.finetune_config.FinetuneConfig; see configs/stage/finetune.yaml)")
     ft = None
     if name == "finetune":
         ft, prefix = cfg.stage, "stage"
@@ -126,8 +133,8 @@ def validate_config(cfg: DictConfig) -> None:
         for key in ("total_env_steps", "num_envs", "n_steps", "steps"):
             if ft.get(key) is not None and int(ft[key]) < 1:
                 raise UserError(f"{prefix}.{key} must be >= 1, got {ft[key]}")
+        from .config_schema import RUNNER_KEYS
         from .finetune import FinetuneConfig
-        from .finetune_stage import RUNNER_KEYS
 
         try:
             FinetuneConfig.from_dict({k: v for k, v in _plain(ft).items() if k not in RUNNER_KEYS})

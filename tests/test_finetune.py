@@ -239,13 +239,13 @@ def test_noise_bound_schedule_reaches_the_noise_net():
     assert 0.2 <= sig[0] <= 0.3 and 0.02 <= sig[1] <= 0.03
 
 
-def test_config_yaml_mirrors_the_dataclass():
+def test_composed_stage_config_equals_the_dataclass():
     from hydra import compose, initialize_config_dir
 
     configs = Path(__file__).resolve().parents[1] / "configs"
     raw = yaml.safe_load((configs / "stage" / "finetune.yaml").read_text())
     assert raw["name"] == "finetune"
-    assert set(raw) - {"name", "total_env_steps", "save_every"} == set(FinetuneConfig().to_dict())
+    assert set(raw) - {"name", "defaults", "total_env_steps"} < set(FinetuneConfig().to_dict())  # schema: the rest
     with initialize_config_dir(str(configs), version_base="1.3"):
         # a task without finetune defaults gets the stage's own values, which equal the dataclass defaults
         cfg = compose("config", overrides=["stage=finetune", "task=digits"])

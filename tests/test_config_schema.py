@@ -1,0 +1,60 @@
+"""The stage configs' schema is the settings dataclasses (agents.config_schema): types and names are checked at
+composition, tasks choose their own defaults through ``task_or``, and no YAML repeats a dataclass default."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+
+import agents  # noqa: F401 - registers the schemas
+from agents.config_schema import SCHEMAS, FinetuneStage
+from agents.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _compose(*overrides):
+    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def test_task_defaults_win_over_the_schema_and_the_command_line_over_both():
+    default = FinetuneStage().clip_coef
+    assert _compose("task=hopper_medium", "stage=finetune").stage.clip_coef == 0.02  # the task's
+    assert _compose("task=mujoco", "task.env=HalfCheetah-v5", "stage=finetune").stage.clip_coef == default
+    assert _compose("task=hopper_medium", "stage=finetune", "stage.clip_coef=0.3").stage.clip_coef == 0.3
+    pipe = _compose("task=pick_place", "stage=pipeline")
+    assert pipe.stage.finetune.sigma_max == 0.30 and pipe.stage.pretrain.steps == 3000
+    assert pipe.stage.finetune.gamma == FinetuneStage().gamma
+
+
+@pytest.mark.parametrize("override", ["stage.pretrain.steps=3x", "stage.pretrain.stepz=3",
+                                      "stage.finetune.clip_coef=abc"])
+def test_bad_names_and_types_stop_at_composition(override):
+    with pytest.raises(ConfigCompositionException):
+        _compose("stage=pipeline", override)
+
+
+def test_a_misspelt_task_finetune_key_is_a_user_error():
+    from agents.stages import validate_config
+
+    cfg = _compose("task=pick_place", "stage=pipeline", "+task.finetune.clip_cof=0.1")
+    with pytest.raises(UserError, match="clip_cof"):
+        validate_config(cfg)
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMAS))
+def test_no_stage_yaml_repeats_a_dataclass_default(name):
+    text = yaml.safe_load((ROOT / "configs" / "stage" / f"{name}.yaml").read_text())
+    fields = {f.name: f for f in dataclasses.fields(SCHEMAS[name])}
+    assert text["defaults"][0] == f"/schema/{name}@_here_"
+    for key, value in text.items():
+        if key in ("defaults", "name"):
+            continue
+        assert key in fields, key
+        f = fields[key]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        assert value != default, f"configs/stage/{name}.yaml repeats the default of {key}"
