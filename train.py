@@ -40,6 +40,7 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 register_resolvers()
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="config")
@@ -68,6 +69,14 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     from agents import distributed
+    from agents.cli import composition_error
+    from agents.errors import EXIT_USER_ERROR, full_traceback_wanted
+
+    # a bad key, value or group option: one line and exit 2, before Hydra prints its multi-line report
+    problem = None if full_traceback_wanted() else composition_error(sys.argv[1:], CONFIG_DIR)
+    if problem:
+        print(problem, file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
 
     if not distributed.launched():
         main()

@@ -85,3 +85,51 @@ def register_resolvers() -> None:
 
     if not OmegaConf.has_resolver("run_tag"):
         OmegaConf.register_new_resolver("run_tag", run_tag)
+
+
+_NOISE = ("full_key:", "object_type=", "reference_type=", "Set the environment variable", "Config search path",
+          "provider=")
+
+
+def composition_error(argv: list[str], config_dir: str) -> str | None:
+    """Compose the config from ``argv``'s overrides the way ``train.py`` will, and return Hydra's complaint as
+    one line ``error: ...`` (None when it composes, or when the command uses Hydra flags, ``--multirun`` sweeps
+    or asks for full errors, which Hydra itself then reports)."""
+    if any(a.startswith("-") for a in argv) or any(a.lstrip("+~").startswith("debug=") and a.split("=", 1)[1]
+                                                    .lower() in ("true", "1", "yes") for a in argv):
+        return None
+    overrides = [a for a in argv if not a.lstrip("+~").startswith(("hydra.", "hydra/"))]
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
+            compose("config", overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as err:
+        return hydra_one_line(err)
+    return None
+
+
+def hydra_one_line(err: BaseException) -> str:
+    """Hydra's multi-line composition message (and its cause's) as ``error: ...`` on one line."""
+    chain, e = [], err
+    while e is not None and len(chain) < 4:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    parts: list[str] = []
+    for e in chain:
+        text = str(e)
+        if "Available options in" in text:  # a missing group option: name the choices on the same line
+            head, _, opts = text.partition("Available options in")
+            group, _, names = opts.split("Config search path")[0].partition(":")
+            choices = ", ".join(n.strip() for n in names.split() if n.strip())
+            text = f"{head.strip()}; options in {group.strip()}: {choices}"
+        for line in text.splitlines():
+            line = line.strip()
+            if line.startswith("In 'config': "):
+                line = line[len("In 'config': "):]
+            line = line.rstrip(".")
+            if line and line != "None" and "$VALUE" not in line and not line.startswith(_NOISE) and line not in parts:
+                parts.append(line)
+    return "error: " + "; ".join(parts or [type(err).__name__])

@@ -165,3 +165,40 @@ def test_library_errors_are_not_user_errors_and_messages_are_one_line():
     except ValueError as err:
         assert not is_user_error(err)
     assert one_line(UserError("a\n  b\n")) == "error: a; b"
+
+
+@pytest.mark.parametrize("overrides, says", [
+    (["stage=pretrain", "stage.clip_coef=abc"], ["stage.clip_coef", "PretrainStage"]),
+    (["stage=finetune", "stage.clip_coef=abc"], ["stage.clip_coef=abc", "Float"]),
+    (["task=nonexistent"], ["task/nonexistent", "pick_place", "hopper_medium"]),
+    (["seed=0,1"], ["seed=0,1", "--multirun"]),
+])
+def test_a_bad_override_is_one_line_naming_the_key(overrides, says):
+    from agents.cli import composition_error
+
+    msg = composition_error(overrides, str(ROOT / "configs"))
+    assert msg is not None and msg.startswith("error: ") and "\n" not in msg, msg
+    assert all(s in msg for s in says), msg
+    assert "Config search path" not in msg and "full_key" not in msg
+
+
+def test_good_overrides_and_hydra_flags_pass_the_precheck():
+    from agents.cli import composition_error
+
+    cfg_dir = str(ROOT / "configs")
+    assert composition_error(["stage=finetune", "stage.clip_coef=0.05", "task=hopper_medium"], cfg_dir) is None
+    assert composition_error(["hydra.run.dir=/tmp/x", "seed=3"], cfg_dir) is None
+    # Hydra's own flags and debug=true leave the report to Hydra (full traceback wanted, or --multirun sweeps)
+    assert composition_error(["--multirun", "seed=0,1"], cfg_dir) is None
+    assert composition_error(["stage.bogus=1", "debug=true"], cfg_dir) is None
+
+
+def test_train_py_reports_a_bad_key_in_one_line_with_exit_2(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    out = subprocess.run([sys.executable, str(ROOT / "train.py"), "stage=pretrain", "stage.bogus=1",
+                          f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=120,
+                         cwd=ROOT, env=env)
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "stage.bogus" in lines[0], out.stderr
+    assert not (tmp_path / "run").exists()  # nothing was created
