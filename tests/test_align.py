@@ -272,19 +272,8 @@ def test_preference_labels_are_read_from_json_and_csv_with_clear_errors(tmp_path
 
 
 @pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    from agents.pretrain import PretrainConfig, Pretrainer
-    from envs.collect import ensure_demos
-
-    root = tmp_path_factory.mktemp("align")
-    demos = str(ensure_demos(ENV, num_demos=6, noise=0.3, seed=0, data_dir=root / "data", progress=False))
-    policy = {"kind": "reflow", "hidden": 32, "depth": 1, "default_steps": 2}
-    cfg = PretrainConfig(dataset=demos, env_name=ENV, run_dir=str(root / "pre"), policy=policy, obs_horizon=1,
-                         action_horizon=4, exec_horizon=2, steps=30, batch_size=64, eval_every=0,
-                         eval_episodes=0, val_every=30, save_every=30, max_episode_steps=30, progress=False,
-                         tensorboard=False)
-    out = Pretrainer(cfg).run()
-    return out["checkpoint"], demos
+def tiny_checkpoint(tiny_pick_place_checkpoint, pick_place_demos):
+    return tiny_pick_place_checkpoint, pick_place_demos  # tests/conftest.py
 
 
 def _compose(*overrides):

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from agents.pretrain import PretrainConfig, Pretrainer
-from envs.collect import ensure_demos
 from flowpolicy import rng
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,9 +20,8 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="to
 
 
 @pytest.fixture(scope="module")
-def demos(tmp_path_factory):
-    return str(ensure_demos(ENV, num_demos=6, noise=0.3, seed=0, data_dir=tmp_path_factory.mktemp("data"),
-                            progress=False))
+def demos(pick_place_demos):
+    return pick_place_demos  # tests/conftest.py
 
 
 def _cfg(demos, run_dir, kind="reflow", **kw):
