@@ -40,7 +40,7 @@ examples:
   python train.py task=robomimic task.demos.path=/data/lift/low_dim.hdf5 task.obs_keys=[object,robot0_eef_pos]
   python train.py stage=eval checkpoint=outputs/2026-01-01/12-00-00_pick_place_pipeline/pretrain
 
-several processes (data-parallel pretrain and finetune; the batch and num_envs stay global):
+several processes (data-parallel pretrain, finetune and image; the batch and num_envs stay global):
   torchrun --standalone --nproc_per_node=2 train.py stage=pretrain
 
 other keys: policy=reflow|shortcut|gaussian  device=cpu|cuda  seed=0  logger=tensorboard|wandb|none

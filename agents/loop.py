@@ -10,6 +10,7 @@ One step, in this order (the order fixes the numerics and the random draws)::
     loss, info = loss_fn(index)          # the stage draws its batch and noise here
     on_loss(step)                        # e.g. a distributed mean loss, the non-finite guard
     zero_grad; loss.backward()
+    on_backward(step)                    # e.g. averaging the gradients over ranks
     grad_norm = clip(params, grad_clip)  # only when grad_clip is not None
     on_grad(step)                        # e.g. the non-finite gradient guard
     optimizer.step(); scheduler.step()
@@ -57,6 +58,8 @@ class Callback:
 
     def on_loss(self, step: Step) -> None: ...
 
+    def on_backward(self, step: Step) -> None: ...
+
     def on_grad(self, step: Step) -> None: ...
 
     def on_update(self, step: Step) -> None: ...
@@ -92,6 +95,8 @@ class SupervisedLoop:
                     cb.on_loss(step)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                for cb in cbs:
+                    cb.on_backward(step)
                 if self.grad_clip is not None:
                     step.grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
                 for cb in cbs:

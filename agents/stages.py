@@ -187,11 +187,11 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                 wandb_run.finish()
 
 
-DISTRIBUTED_STAGES = ("pretrain", "finetune")
+DISTRIBUTED_STAGES = ("pretrain", "finetune", "image")
 
 
 def _run_distributed(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """``torchrun --nproc_per_node=N train.py stage=pretrain|finetune ...`` (see agents.distributed).
+    """``torchrun --nproc_per_node=N train.py stage=pretrain|finetune|image ...`` (see agents.distributed).
 
     Rank 0 checks the inputs (and collects missing demos), owns the run directory, trains with the others,
     then evaluates and writes the results alone.
@@ -208,6 +208,10 @@ def _run_distributed(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         dataset = demos_for(cfg, pre["data"]) if name == "pretrain" else None
         shared = (str(run_dir), dataset, pre)
     device = str(cfg.get("device", "cpu"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if name == "image" and int(cfg.stage.batch_size) % world:  # every rank stops here, before any collective
+        raise UserError(f"stage.batch_size={cfg.stage.batch_size} must be divisible by the number of processes "
+                        f"({world}): it is the global batch, split evenly across ranks")
     d = distributed.init(device)
     ok = False
     try:
@@ -223,6 +227,10 @@ def _run_distributed(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 res = Pretrainer(pc).run()
                 res.update(wall_s=time.perf_counter() - t0, dataset=dataset, env=pre["data"].env)
                 return res
+            if name == "image":
+                from .images import run as run_image
+
+                return run_image(cfg, run_dir)
             return run_finetune(cfg, run_dir, cfg.checkpoint)
 
         if not d.is_main:
@@ -242,7 +250,9 @@ def _run_distributed(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             except TrainingInterrupted:
                 ok = True  # saved: meet the others in the closing barrier
                 raise
-            if name == "pretrain":
+            if name == "image":
+                out.update(out.pop(name))  # the single-process layout: the image summary at the top level
+            elif name == "pretrain":
                 out["eval"] = run_eval(cfg, run_dir, out[name]["best"], label=f"{cfg.policy.kind} (BC)")
             else:
                 out["finetune_table"] = {"markdown": finetune_table(out[name], pre["target"].env,
@@ -261,7 +271,7 @@ def _run_locked(cfg: DictConfig, run_dir: Path, pre: dict[str, Any]) -> dict[str
     if name == "image":
         from .images import run as run_image
 
-        out.update(run_image(cfg))
+        out.update(run_image(cfg, run_dir))
     elif name == "pretrain":
         out["pretrain"] = run_pretrain(cfg, run_dir, data=pre["data"])
         out["eval"] = run_eval(cfg, run_dir, out["pretrain"]["best"], label=f"{cfg.policy.kind} (BC)")

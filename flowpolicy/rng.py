@@ -9,7 +9,8 @@ whatever device the model is on; without a generator the draw happens directly o
 Data-parallel training (:func:`shard`): inside ``with shard(rank, world):`` a seeded draw of a batch-shaped
 tensor (leading dimension = the local batch) draws the global tensor, ``world`` times as many rows, and keeps
 this rank's rows. Every rank consumes the same generator state, so ``world`` ranks with local batches of
-B / world see exactly the numbers one process with batch B sees.
+B / world see exactly the numbers one process with batch B sees. ``shard(..., unseeded=True)`` shards the
+draws without a generator too (the global RNG, which every rank must then hold in the same state).
 """
 
 from __future__ import annotations
@@ -22,16 +23,17 @@ import torch
 _Device = torch.device | str | None
 
 
-_SHARD: tuple[int, int] = (0, 1)  # (rank, world) of the active shard() context
+_SHARD: tuple[int, int, bool] = (0, 1, False)  # (rank, world, unseeded) of the active shard() context
 
 
 @contextlib.contextmanager
-def shard(rank: int, world: int) -> Iterator[None]:
-    """Seeded batch-shaped draws inside the block return rank's slice of a draw ``world`` times as large."""
+def shard(rank: int, world: int, unseeded: bool = False) -> Iterator[None]:
+    """Seeded batch-shaped draws inside the block return rank's slice of a draw ``world`` times as large;
+    with ``unseeded``, draws from the global RNG (no generator) too."""
     global _SHARD
     if not 0 <= rank < world:
         raise ValueError(f"need 0 <= rank < world, got rank={rank}, world={world}")
-    prev, _SHARD = _SHARD, (int(rank), int(world))
+    prev, _SHARD = _SHARD, (int(rank), int(world), bool(unseeded))
     try:
         yield
     finally:
@@ -40,8 +42,8 @@ def shard(rank: int, world: int) -> Iterator[None]:
 
 def _global_shape(shape, generator) -> tuple[tuple[int, ...], slice | None]:
     shape = tuple(shape)
-    rank, world = _SHARD
-    if world == 1 or generator is None or not shape:
+    rank, world, unseeded = _SHARD
+    if world == 1 or (generator is None and not unseeded) or not shape:
         return shape, None
     n = shape[0]
     return (n * world, *shape[1:]), slice(rank * n, (rank + 1) * n)

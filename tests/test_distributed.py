@@ -168,3 +168,48 @@ def test_two_rank_ppo_fine_tuning_equals_one_process_with_all_envs(tmp_path, kin
     for key in ("train/approx_kl", "train/clipfrac", "train/grad_norm", "rollout/return_mean", "eval/return_mean",
                 "eval/success_rate"):
         assert ma[key] == pytest.approx(mb[key], rel=1e-4, abs=1e-6), key
+
+
+IMAGE_TINY = ["task=digits", "stage=image", "stage.train_steps=15", "stage.batch_size=32", "stage.net.channels=[8,16]",
+              "stage.net.emb_dim=16", "stage.reflow.couplings=64", "stage.reflow.couplings_steps=2",
+              "stage.reflow.steps=10", "stage.distill.steps=0", "stage.eval.fd=false", "stage.eval.steps=[1]",
+              "stage.eval.samples=16", "stage.eval.straightness_samples=0", "progress=false", "logger=none"]
+
+
+def test_two_rank_image_training_equals_one_process_with_the_global_batch(tmp_path):
+    """torchrun train.py stage=image: 2 ranks with half the global batch each train the 1-RF and the 2-RF on its
+    couplings to the weights one process reaches with the whole batch; rank 0 alone writes the run directory;
+    a global batch that does not split evenly is one error line."""
+    from agents.images import load_generator
+    from agents.stages import run
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "FLOWPOLICY_DIST_TIMEOUT": "60"}
+    two_dir = tmp_path / "two"
+    base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max_restarts=0",
+            str(ROOT / "train.py"), *IMAGE_TINY, "stage.method=reflow"]
+    proc = subprocess.run(base + [f"hydra.run.dir={two_dir}"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("config", overrides=[*IMAGE_TINY, "stage.method=reflow"])
+    run(cfg, tmp_path / "one")
+    # the function the weights compute, compared on fixed noise: the biases right before a GroupNorm have a
+    # gradient that is zero up to rounding, which Adam turns into steps of either sign (up to lr per step)
+    x0 = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    for name in ("1rf", "2rf"):
+        a, _ = load_generator(two_dir / "checkpoints" / name)
+        b, _ = load_generator(tmp_path / "one" / "checkpoints" / name)
+        with torch.no_grad():
+            ya, yb = a.sample(steps=2, x0=x0), b.sample(steps=2, x0=x0)
+        diff = (ya - yb).abs().max().item()
+        assert diff < 1e-5, f"{name}: 2 ranks vs 1 process: max |sample diff| {diff:.2e}"
+        assert (yb - x0).abs().max().item() > 0.5  # the samples are the trained model's, not the noise
+    summary = json.loads((two_dir / "summary.json").read_text())
+    assert set(summary["models"]) == {"1rf", "2rf"} and proc.stdout.count("run directory:") == 1
+    assert not list((two_dir / "checkpoints").rglob("*.tmp*"))
+    proc = subprocess.run(base + ["stage.batch_size=33", f"hydra.run.dir={tmp_path / 'odd'}"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "stage.batch_size=33 must be divisible by the number of processes (2)" \
+        in proc.stderr

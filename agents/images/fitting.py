@@ -24,8 +24,11 @@ from flowpolicy import (
     make_network,
     make_time_sampler,
 )
+from flowpolicy import rng as frng
 
+from .. import distributed
 from ..loop import (
+    Callback,
     EMAUpdate,
     LogScalars,
     NonFiniteGuard,
@@ -116,6 +119,34 @@ class _Stopped(Exception):
         self.model, self.step = model, step
 
 
+class _RankSync(Callback):
+    """Data-parallel image training (torchrun): the global mean loss and "any rank saw Ctrl-C" in one
+    all-reduce after each loss, and the gradients averaged over ranks before clipping."""
+
+    def __init__(self, params) -> None:
+        self.params, self.stop = list(params), False
+
+    def on_loss(self, step: Step) -> None:
+        from ..runfiles import stop_requested
+
+        red = distributed.all_reduce_sum(torch.stack([step.value.detach().float().cpu(),
+                                                      torch.tensor(float(stop_requested()))]))
+        step.value, self.stop = red[0] / distributed.info().world_size, bool(red[1] > 0)
+
+    def on_backward(self, step: Step) -> None:
+        distributed.average_gradients(self.params)
+
+
+def _same_rng_as_rank0(device: torch.device) -> None:
+    """Give every rank rank 0's global RNG state (CPU, and the CUDA device's): the ranks then draw the same
+    global batches and noise, whatever else rank 0 alone drew before (classifier, evaluation)."""
+    states = distributed.broadcast_object(
+        (torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None))
+    torch.set_rng_state(states[0])
+    if states[1] is not None:
+        torch.cuda.set_rng_state(states[1], device)
+
+
 class _Logger(Logger):
     """The TensorBoard logger with one global step across the models of a run."""
 
@@ -156,13 +187,26 @@ def fit(
         return {"train/loss": float(s.value), "train/lr": opt.param_groups[0]["lr"],
                 **{"train/" + k.split("/", 1)[-1]: v for k, v in s.info.items()}}
 
+    # torchrun: each rank computes the loss on its rows of the global batch (and of the global noise draws)
+    dist = distributed.info()
+    sync = None
+    if dist.enabled:
+        _same_rng_as_rank0(next(net.parameters()).device)
+        sync = _RankSync(net.parameters())
+        progress = progress and dist.is_main
+        inner = loss_fn
+
+        def loss_fn():
+            with frng.shard(dist.rank, dist.world_size, unseeded=True):
+                return inner()
     # the shortcut model's EMA is its target network too (train_base), so EMAUpdate covers both
-    callbacks = [
+    callbacks = [*([sync] if sync else []),
         NonFiniteGuard(lambda s: f"{model.name}: non-finite loss {float(s.value)} at step {s.index}; lower stage.lr"),
         EMAUpdate(model.ema, net),
         LogScalars(logger, scalars, every(log_every, steps, first=True), at=lambda s: base + s.done),
         ProgressBar(steps, model.name, disable=not progress, leave=False, postfix_every=log_every),
-        StopOnCtrlC(),  # Ctrl-C: stop after this step; run() saves this model once
+        # Ctrl-C: stop after this step (every rank, when any saw it); run() saves this model once
+        StopOnCtrlC(lambda: sync.stop) if sync else StopOnCtrlC(),
     ]
     loop = SupervisedLoop(net.parameters(), opt, lambda i: loss_fn(), scheduler=sched, grad_clip=grad_clip or None,
                           callbacks=callbacks)
@@ -177,8 +221,14 @@ def fit(
 
 
 def _batches(n: int, batch_size: int, device: torch.device) -> Callable[[], torch.Tensor]:
-    """Uniform random minibatch indices (global RNG, so a seeded run is reproducible)."""
-    return lambda: torch.randint(0, n, (batch_size,)).to(device)
+    """Uniform random minibatch indices (global RNG, so a seeded run is reproducible); under torchrun every
+    rank draws the same ``batch_size`` indices and keeps its share."""
+    def draw() -> torch.Tensor:
+        idx = torch.randint(0, n, (batch_size,))
+        start, stop = distributed.shard_range(batch_size)
+        return idx[start:stop].to(device)
+
+    return draw
 
 
 def train_base(name: str, method: str, data: ImageData, stage: DictConfig, device: torch.device,

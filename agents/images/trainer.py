@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from .. import distributed
 from ..checkpoint import StopOnInterrupt, TrainingInterrupted, atomic_write_json, seed_everything
 from .classifier import FrechetScorer, load_or_train_classifier
 from .data import load_dataset
@@ -99,6 +100,8 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
         distill_ks(stage)
     out = _run_dir(cfg, run_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # torchrun: every rank trains (data-parallel, agents.images.fitting.fit); rank 0 alone evaluates and writes
+    main = distributed.info().is_main
     seed = int(cfg.get("seed", 0))
     device = torch.device(str(cfg.get("device", "cpu")))
     progress = bool(stage.get("progress") if stage.get("progress") is not None else cfg.get("progress", True))
@@ -110,7 +113,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
                                  "num_classes": data.num_classes},
                      "models": {}}
     scorer = None
-    if stage.eval.get("fd", True):
+    if stage.eval.get("fd", True) and main:
         ccfg = stage.classifier
         cache = ccfg.get("cache_dir")
         clf, cinfo = load_or_train_classifier(data, cache_dir=_abs_path(cache) if cache else None,
@@ -118,11 +121,13 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
         scorer = FrechetScorer(clf, data.images)
         summary["classifier"] = cinfo
     x0_eval = eval_noise(int(stage.eval.samples), data.image_shape, seed + 12345)
-    logger = _Logger(out / "tb")
+    logger = _Logger(out / "tb") if main else None
     data_meta = {"data": {"dataset": str(task.dataset), "name": data.name, "range": [-1.0, 1.0],
                           "num_classes": data.num_classes, "class_names": data.class_names}}
 
     def finish(model: TrainedModel) -> None:
+        if not main:
+            return
         metrics, samples = evaluate(model, x0_eval, steps_list, scorer,
                                     int(stage.eval.get("straightness_samples", 0)),
                                     int(stage.eval.get("straightness_steps", 32)), seed)
@@ -154,6 +159,8 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
                     for student in train_distilled(rf2, stage, seed, logger, progress):
                         finish(student)
     except _Stopped as s:  # Ctrl-C: save the model being trained, once, with the step it reached
+        if not main:
+            raise TrainingInterrupted(f"stopped at step {s.step}; rank 0 saves") from None
         path = save_checkpoint(s.model, out / "checkpoints" / s.model.name,
                                {**data_meta, "method": method, "seed": seed, "stopped_at_step": s.step})
         summary["stopped"] = {"model": s.model.name, "step": s.step, "checkpoint": str(path)}
@@ -161,7 +168,9 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
         raise TrainingInterrupted(f"stopped at step {s.step}; saved {path}") from None
     finally:
         stop.__exit__()
-        logger.close()
-    atomic_write_json(out / "eval.json", summary)
+        if logger is not None:
+            logger.close()
+    if main:
+        atomic_write_json(out / "eval.json", summary)
     return summary
 
