@@ -24,7 +24,7 @@ SECTIONS = [
     ("hopper_1m/finetune_hopper_medium_1m", "Online fine-tuning on Hopper-v5 up to 1M env steps (3 seeds; wall "
                                             "times not comparable: other jobs shared the cores)"),
     ("pick_place_300k/finetune_pick_place_300k", "Online fine-tuning on Meta-World pick-place, 300k env steps, 5 "
-                                                 "seeds, noise bounds [0.15, 0.30]: ReFlow and the Gaussian"),
+                                                 "seeds, noise bounds [0.15, 0.30]: ReFlow (clip 0.1 and 0.05) and the Gaussian"),
     ("mw_screen", "Meta-World tasks screened for fine-tuning: BC success from 20 noisy scripted demos (held-out "
                   "env seeds)"),
     ("robosuite", "robosuite Lift and Can: scripted-expert demos, BC, then ReinFlow fine-tuning (success before "
