@@ -5,7 +5,7 @@
     python train.py task=metaworld task.env=metaworld/door-open-v3
     python train.py task=mujoco task.env=HalfCheetah-v5
     python train.py task=robomimic task.demos.path=/path/to/low_dim.hdf5
-    python train.py stage=eval checkpoint=outputs/.../pretrain task.eval.steps=[1,2,4,8]
+    python train.py stage=eval checkpoint=outputs/.../pretrain task.eval.denoise_steps=[1,2,4,8]
     python train.py stage=finetune checkpoint=...     # ReinFlow PPO
     python train.py stage=reflow checkpoint=...       # 2-rectified flow + 1-step distillation of a policy
     python train.py task=digits stage=image           # image generation with the same flow core

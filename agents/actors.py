@@ -79,7 +79,7 @@ class FlowActor(PPOActor):
         ta, da = int(policy.action_horizon), int(policy.act_dim)
         noise_net = NoiseNet(policy.cond_dim, (ta, da), cfg.sigma_min, cfg.sigma_max, cfg.noise_time_dependent,
                              cfg.noise_hidden, cfg.noise_depth)
-        self.sampler = NoisyFlowSampler(policy, noise_net, cfg.steps, cfg.clip_intermediate, cfg.clip_action,
+        self.sampler = NoisyFlowSampler(policy, noise_net, cfg.denoise_steps, cfg.clip_intermediate, cfg.clip_action,
                                         cfg.include_x0_logprob, cfg.normalize_logprob, exec_horizon=exec_horizon,
                                         init_noise_scale=cfg.init_noise_scale)
         self.logprob_count = self.sampler.logprob_count
@@ -203,7 +203,7 @@ class FPOActor(PPOActor):
             raise ValueError(f"algo=fpo fine-tunes flow policies (reflow, shortcut), not {policy.kind!r}")
         self.policy = policy
         self.reference = clone_module(policy)
-        self.steps, self.n_mc = int(cfg.steps), int(cfg.fpo_mc_samples)
+        self.steps, self.n_mc = int(cfg.denoise_steps), int(cfg.fpo_mc_samples)
         self.ta, self.da = int(policy.action_horizon), int(policy.act_dim)
         self.exec_horizon = int(self.ta if exec_horizon is None else exec_horizon)
         self.logprob_count = self.exec_horizon * self.da

@@ -65,8 +65,8 @@ from .tblog import Logger
 
 def evaluate(policy: FlowPolicy, env_name: str, cfg: AlignConfig, max_episode_steps: int | None,
              label: str) -> list[dict[str, Any]]:
-    """Deterministic evaluation at ``cfg.eval_steps`` (default [K]) with agents.evaluate."""
-    ks = cfg.eval_steps or [cfg.K or policy.default_steps]
+    """Deterministic evaluation at ``cfg.eval_denoise_steps`` (default [denoise_steps]) with agents.evaluate."""
+    ks = cfg.eval_denoise_steps or [cfg.denoise_steps or policy.default_steps]
     return evaluate_policy_steps(policy, env_name, ks, episodes=cfg.eval_episodes, num_envs=cfg.eval_num_envs,
                                  seed=cfg.eval_seed, max_episode_steps=max_episode_steps, label=label)
 
@@ -117,8 +117,8 @@ def run_align_stage(cfg, run_dir: str | Path, checkpoint: str) -> dict[str, Any]
     finally:
         logger.close()
     spec = dict(ck["config"]["policy"])
-    if acfg.K:  # the aligned policy acts with the K it was aligned and evaluated at
-        spec["default_steps"] = aligned.default_steps = int(acfg.K)
+    if acfg.denoise_steps:  # the aligned policy acts with the K it was aligned and evaluated at
+        spec["default_steps"] = aligned.default_steps = int(acfg.denoise_steps)
     cfg_out = {**policy_config(aligned, spec), "stage": "align", "aligned_from": str(ck["path"]),
                "align": acfg.to_dict(), "preference_data": data_desc}
     if "stopped_at" in info:  # Ctrl-C: save the policy as aligned so far, once, and stop
@@ -129,8 +129,8 @@ def run_align_stage(cfg, run_dir: str | Path, checkpoint: str) -> dict[str, Any]
         raise TrainingInterrupted(f"stopped at step {n}; saved {path}")
     label = f"{policy.kind} ({acfg.method})"
     after = evaluate(aligned, env_name, acfg, max_steps, label) if evaluated else []
-    path = save_checkpoint(run_dir / "checkpoints", acfg.steps, cfg_out, aligned, ck["env_meta"],
-                           {"step": acfg.steps}, extra_modules(aligned), tags=("last",))
+    path = save_checkpoint(run_dir / "checkpoints", acfg.grad_steps, cfg_out, aligned, ck["env_meta"],
+                           {"step": acfg.grad_steps}, extra_modules(aligned), tags=("last",))
     md = []
     if before:
         md.append(write_eval(before, run_dir, "eval_before"))

@@ -20,6 +20,8 @@ from envs.episodes import run_episodes
 from envs.factory import make_vec_env
 from flowpolicy.policy import FlowPolicy
 
+from .renamed import unknown_with_hints
+
 METHODS = ("dpo", "rwr", "sft")
 SOURCES = ("rollouts", "dataset", "labels")
 PAIRINGS = ("best_worst", "all")
@@ -40,7 +42,7 @@ class AlignConfig:
     rollout_envs: int = 16            # parallel envs while collecting
     pairing: str = "best_worst"
     min_return_gap: float = 50.0
-    K: int | None = None              # denoising steps, rollouts and evaluation (None: the policy's default)
+    denoise_steps: int | None = None  # K, for rollouts and evaluation (None: the policy's default)
     # losses
     beta: float = 2000.0              # Flow-DPO beta, on the per-dimension mean squared velocity error
     beta_schedule: str = "constant"   # constant | diffusion_dpo (beta t^2 in our convention)
@@ -48,14 +50,14 @@ class AlignConfig:
     rwr_beta: float | None = None     # RWR temperature in return units (None: the std of the returns)
     rwr_max_weight: float | None = 20.0
     # optimization
-    steps: int = 300
+    grad_steps: int = 300
     batch_pairs: int = 32             # pairs per DPO step (each with chunks_per_pair samples)
     batch_size: int = 256             # chunks per RWR/SFT step
     lr: float = 3.0e-5
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     # evaluation before and after
-    eval_steps: list[int] | None = None   # None: [K]
+    eval_denoise_steps: list[int] | None = None  # None: [denoise_steps]
     eval_episodes: int = 30
     eval_num_envs: int = 4
     eval_seed: int = 100_000
@@ -68,7 +70,7 @@ class AlignConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            raise ValueError(f"unknown align settings {unknown}; known: {sorted(names)}")
+            raise ValueError(f"unknown align settings {unknown_with_hints(unknown, 'align')}; known: {sorted(names)}")
         return cls(**d)
 
     def to_dict(self) -> dict[str, Any]:
@@ -83,7 +85,7 @@ class AlignConfig:
             raise ValueError(f"align pairing must be one of {PAIRINGS}, got {self.pairing!r}")
         if self.source == "labels" and not self.labels:
             raise ValueError("source=labels needs labels=<path to a JSON or CSV file of pairs>")
-        for name in ("num_start_states", "steps", "batch_pairs", "batch_size", "chunks_per_pair",
+        for name in ("num_start_states", "grad_steps", "batch_pairs", "batch_size", "chunks_per_pair",
                      "rollout_envs", "eval_num_envs"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"align {name} must be >= 1, got {getattr(self, name)}")
@@ -94,8 +96,8 @@ class AlignConfig:
             raise ValueError(f"align lr and beta must be positive, got lr={self.lr}, beta={self.beta}")
         if self.rwr_beta is not None and not self.rwr_beta > 0:
             raise ValueError(f"rwr_beta must be positive or null, got {self.rwr_beta}")
-        if self.K is not None and int(self.K) < 1:
-            raise ValueError(f"align K must be >= 1, got {self.K}")
+        if self.denoise_steps is not None and int(self.denoise_steps) < 1:
+            raise ValueError(f"align denoise_steps must be >= 1, got {self.denoise_steps}")
         if self.eval_episodes < 0:
             raise ValueError(f"eval_episodes must be >= 0, got {self.eval_episodes}")
 
@@ -277,7 +279,7 @@ def preference_data(policy: FlowPolicy, cfg: AlignConfig, env_name: str, max_epi
     """Trajectories and (winner, loser) pairs from ``cfg.source``; plus a JSON-able description."""
     t0 = time.perf_counter()
     if cfg.source == "rollouts":
-        trajs = collect_rollouts(policy, env_name, cfg.num_start_states, cfg.rollouts_per_state, cfg.K,
+        trajs = collect_rollouts(policy, env_name, cfg.num_start_states, cfg.rollouts_per_state, cfg.denoise_steps,
                                  cfg.rollout_seed, max_episode_steps, cfg.rollout_envs)
     else:
         if not dataset:

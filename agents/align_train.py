@@ -126,11 +126,11 @@ def align_policy(policy: FlowPolicy, trajs: list[Trajectory], pairs: list[tuple[
                                  "lower lr or beta"),
         ShortcutTarget(aligned.flow),
         history,
-        LogScalars(logger, lambda s: history.records[-1], every(10, cfg.steps, first=True), at=lambda s: s.index),
-        ProgressBar(cfg.steps, f"align {cfg.method}", disable=not cfg.progress, postfix_every=20),
+        LogScalars(logger, lambda s: history.records[-1], every(10, cfg.grad_steps, first=True), at=lambda s: s.index),
+        ProgressBar(cfg.grad_steps, f"align {cfg.method}", disable=not cfg.progress, postfix_every=20),
         StopOnCtrlC(),  # Ctrl-C: stop after this step; the stage saves what was aligned so far
     ])
-    done = loop.run(cfg.steps)
+    done = loop.run(cfg.grad_steps)
     if loop.stopped:
         info["stopped_at"] = done
     history = history.records

@@ -28,6 +28,7 @@ from .checkpoint_save import (
     _step_dirs,
     _tags,
 )
+from .renamed import migrate_saved_config
 from .runfiles import CheckpointCorrupt, CheckpointError, say
 
 # --- start of a run: temporaries, resume or fresh -----------------------------------------------------------
@@ -169,6 +170,7 @@ def _load_dir(ckpt: Path, expect_kind: str | None) -> dict[str, Any]:
         raise CheckpointCorrupt(f"{cfg_file}: not valid YAML ({err}); {hint}") from err
     if not isinstance(config, dict) or "format_version" not in config:
         raise CheckpointError(f"{ckpt}: config.yaml is not a flowpolicy checkpoint config")
+    migrate_saved_config(config)  # settings saved under names from before the grad_steps/denoise_steps renames
     if config["format_version"] > FORMAT_VERSION:
         raise CheckpointError(f"{ckpt}: format version {config['format_version']} is newer than this "
                               f"flowpolicy ({FORMAT_VERSION}); upgrade flowpolicy")

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import re
 
+from .renamed import hint
+
 HELP = """\
 usage: python train.py [key=value ...] [--multirun key=a,b]
 
@@ -15,8 +17,8 @@ Every option is a Hydra override; the run directory is outputs/<date>/<time>_<ta
 
 stages (stage=...):
   pipeline   (default) demos -> pretrain -> eval -> ReinFlow fine-tuning -> eval
-  pretrain   behavior cloning on demos, then evaluation at task.eval.steps
-  eval       evaluate checkpoint=DIR on the env stored with it (stage.steps=[1,2,4])
+  pretrain   behavior cloning on demos, then evaluation at task.eval.denoise_steps
+  eval       evaluate checkpoint=DIR on the env stored with it (stage.denoise_steps=[1,2,4])
   finetune   ReinFlow PPO from checkpoint=DIR; prints a before/after table
   reflow     2-rectified flow + 1-step distillation of checkpoint=DIR
   align      Flow-DPO / Flow-RWR from checkpoint=DIR
@@ -107,7 +109,18 @@ def composition_error(argv: list[str], config_dir: str) -> str | None:
         with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
             compose("config", overrides=overrides)
     except (HydraException, OmegaConfBaseException) as err:
-        return hydra_one_line(err)
+        msg = hydra_one_line(err)
+        for a in overrides:  # a setting that was renamed: say its new name
+            key = a.lstrip("+~").split("=", 1)[0]
+            last = key.rsplit(".", 1)[-1]
+            if hint(last) and (f"'{key}'" in msg or f"'{last}'" in msg):
+                m = re.search(r"not in '(\w+)Stage'", msg)
+                where = m.group(1).lower() if m else ("image" if "stage=image" in argv else None)
+                if where == "image" and "." in key.removeprefix("stage."):
+                    where = "image." + key.removeprefix("stage.").split(".")[0]
+                msg = "; ".join(p for p in msg.split("; ") if not p.startswith("To append to your config"))
+                return f"{msg}; {key}{hint(last, where)}"
+        return msg
     return None
 
 

@@ -11,14 +11,16 @@ so ``stage.clip_coef=abc`` or a misspelt key stops before anything runs.
     stage=eval     -> EvalStage
     stage=align    -> AlignStage (agents.align_data.AlignConfig + agents.images.align.ImageAlignConfig)
     stage=reflow   -> ReflowStage (agents.policy_reflow.PolicyReflowConfig)
+    stage=image    -> ImageStage (nested sections: reflow, distill, shortcut, eval, classifier)
 
-``stage=pipeline`` nests the pretrain and finetune schemas; ``stage=image`` keeps its own nested YAML.
+``stage=pipeline`` nests the pretrain and finetune schemas.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
 from .align_data import AlignConfig
 from .finetune_config import FinetuneConfig
@@ -49,7 +51,7 @@ class EvalStage:
     """``stage=eval``: evaluate ``checkpoint=...`` at several numbers of denoising steps."""
 
     name: str = "eval"
-    steps: list[int] = field(default_factory=lambda: [1, 2, 4])  # denoising steps K (the task's eval.steps)
+    denoise_steps: list[int] = field(default_factory=lambda: [1, 2, 4])  # K values (the task's eval.denoise_steps)
     episodes: int = 30  # deterministic episodes per K
     num_envs: int = 4
     videos: int = 1  # episodes recorded per K (0: none)
@@ -74,8 +76,90 @@ class ReflowStage(PolicyReflowConfig):
     name: str = "reflow"
 
 
+@dataclass
+class ImageReflowSection:
+    """``stage.image``'s ``reflow`` block: the 2-RF on couplings of the 1-RF (method=reflow)."""
+
+    couplings: int = 20_000
+    couplings_steps: int = 12  # teacher ODE steps per coupling; midpoint x 12 matches Euler x 100 on digits
+    couplings_solver: str = "midpoint"
+    grad_steps: int = 3000
+    lr: float | None = None  # None: the stage's (likewise lr_schedule, loss, huber_c, time_sampler)
+    lr_schedule: str | None = None
+    loss: str | None = "pseudo_huber"  # Lee et al. 2024: pseudo-Huber + U-shaped t help few-step 2-RF
+    huber_c: float | None = None  # None with pseudo_huber: 0.00054 * dim (Lee et al.)
+    time_sampler: str | None = "u_shaped"
+
+
+@dataclass
+class ImageDistillSection:
+    """K-step distillations of the 2-RF, initialized from it (``grad_steps: 0`` skips them)."""
+
+    pairs: str = "reflow"  # reflow: the 1-RF couplings the 2-RF trained on; teacher: new couplings of the 2-RF
+    couplings: int = 20_000  # pairs=teacher only
+    couplings_steps: int = 4  # pairs=teacher only; the 2-RF is nearly straight: few steps reproduce its ODE
+    couplings_solver: str = "midpoint"
+    grad_steps: int = 3000
+    k: Any = field(default_factory=lambda: [1, 2])  # an int or a list: one student per K (its K-step t grid)
+    lr: float | None = None
+    lr_schedule: str | None = None
+    loss: str | None = "pseudo_huber"
+    huber_c: float | None = None
+
+
+@dataclass
+class ImageShortcutSection:
+    max_level: int = 7  # finest step 1/128
+    sc_fraction: float = 0.25  # share of each batch trained for self-consistency
+
+
+@dataclass
+class ImageEvalSection:
+    denoise_steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 128])  # Euler K; shortcut: powers of 2
+    samples: int = 1000
+    fd: bool = True  # Frechet distance in the features of the classifier below
+    straightness_samples: int = 500
+    straightness_steps: int = 32
+
+
+@dataclass
+class ImageClassifierSection:
+    """The FD feature network, cached under ``cache_dir`` keyed by dataset and settings."""
+
+    grad_steps: int = 1500
+    seed: int = 0
+    cache_dir: str | None = "data/classifiers"
+
+
+@dataclass
+class ImageStage:
+    """``stage=image``: image generation with the shared flow core (agents.images)."""
+
+    name: str = "image"
+    method: str = "rf"  # rf | reflow (1-RF -> 2-RF -> distilled 2-RF) | shortcut
+    grad_steps: int = 4000  # 1-RF or shortcut gradient steps
+    batch_size: int = 128
+    lr: float = 1.0e-3
+    lr_schedule: str = "cosine"  # constant | cosine (decay to 0 over each training section)
+    ema_decay: float = 0.999  # EMA of the weights; every sample uses the EMA network
+    grad_clip: float = 1.0
+    loss: str = "mse"  # mse | pseudo_huber (then set huber_c; Lee et al. use 0.00054 * dim)
+    huber_c: float | None = None
+    time_sampler: str = "uniform"  # uniform | logit_normal | mode | u_shaped
+    net: dict[str, Any] = field(default_factory=lambda: {"kind": "unet2d", "channels": [32, 64], "emb_dim": 128})
+    reflow: ImageReflowSection = field(default_factory=ImageReflowSection)
+    distill: ImageDistillSection = field(default_factory=ImageDistillSection)
+    shortcut: ImageShortcutSection = field(default_factory=ImageShortcutSection)
+    eval: ImageEvalSection = field(default_factory=ImageEvalSection)
+    classifier: ImageClassifierSection = field(default_factory=ImageClassifierSection)
+    checkpoint: bool = True
+    grid_cols: int = 16
+    log_every: int = 50
+    progress: bool | None = None  # None: the top-level ``progress``
+
+
 SCHEMAS = {"pretrain": PretrainStage, "finetune": FinetuneStage, "eval": EvalStage, "align": AlignStage,
-           "reflow": ReflowStage}
+           "reflow": ReflowStage, "image": ImageStage}
 
 
 def schema_default(section: str, key: str):

@@ -82,7 +82,7 @@ class ReinFlowPPO(PPOUpdate):
     """PPO fine-tuning of a pretrained policy (ReinFlow for flow policies; plain PPO for Gaussian ones).
 
     The policy is fine-tuned in place (``agent.policy``); for flow policies its ``default_steps`` is set to
-    ``cfg.steps`` and a rectified-flow policy's solver to ``euler``, so the saved policy acts like the
+    ``cfg.denoise_steps`` and a rectified-flow policy's solver to ``euler``, so the saved policy acts like the
     fine-tuned chain with noise off.
 
     Args:
@@ -101,7 +101,7 @@ class ReinFlowPPO(PPOUpdate):
         self.device = torch.device(c.device)
         self.policy = policy.to(self.device)
         if getattr(policy, "kind", None) in ("reflow", "shortcut"):
-            policy.default_steps = c.steps
+            policy.default_steps = c.denoise_steps
             if policy.kind == "reflow":
                 policy.solver = "euler"
         self.envs, self.eval_envs = envs, eval_envs
@@ -245,7 +245,7 @@ class ReinFlowPPO(PPOUpdate):
     # --- evaluation -----------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, n_episodes: int | None = None, stochastic: bool = False) -> dict[str, float]:
-        """Deterministic (noise off) episodes at K = ``cfg.steps`` on the eval envs, from ``eval_seed``.
+        """Deterministic (noise off) episodes at K = ``cfg.denoise_steps`` on the eval envs, from ``eval_seed``.
 
         ``stochastic=True`` runs the same episodes with the policy as it acts in training (the flow's learned
         noise at every step, or the Gaussian's sampled action) and names its metrics ``eval_stochastic/...``.

@@ -10,6 +10,7 @@ from typing import Any
 
 from agents.ppo_utils import LR_SCHEDULES, hold_then_linear
 from agents.registry import ALGORITHM_NAMES
+from agents.renamed import unknown_with_hints
 
 
 @dataclass
@@ -37,7 +38,7 @@ class FinetuneConfig:
     algo: str | None = None
     fpo_mc_samples: int = 8  # FPO: (eps, t) pairs per chunk for its flow-matching-loss ratio
     # flow actor (ReinFlow)
-    steps: int = 4  # (D) K denoising steps, fine-tuned and evaluated at this K
+    denoise_steps: int = 4  # (D) K denoising steps, fine-tuned and evaluated at this K
     sigma_min: float = 0.10  # (D) noise bounds at the start (locomotion)
     sigma_max: float = 0.24  # (D)
     sigma_min_final: float | None = None  # bounds after the decay (None: unchanged)
@@ -71,7 +72,7 @@ class FinetuneConfig:
     lr_schedule_iters: int = 0  # ... over this many iterations (0: constant)
     lr_final_ratio: float = 0.1
     critic_hidden: tuple[int, ...] = (256, 256)
-    # evaluation (deterministic, noise off, at K = steps)
+    # evaluation (deterministic, noise off, at K = denoise_steps)
     eval_every: int = 10  # iterations between evaluations (0: never); also once before the first iteration
     eval_episodes: int = 10
     eval_seed: int = 100_000
@@ -84,7 +85,7 @@ class FinetuneConfig:
         self.critic_hidden = tuple(int(h) for h in self.critic_hidden)
         checks = [
             (self.n_steps >= 1, "n_steps must be >= 1"),
-            (self.steps >= 1, "steps (K) must be >= 1"),
+            (self.denoise_steps >= 1, "denoise_steps (K) must be >= 1"),
             (0.0 < self.sigma_min <= self.sigma_max, "need 0 < sigma_min <= sigma_max"),
             (0.0 <= self.gamma <= 1.0 and 0.0 <= self.gae_lambda <= 1.0, "gamma and gae_lambda must be in [0, 1]"),
             (self.update_epochs >= 1 and self.minibatch_size >= 1, "update_epochs, minibatch_size must be >= 1"),
@@ -134,7 +135,7 @@ class FinetuneConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"unknown finetune settings {unknown}; known: {sorted(known)}")
+            raise ValueError(f"unknown finetune settings {unknown_with_hints(unknown, 'finetune')}; known: {sorted(known)}")
         if "critic_hidden" in d:
             d["critic_hidden"] = tuple(d["critic_hidden"])
         return cls(**d)

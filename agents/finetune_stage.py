@@ -95,7 +95,7 @@ def _train(cfg, run_dir: Path, ckpt_dir: Path, ck: dict, fcfg: FinetuneConfig, t
            agent: ReinFlowPPO) -> dict[str, Any]:
     spec = dict(ck["config"]["policy"])
     if agent.policy.kind != "gaussian":
-        spec["default_steps"] = fcfg.steps
+        spec["default_steps"] = fcfg.denoise_steps
         spec["init_noise_scale"] = fcfg.init_noise_scale  # evaluated from the initial noise it was tuned with
     has_success = bool(ck["env_meta"].get("has_success"))
     state: dict[str, Any] = {"best": -math.inf, "history": [], "saved": None}  # saved: (iteration, dir)

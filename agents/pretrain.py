@@ -68,7 +68,7 @@ from .tblog import Logger
 class PretrainSettings:
     """The settings a user tunes (``stage=pretrain``; the schema of ``configs/stage/pretrain.yaml``)."""
 
-    steps: int = 3000  # gradient steps
+    grad_steps: int = 3000  # gradient steps
     batch_size: int = 256  # the global batch (split evenly across torchrun processes)
     lr: float = 1e-3  # AdamW, cosine decay
     weight_decay: float = 1e-6
@@ -102,7 +102,7 @@ class PretrainConfig(PretrainSettings):
     tensorboard: bool = True
 
     def validate(self) -> None:
-        for name in ("steps", "batch_size", "obs_horizon", "action_horizon", "val_every", "save_every"):
+        for name in ("grad_steps", "batch_size", "obs_horizon", "action_horizon", "val_every", "save_every"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"pretrain.{name} must be >= 1, got {getattr(self, name)}")
         if self.eval_every < 0 or self.eval_episodes < 0:
@@ -157,7 +157,7 @@ class Pretrainer:
         self.ema = EMA(self.policy, decay=cfg.ema_decay)
         self.opt = torch.optim.AdamW(self.policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lambda s: 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
+            self.opt, lambda s: 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(s, cfg.grad_steps) / cfg.grad_steps)))
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.step = 0
         self.best = -math.inf
@@ -301,7 +301,7 @@ class Pretrainer:
                                         f"{self._last_good()}",
                               lambda s: f"non-finite gradient at pretraining step {s.index}; {self._last_good()}"),
                EMAUpdate(self.ema, self.policy), ShortcutTarget(getattr(self.policy, "flow", None)),
-               ProgressBar(cfg.steps, f"pretrain {cfg.policy['kind']}", initial=self.step,
+               ProgressBar(cfg.grad_steps, f"pretrain {cfg.policy['kind']}", initial=self.step,
                            disable=not (cfg.progress and main)),
                LogScalars(logger, lambda s: {"train/loss": float(s.value), "train/lr": self.sched.get_last_lr()[0],
                                              "train/grad_norm": float(s.grad_norm),
@@ -331,11 +331,11 @@ class Pretrainer:
         def stopped(s: Step) -> None:
             raise TrainingInterrupted(f"stopped at step {s.done}; saved {self.save(('last',))}")
 
-        return [*cbs, Periodic(validate, every(cfg.val_every, cfg.steps)),
+        return [*cbs, Periodic(validate, every(cfg.val_every, cfg.grad_steps)),
                 Periodic(evaluate, lambda s: bool(cfg.eval_every and cfg.eval_episodes)
-                         and every(cfg.eval_every, cfg.steps)(s)),
+                         and every(cfg.eval_every, cfg.grad_steps)(s)),
                 Periodic(lambda s: self.save(tuple(s.tags)),
-                         lambda s: every(cfg.save_every, cfg.steps)(s) or len(s.tags) > 1),
+                         lambda s: every(cfg.save_every, cfg.grad_steps)(s) or len(s.tags) > 1),
                 StopOnCtrlC(lambda: self._stop_now, stopped)]
 
     def run(self) -> dict[str, Any]:
@@ -348,7 +348,7 @@ class Pretrainer:
         try:
             SupervisedLoop(self.policy.parameters(), self.opt, self._loss_fn, scheduler=self.sched,
                            grad_clip=cfg.grad_clip, callbacks=self._callbacks(stop, logger, last_metrics),
-                           ).run(cfg.steps, start=self.step)
+                           ).run(cfg.grad_steps, start=self.step)
             if main and not (self.ckpt_dir / "best").exists():
                 self.save(("last", "best"))
         finally:

@@ -104,13 +104,13 @@ class RobomimicBCConfig:
 
     Args:
         dataset: HDF5 path. obs_key: the low-dim observation key (``obs/<obs_key>``).
-        steps, batch_size: gradient steps and batch size (match ours for a same-budget comparison).
+        grad_steps, batch_size: gradient steps and batch size (match ours for a same-budget comparison).
         filter_key: ``mask/<filter_key>`` demos to train on (None: all).
         actor_layer_dims, lr, normalize_obs: None keeps robomimic's defaults ((1024, 1024), 1e-4, False).
     """
 
     dataset: str
-    steps: int = 4000
+    grad_steps: int = 4000
     batch_size: int = 256
     obs_key: str = "state"
     filter_key: str | None = "train"
@@ -122,8 +122,9 @@ class RobomimicBCConfig:
     progress: bool = False
 
     def validate(self) -> None:
-        if int(self.steps) < 1 or int(self.batch_size) < 1:
-            raise ValueError(f"robomimic_bc steps and batch_size must be >= 1, got {self.steps}, {self.batch_size}")
+        if int(self.grad_steps) < 1 or int(self.batch_size) < 1:
+            raise ValueError(f"robomimic_bc grad_steps and batch_size must be >= 1, got {self.grad_steps}, "
+                             f"{self.batch_size}")
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"robomimic_bc lr must be positive, got {self.lr}")
 
@@ -196,7 +197,7 @@ def _check_file(path: str, obs_key: str) -> None:
 
 
 def train_robomimic_bc(cfg: RobomimicBCConfig) -> tuple[RobomimicBCPolicy, dict[str, Any]]:
-    """Train robomimic's BC for ``cfg.steps`` gradient steps; returns (policy in eval mode, info).
+    """Train robomimic's BC for ``cfg.grad_steps`` gradient steps; returns (policy in eval mode, info).
 
     ``info``: ``train_s``, ``final_loss`` (mean of the last 50 losses), ``epochs``, ``algo`` (class name),
     ``robomimic`` (version), ``config`` (the robomimic settings that differ by task: actor dims, lr, batch,
@@ -233,9 +234,9 @@ def train_robomimic_bc(cfg: RobomimicBCConfig) -> tuple[RobomimicBCPolicy, dict[
     t0 = time.perf_counter()
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=cfg.steps, desc="robomimic BC", disable=not cfg.progress, mininterval=1.0)
+    bar = tqdm(total=cfg.grad_steps, desc="robomimic BC", disable=not cfg.progress, mininterval=1.0)
     algo.set_train()
-    while step < cfg.steps:
+    while step < cfg.grad_steps:
         for batch in loader:
             batch = algo.process_batch_for_training(batch)
             batch = algo.postprocess_batch_for_training(batch, obs_normalization_stats=stats)
@@ -246,7 +247,7 @@ def train_robomimic_bc(cfg: RobomimicBCConfig) -> tuple[RobomimicBCPolicy, dict[
             losses.append(loss)
             step += 1
             bar.update(1)
-            if step >= cfg.steps:
+            if step >= cfg.grad_steps:
                 break
         algo.on_epoch_end(epoch)
         epoch += 1

@@ -86,14 +86,14 @@ def eval_target(cfg: DictConfig, checkpoint: str, policy=None, ck=None) -> EvalT
 
 def run_eval(cfg: DictConfig, run_dir: Path, checkpoint: str, steps=None, name: str = "eval", label: str = "",
              target: EvalTarget | None = None, settings=None) -> dict:
-    """Evaluate ``checkpoint`` at ``steps`` (default ``settings.steps``). ``settings`` holds ``episodes``,
+    """Evaluate ``checkpoint`` at ``steps`` (default ``settings.denoise_steps``). ``settings`` holds ``episodes``,
     ``num_envs``, ``videos`` and optionally ``seed`` (of the eval envs and the sampler); it is ``task.eval``
     unless given (``stage=eval`` gives its own stage config, whose defaults are ``task.eval``'s)."""
     policy, ckpt = policy_from_checkpoint(checkpoint, device=cfg.device)
     target = target or eval_target(cfg, checkpoint, policy, ckpt)
     e = settings if settings is not None else cfg.task.eval
     seed = {"seed": int(e.seed)} if e.get("seed") is not None else {}  # else evaluate_policy_steps' default
-    steps = list(steps or e.get("steps") or cfg.task.eval.steps)
+    steps = list(steps or e.get("denoise_steps") or cfg.task.eval.denoise_steps)
     rows = evaluate_policy_steps(policy, target.env, steps, episodes=int(e.episodes),
                                  num_envs=int(e.num_envs), max_episode_steps=target.max_episode_steps,
                                  videos=int(e.get("videos", 0)), out_dir=run_dir, label=label,

@@ -1,7 +1,7 @@
 """The stages that ``train.py`` runs, as plain functions of a composed config and a run directory.
 
 pretrain: collect demos if missing, behavior cloning, evaluation at the task's K list.
-eval:     evaluate ``checkpoint=...`` at ``stage.steps``; JSON + Markdown + videos.
+eval:     evaluate ``checkpoint=...`` at ``stage.denoise_steps``; JSON + Markdown + videos.
 finetune: ReinFlow PPO from ``checkpoint=...`` (a pretrained flow policy).
 pipeline: pretrain -> eval -> finetune -> eval, the embedded default job.
 reflow:   2-rectified flow + 1-step distillation of a pretrained ReFlow policy.
@@ -29,6 +29,7 @@ from .checkpoint import RunLock, TrainingInterrupted, atomic_write_json, atomic_
 from .errors import UserError
 from .policies import policy_from_checkpoint
 from .pretrain import PretrainConfig, Pretrainer
+from .renamed import hint, unknown_with_hints
 from .stage_runners import (  # noqa: F401 - agents.stages API
     EvalTarget,
     _plain,
@@ -71,9 +72,11 @@ def validate_config(cfg: DictConfig) -> None:
         ex = task.get("exec_horizon")
         if ex is not None and not 1 <= int(ex) <= int(task.action_horizon):
             raise UserError(f"task.exec_horizon must be in [1, task.action_horizon={task.action_horizon}], got {ex}")
-        steps = task.eval.steps
+        if "steps" in task.eval and "denoise_steps" not in task.eval:
+            raise UserError(f"task={task.name}: task.eval.steps{hint('steps', 'task.eval')}")
+        steps = task.eval.denoise_steps
         if any(int(k) < 1 for k in steps):
-            raise UserError(f"task.eval.steps must be positive, got {list(steps)}")
+            raise UserError(f"task.eval.denoise_steps must be positive, got {list(steps)}")
         for key in ("episodes", "num_envs"):
             if int(task.eval[key]) < 1:
                 raise UserError(f"task.eval.{key} must be >= 1, got {task.eval[key]}")
@@ -82,7 +85,7 @@ def validate_config(cfg: DictConfig) -> None:
 
             bad = [int(k) for k in steps if not is_power_of_two(int(k))]
             if bad:
-                raise UserError(f"shortcut policies sample with power-of-two K; task.eval.steps has {bad}")
+                raise UserError(f"shortcut policies sample with power-of-two K; task.eval.denoise_steps has {bad}")
         if task.get("max_episode_steps") is not None and int(task.max_episode_steps) < 1:
             raise UserError(f"task.max_episode_steps must be >= 1, got {task.max_episode_steps}")
         d = task.get("demos")
@@ -101,8 +104,8 @@ def validate_config(cfg: DictConfig) -> None:
         raise UserError(f"stage={name} needs checkpoint=<checkpoint dir or run dir>")
     if name == "eval":  # its own episodes, num_envs, videos and seed (defaults: task.eval's and 100000)
         s = cfg.stage
-        if any(int(k) < 1 for k in s.get("steps") or []):
-            raise UserError(f"stage.steps must be positive, got {list(s.steps)}")
+        if any(int(k) < 1 for k in s.get("denoise_steps") or []):
+            raise UserError(f"stage.denoise_steps must be positive, got {list(s.denoise_steps)}")
         for key, least in (("episodes", 1), ("num_envs", 1), ("videos", 0)):
             if s.get(key) is None or int(s[key]) < least:
                 raise UserError(f"stage.{key} must be >= {least}, got {s.get(key)}")
@@ -122,7 +125,8 @@ def validate_config(cfg: DictConfig) -> None:
 
         bad = unknown_task_keys(task.finetune, "finetune")
         if bad:
-            raise UserError(f"task={task.name}: task.finetune has unknown settings {bad} (not fields of "
+            raise UserError(f"task={task.name}: task.finetune has unknown settings "
+                            f"{unknown_with_hints(bad, 'task.finetune')} (not fields of "
                             "agents.finetune_config.FinetuneConfig; see configs/stage/finetune.yaml)")
     ft = None
     if name == "finetune":
@@ -130,7 +134,7 @@ def validate_config(cfg: DictConfig) -> None:
     elif name == "pipeline" and cfg.stage.get("finetune") is not None and cfg.stage.get("run_finetune", True):
         ft, prefix = cfg.stage.finetune, "stage.finetune"
     if ft is not None:
-        for key in ("total_env_steps", "num_envs", "n_steps", "steps"):
+        for key in ("total_env_steps", "num_envs", "n_steps", "denoise_steps"):
             if ft.get(key) is not None and int(ft[key]) < 1:
                 raise UserError(f"{prefix}.{key} must be >= 1, got {ft[key]}")
         from .config_schema import RUNNER_KEYS
@@ -276,7 +280,7 @@ def _run_locked(cfg: DictConfig, run_dir: Path, pre: dict[str, Any]) -> dict[str
         out["pretrain"] = run_pretrain(cfg, run_dir, data=pre["data"])
         out["eval"] = run_eval(cfg, run_dir, out["pretrain"]["best"], label=f"{cfg.policy.kind} (BC)")
     elif name == "eval":
-        out["eval"] = run_eval(cfg, run_dir, cfg.checkpoint, cfg.stage.get("steps"), target=pre["target"],
+        out["eval"] = run_eval(cfg, run_dir, cfg.checkpoint, cfg.stage.get("denoise_steps"), target=pre["target"],
                                settings=cfg.stage)
     elif name == "finetune":
         out["finetune"] = run_finetune(cfg, run_dir, cfg.checkpoint)
@@ -301,7 +305,7 @@ def _run_locked(cfg: DictConfig, run_dir: Path, pre: dict[str, Any]) -> dict[str
         if cfg.stage.get("finetune") is not None and cfg.stage.get("run_finetune", True):
             ft = run_finetune(cfg, run_dir / "finetune", out["pretrain"]["best"], cfg.stage.finetune)
             out["finetune"] = ft
-            out["eval_finetuned"] = run_eval(cfg, run_dir, ft["checkpoint"], steps=[int(cfg.stage.finetune.steps)],
+            out["eval_finetuned"] = run_eval(cfg, run_dir, ft["checkpoint"], steps=[int(cfg.stage.finetune.denoise_steps)],
                                              name="eval_finetuned", label=f"{cfg.policy.kind} (ReinFlow)")
     atomic_write_json(run_dir / "summary.json", _jsonable(out))
     return out

@@ -109,14 +109,14 @@ def policy_part(b: dict, seed: int, workdir: Path, betas: list[float], schedules
     demos = ensure_demos(ENV, 20, 0.3, 0, progress=False)
     spec = {"kind": "reflow", "network": "mlp", "hidden": b["hidden"], "depth": b["depth"], "default_steps": K}
     pc = PretrainConfig(dataset=str(demos), env_name=ENV, run_dir=str(workdir / "pretrain"), policy=spec,
-                        obs_horizon=1, action_horizon=4, exec_horizon=2, steps=b["pretrain_steps"],
+                        obs_horizon=1, action_horizon=4, exec_horizon=2, grad_steps=b["pretrain_steps"],
                         eval_every=0, eval_episodes=0, max_episode_steps=b["max_episode_steps"], seed=seed,
                         progress=False, tensorboard=False)
     policy, _ = policy_from_checkpoint(Pretrainer(pc).run()["checkpoint"])
     pretrain_s = time.perf_counter() - t0
     # start states and evaluation episodes differ between seeds (far apart from each other)
-    cfg = AlignConfig(num_start_states=states, rollouts_per_state=4, min_return_gap=b["min_return_gap"], K=K,
-                      steps=b["align_steps"], lr=3e-5, beta=POLICY_BETA, seed=seed, progress=False,
+    cfg = AlignConfig(num_start_states=states, rollouts_per_state=4, min_return_gap=b["min_return_gap"], denoise_steps=K,
+                      grad_steps=b["align_steps"], lr=3e-5, beta=POLICY_BETA, seed=seed, progress=False,
                       pairing=pairing, rollout_seed=10_000 * seed, eval_seed=100_000 + 10_000 * seed)
     t0 = time.perf_counter()
     trajs = collect_rollouts(policy, ENV, cfg.num_start_states, cfg.rollouts_per_state, K, cfg.rollout_seed,
@@ -159,8 +159,8 @@ def policy_part(b: dict, seed: int, workdir: Path, betas: list[float], schedules
         if ev["_keys"] != base["_keys"]:
             raise RuntimeError("evaluations of the base and the aligned policy ran different episodes")
         bb, cc = discordant(base["successes"], ev["successes"])
-        seen = (acfg.steps * acfg.batch_pairs * acfg.chunks_per_pair * 2 if method == "dpo"
-                else acfg.steps * acfg.batch_size)
+        seen = (acfg.grad_steps * acfg.batch_pairs * acfg.chunks_per_pair * 2 if method == "dpo"
+                else acfg.grad_steps * acfg.batch_size)
         rows.append({**common, "method": _label(method, beta, schedule), "variant": method,
                      "beta": beta if method == "dpo" else None, "beta_schedule": schedule, "samples_seen": seen,
                      **ev, "d_success": ev["success_rate"] - base["success_rate"],
@@ -208,7 +208,7 @@ def image_part(b: dict, seed: int, betas: list[float], schedules: list[str],
     classifier_s = time.perf_counter() - t0
     net = {"kind": "mlp", "hidden": 256, "depth": 3, "emb_dim": 128}
     stage = OmegaConf.create({"net": net, "loss": "mse", "time_sampler": "uniform", "ema_decay": 0.999,
-                              "batch_size": 128, "train_steps": b["gen_steps"], "lr": 2e-3})
+                              "batch_size": 128, "grad_steps": b["gen_steps"], "lr": 2e-3})
     # seeded after the classifiers: loading a cached classifier draws its (overwritten) initial weights from
     # the global RNG, training one does not, so seeding earlier would make the generator depend on the cache
     torch.manual_seed(seed)
@@ -216,7 +216,7 @@ def image_part(b: dict, seed: int, betas: list[float], schedules: list[str],
     model = train_base("1rf", "rf", data, stage, torch.device("cpu"), None, False)
     gen_s = time.perf_counter() - t0
     flow = RectifiedFlow(copy.deepcopy(model.ema.model), data.image_shape)
-    cfg = ImageAlignConfig(target_class=0, num_samples=b["image_samples"], steps=b["image_steps"], seed=seed,
+    cfg = ImageAlignConfig(target_class=0, num_samples=b["image_samples"], grad_steps=b["image_steps"], seed=seed,
                            beta=IMAGE_BETA, progress=False)
     metrics = ImageMetrics(data, reward, heldout)
     x0_eval = eval_noise(b["eval_samples"], data.image_shape, seed + 12345)
@@ -230,9 +230,9 @@ def image_part(b: dict, seed: int, betas: list[float], schedules: list[str],
              "drift": 0.0, "train_s": round(gen_s, 1)}]
     for method, beta, schedule in _variants(betas, schedules, IMAGE_BETA):
         # equal images seen: a DPO step sees batch_size pairs (2 images each), an RWR/SFT step batch_size images
-        steps = cfg.steps if method == "dpo" else 2 * cfg.steps
+        steps = cfg.grad_steps if method == "dpo" else 2 * cfg.grad_steps
         acfg = dataclasses.replace(cfg, method=method, beta=beta if method == "dpo" else cfg.beta,
-                                   beta_schedule=schedule, steps=steps)
+                                   beta_schedule=schedule, grad_steps=steps)
         t0 = time.perf_counter()
         aligned, info = align_generator(flow, images, rewards, acfg)
         train_s = time.perf_counter() - t0

@@ -88,7 +88,7 @@ def _pretrain(args):
     t = task_spec(task)
     cfg = PretrainConfig(dataset=dataset, env_name=t["env"], run_dir=str(out_dir), policy=POLICY_SPECS[kind],
                          obs_horizon=t["obs_horizon"], action_horizon=t["action_horizon"],
-                         exec_horizon=t["exec_horizon"], steps=steps, eval_every=0, eval_episodes=0,
+                         exec_horizon=t["exec_horizon"], grad_steps=steps, eval_every=0, eval_episodes=0,
                          save_every=steps, max_episode_steps=t["max_episode_steps"], seed=seed, progress=False,
                          tensorboard=False, resume=False)
     t0 = time.perf_counter()
@@ -111,7 +111,7 @@ def _finetune(args):
     from envs.factory import make_vec_env
 
     t = task_spec(task)
-    fc = {**_task_finetune_defaults(task), "steps": K_FOR[method], "seed": seed, **overrides}
+    fc = {**_task_finetune_defaults(task), "denoise_steps": K_FOR[method], "seed": seed, **overrides}
     cfg = FinetuneConfig.from_dict(fc)
     policy, _ = policy_from_checkpoint(ckpt)
     envs = make_vec_env(t["env"], cfg.num_envs, seed=1000 * seed, asynchronous=cfg.async_envs,

@@ -43,28 +43,29 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+from agents.config_schema import ImageStage
 from agents.images.data import load_digits
 from agents.images.evaluation import HeldOutJudge, accuracy_on, heldout_split, load_or_train_encoder
 from agents.images.trainer import eval_noise, evaluate, image_grid, train_base, train_distilled, train_reflow
 from flowpolicy import EMA, RectifiedFlow, make_network
 
 ROOT = Path(__file__).resolve().parents[1]
-# per budget: overrides of configs/stage/image.yaml ("stage") and the benchmark's own settings. "tiny" is a
+# per budget: overrides of the image stage's schema (agents.config_schema.ImageStage: "stage") and the benchmark's own settings. "tiny" is a
 # seconds-long smoke test of the whole pipeline (tests/test_images.py); its numbers mean nothing.
 BUDGETS = {
-    "tiny": {"stage": {"train_steps": 10, "batch_size": 32, "net": {"channels": [8, 16], "emb_dim": 16},
-                       "reflow": {"couplings": 64, "couplings_steps": 2, "steps": 10},
-                       "distill": {"steps": 10}, "shortcut": {"max_level": 2},
+    "tiny": {"stage": {"grad_steps": 10, "batch_size": 32, "net": {"channels": [8, 16], "emb_dim": 16},
+                       "reflow": {"couplings": 64, "couplings_steps": 2, "grad_steps": 10},
+                       "distill": {"grad_steps": 10}, "shortcut": {"max_level": 2},
                        "eval": {"straightness_samples": 16, "straightness_steps": 4}},
              "seeds": [0], "draws": 2, "samples": 40, "encoder_steps": 30,
              "rf_steps": [1, 4], "reflow_steps": [1], "shortcut_steps": [1, 4]},
-    "small": {"stage": {"train_steps": 300, "reflow": {"couplings": 2000, "steps": 300},
-                        "distill": {"steps": 300},
+    "small": {"stage": {"grad_steps": 300, "reflow": {"couplings": 2000, "grad_steps": 300},
+                        "distill": {"grad_steps": 300},
                         "eval": {"straightness_samples": 200, "straightness_steps": 16}},
               "seeds": [0], "draws": 5, "samples": None, "encoder_steps": 1500,
               "rf_steps": [1, 2, 4, 8, 100], "reflow_steps": [1, 2], "shortcut_steps": [1, 4, 128]},
-    "full": {"stage": {"train_steps": 3000, "reflow": {"couplings": 20000, "steps": 3000},
-                       "distill": {"steps": 3000},
+    "full": {"stage": {"grad_steps": 3000, "reflow": {"couplings": 20000, "grad_steps": 3000},
+                       "distill": {"grad_steps": 3000},
                        "eval": {"straightness_samples": 500, "straightness_steps": 32}},
              "seeds": [0, 1, 2], "draws": 5, "samples": None, "encoder_steps": 1500,
              "rf_steps": [1, 2, 4, 8, 100], "reflow_steps": [1, 2], "shortcut_steps": [1, 4, 128]},
@@ -350,7 +351,7 @@ def main(argv: list[str] | None = None) -> dict:
     draws = int(args.draws or budget["draws"])
     if draws < 2:
         raise SystemExit("--draws must be at least 2 (an interval needs replicates)")
-    stage = OmegaConf.merge(OmegaConf.load(ROOT / "configs" / "stage" / "image.yaml"),
+    stage = OmegaConf.merge(OmegaConf.structured(ImageStage),
                             OmegaConf.create(budget["stage"]))
     stage.progress = args.progress
     data = load_digits()
@@ -431,7 +432,7 @@ def main(argv: list[str] | None = None) -> dict:
             if not torch.allclose(peer.generate(noises[0][:64], 4), ours, atol=1e-5):
                 raise RuntimeError("rectified-flow-pytorch's Euler sampler disagrees with flowpolicy's on "
                                    "one network")
-            peer.train(train.images, int(stage.train_steps), int(stage.batch_size), float(stage.lr),
+            peer.train(train.images, int(stage.grad_steps), int(stage.batch_size), float(stage.lr),
                        float(stage.grad_clip), str(stage.lr_schedule))
             record(peer, budget["rf_steps"], seed, impl="rectified-flow-pytorch", straight=False)
 

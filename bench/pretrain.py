@@ -84,7 +84,7 @@ def log(msg: str) -> None:
 def pretrain(task: dict, dataset: str, kind: str, b: dict, seed: int, run_dir: Path):
     cfg = PretrainConfig(dataset=dataset, env_name=task["env"], run_dir=str(run_dir), policy=policy_spec(kind),
                          obs_horizon=task["obs_horizon"], action_horizon=task["action_horizon"],
-                         exec_horizon=task["exec_horizon"], steps=b["steps"], batch_size=b["batch_size"],
+                         exec_horizon=task["exec_horizon"], grad_steps=b["steps"], batch_size=b["batch_size"],
                          eval_every=0, eval_episodes=0, max_episode_steps=task["max_episode_steps"],
                          save_every=b["steps"], seed=seed, resume=False, progress=False, tensorboard=False)
     t0 = time.perf_counter()
@@ -131,7 +131,7 @@ def run_task(name: str, b: dict, seed: int) -> tuple[list[dict], dict]:
     log(f"{name} seed {seed}: robomimic BC ({b['steps']} steps)")
     try:
         policies["robomimic BC"], info = train_robomimic_bc(RobomimicBCConfig(
-            dataset=dataset, steps=b["steps"], batch_size=b["batch_size"], seed=seed))
+            dataset=dataset, grad_steps=b["steps"], batch_size=b["batch_size"], seed=seed))
         train_s["robomimic BC"] = info["train_s"]
         notes["robomimic"] = info["note"] or ""
         notes["robomimic_config"] = info["config"]

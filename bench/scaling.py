@@ -52,7 +52,7 @@ def _worker(kind: str, cfg_path: str, out_path: str) -> None:
         out = tr.run()
         distributed.barrier()
         wall, params = time.perf_counter() - t0, list(tr.policy.parameters())
-        res = {"work": cfg["steps"] * cfg["batch_size"], "val_loss": out.get("val/loss")}
+        res = {"work": cfg["grad_steps"] * cfg["batch_size"], "val_loss": out.get("val/loss")}
     else:
         from agents.finetune import FinetuneConfig, ReinFlowPPO
         from agents.policies import policy_from_checkpoint
@@ -143,7 +143,7 @@ def main() -> None:
                         cfg = dict(dataset=demos, env_name=ENV, run_dir=str(run_dir),
                                    policy={"kind": "reflow", "network": "mlp", "hidden": 256, "depth": 3,
                                            "default_steps": 4},
-                                   obs_horizon=1, action_horizon=4, exec_horizon=2, steps=args.steps,
+                                   obs_horizon=1, action_horizon=4, exec_horizon=2, grad_steps=args.steps,
                                    batch_size=args.batch_size, eval_every=0, eval_episodes=0,
                                    val_every=args.steps, save_every=args.steps, max_episode_steps=200,
                                    progress=False, tensorboard=False)

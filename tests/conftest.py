@@ -26,6 +26,6 @@ def tiny_pick_place_checkpoint(pick_place_demos, tmp_path_factory) -> str:
     policy = {"kind": "reflow", "hidden": 32, "depth": 1, "default_steps": 2}
     cfg = PretrainConfig(dataset=pick_place_demos, env_name=PICK_PLACE,
                          run_dir=str(tmp_path_factory.mktemp("tiny_pretrain")), policy=policy, obs_horizon=1,
-                         action_horizon=4, exec_horizon=2, steps=30, batch_size=64, eval_every=0, eval_episodes=0,
+                         action_horizon=4, exec_horizon=2, grad_steps=30, batch_size=64, eval_every=0, eval_episodes=0,
                          val_every=30, save_every=30, max_episode_steps=30, progress=False, tensorboard=False)
     return Pretrainer(cfg).run()["checkpoint"]

@@ -21,7 +21,7 @@ def main() -> int:
     torch.set_num_threads(1)
     info = distributed.init("cpu")
     # 6 envs x 8 chunk steps = 48 samples in minibatches of 47 and 1: one rank's share of the last is empty
-    cfg = FinetuneConfig(num_envs=num_envs, n_steps=8, steps=2, minibatch_size=47, update_epochs=2,
+    cfg = FinetuneConfig(num_envs=num_envs, n_steps=8, denoise_steps=2, minibatch_size=47, update_epochs=2,
                          critic_warmup_iters=0, eval_every=0, seed=0, critic_hidden=(32, 32), noise_hidden=32,
                          clip_coef=0.05)
     agent = ReinFlowPPO(make_policy(kind), make_envs(num_envs // info.world_size),

@@ -292,7 +292,7 @@ def test_run_align_stage_evaluates_before_and_after_and_saves_a_loadable_aligned
     ckpt, _ = tiny_checkpoint
     cfg = _compose("stage=align", f"checkpoint={ckpt}", "task.max_episode_steps=30", "logger=none",
                    "progress=false", "stage.num_start_states=2", "stage.rollouts_per_state=2",
-                   "stage.rollout_envs=4", "stage.min_return_gap=-1", "stage.steps=3", "stage.batch_pairs=2",
+                   "stage.rollout_envs=4", "stage.min_return_gap=-1", "stage.grad_steps=3", "stage.batch_pairs=2",
                    "stage.eval_episodes=2", "stage.eval_num_envs=2")
     out = run_align_stage(cfg, tmp_path, cfg.checkpoint)
     assert out["preference_data"]["pairs"] == 2 and out["preference_data"]["trajectories"] == 4
@@ -317,7 +317,7 @@ def test_offline_alignment_from_demo_returns_and_from_a_labels_file(tiny_checkpo
     for source, extra in (("dataset", []), ("labels", [f"stage.labels={labels}"])):
         cfg = _compose("stage=align", f"checkpoint={ckpt}", "logger=none", "progress=false",
                        f"stage.method={method}", f"stage.source={source}", f"stage.dataset={demos}",
-                       "stage.min_return_gap=0", "stage.steps=2", "stage.batch_size=8",
+                       "stage.min_return_gap=0", "stage.grad_steps=2", "stage.batch_size=8",
                        "stage.eval_episodes=0", *extra)
         out = run_align_stage(cfg, tmp_path / source, cfg.checkpoint)
         assert out["preference_data"]["pairs"] >= 1 and out["train"]["method"] == method
@@ -353,10 +353,10 @@ def test_image_alignment_raises_the_classifier_reward_of_a_tiny_generator(tmp_pa
     data = load_digits()
     stage = OmegaConf.create({"net": {"kind": "mlp", "hidden": 64, "depth": 2, "emb_dim": 32}, "loss": "mse",
                               "time_sampler": "uniform", "ema_decay": 0.9, "batch_size": 64,
-                              "train_steps": 150, "lr": 2e-3})
+                              "grad_steps": 150, "lr": 2e-3})
     model = train_base("1rf", "rf", data, stage, torch.device("cpu"), None, False)
     gen_path = save_generator(model, tmp_path / "gen")
-    image = {"target_class": 3, "num_samples": 256, "sample_steps": 4, "steps": 40, "batch_size": 32,
+    image = {"target_class": 3, "num_samples": 256, "sample_steps": 4, "grad_steps": 40, "batch_size": 32,
              "eval_samples": 200, "classifier_steps": 60, "classifier_cache_dir": str(tmp_path / "clf"),
              "guidance_weight": 0.5}
     results = {}

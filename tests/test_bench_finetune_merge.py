@@ -35,7 +35,7 @@ def test_merge_checks_settings_and_clashes(tmp_path):
 def test_variant_values_parse_as_numbers_yaml_would_leave_as_strings():
     from bench.finetune import _parse_variant
 
-    name, over = _parse_variant("lr1:actor_lr=1e-5,clip_coef=0.05,steps=2,lr_schedule=linear,async_envs=true")
-    assert name == "lr1" and over == {"actor_lr": 1e-5, "clip_coef": 0.05, "steps": 2, "lr_schedule": "linear",
+    name, over = _parse_variant("lr1:actor_lr=1e-5,clip_coef=0.05,denoise_steps=2,lr_schedule=linear,async_envs=true")
+    assert name == "lr1" and over == {"actor_lr": 1e-5, "clip_coef": 0.05, "denoise_steps": 2, "lr_schedule": "linear",
                                       "async_envs": True}
     assert isinstance(over["actor_lr"], float)

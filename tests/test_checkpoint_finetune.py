@@ -17,7 +17,7 @@ from agents.policies import build_policy, policy_config
 torch.set_num_threads(1)
 ENV = "Hopper-v5"
 STAGE = dict(total_env_steps=64, save_every=100, num_envs=2, n_steps=4, eval_num_envs=1, eval_episodes=1,
-             eval_every=2, critic_warmup_iters=1, minibatch_size=8, update_epochs=2, steps=2, noise_hidden=16,
+             eval_every=2, critic_warmup_iters=1, minibatch_size=8, update_epochs=2, denoise_steps=2, noise_hidden=16,
              critic_hidden=[16, 16], seed=3)  # 16 env steps per iteration: 4 iterations
 
 

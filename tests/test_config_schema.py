@@ -27,11 +27,11 @@ def test_task_defaults_win_over_the_schema_and_the_command_line_over_both():
     assert _compose("task=mujoco", "task.env=HalfCheetah-v5", "stage=finetune").stage.clip_coef == default
     assert _compose("task=hopper_medium", "stage=finetune", "stage.clip_coef=0.3").stage.clip_coef == 0.3
     pipe = _compose("task=pick_place", "stage=pipeline")
-    assert pipe.stage.finetune.sigma_max == 0.30 and pipe.stage.pretrain.steps == 3000
+    assert pipe.stage.finetune.sigma_max == 0.30 and pipe.stage.pretrain.grad_steps == 3000
     assert pipe.stage.finetune.gamma == FinetuneStage().gamma
 
 
-@pytest.mark.parametrize("override", ["stage.pretrain.steps=3x", "stage.pretrain.stepz=3",
+@pytest.mark.parametrize("override", ["stage.pretrain.grad_steps=3x", "stage.pretrain.stepz=3",
                                       "stage.finetune.clip_coef=abc"])
 def test_bad_names_and_types_stop_at_composition(override):
     with pytest.raises(ConfigCompositionException):

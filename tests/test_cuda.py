@@ -17,8 +17,8 @@ from omegaconf import OmegaConf
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["stage.steps=20", "stage.eval_every=0", "stage.val_every=10", "stage.save_every=10", "task.eval.episodes=2",
-        "task.eval.num_envs=2", "task.eval.steps=[1,2]", "task.eval.videos=0", "task.demos.num=5",
+TINY = ["stage.grad_steps=20", "stage.eval_every=0", "stage.val_every=10", "stage.save_every=10", "task.eval.episodes=2",
+        "task.eval.num_envs=2", "task.eval.denoise_steps=[1,2]", "task.eval.videos=0", "task.demos.num=5",
         "task.max_episode_steps=40", "policy.hidden=32", "policy.depth=1", "logger=none", "progress=false",
         "device=cuda"]
 
@@ -102,7 +102,7 @@ def test_gaussian_ppo_and_align_stages_on_cuda(tmp_path):
     run(_compose("stage=pretrain", f"data_dir={data}", *TINY), tmp_path / "pre")
     cfg = _compose("stage=align", f"checkpoint={tmp_path / 'pre'}", "task.max_episode_steps=30", "logger=none",
                    "progress=false", "stage.num_start_states=2", "stage.rollouts_per_state=2", "device=cuda",
-                   "stage.rollout_envs=4", "stage.min_return_gap=-1", "stage.steps=3", "stage.batch_pairs=2",
+                   "stage.rollout_envs=4", "stage.min_return_gap=-1", "stage.grad_steps=3", "stage.batch_pairs=2",
                    "stage.eval_episodes=2", "stage.eval_num_envs=2", f"data_dir={data}")
     out = run_align_stage(cfg, tmp_path / "al", cfg.checkpoint)
     assert out["preference_data"]["pairs"] == 2
@@ -110,14 +110,15 @@ def test_gaussian_ppo_and_align_stages_on_cuda(tmp_path):
 
 @pytest.mark.parametrize("method", ["reflow", "shortcut"])
 def test_image_stage_on_cuda(tmp_path, method):
+    from agents.config_schema import ImageStage
     from agents.images import run
 
-    tiny = {"method": method, "train_steps": 20, "batch_size": 32, "progress": False, "log_every": 5,
-            "reflow": {"couplings": 64, "couplings_steps": 4, "steps": 10},
-            "distill": {"couplings": 64, "steps": 10, "k": [1]}, "shortcut": {"max_level": 3},
-            "eval": {"steps": [1, 2], "samples": 64, "straightness_samples": 32, "straightness_steps": 4},
-            "classifier": {"steps": 30, "cache_dir": str(tmp_path / "cache")}, "grid_cols": 8}
-    stage = OmegaConf.merge(OmegaConf.load(ROOT / "configs/stage/image.yaml"), OmegaConf.create(tiny))
+    tiny = {"method": method, "grad_steps": 20, "batch_size": 32, "progress": False, "log_every": 5,
+            "reflow": {"couplings": 64, "couplings_steps": 4, "grad_steps": 10},
+            "distill": {"couplings": 64, "grad_steps": 10, "k": [1]}, "shortcut": {"max_level": 3},
+            "eval": {"denoise_steps": [1, 2], "samples": 64, "straightness_samples": 32, "straightness_steps": 4},
+            "classifier": {"grad_steps": 30, "cache_dir": str(tmp_path / "cache")}, "grid_cols": 8}
+    stage = OmegaConf.merge(OmegaConf.structured(ImageStage), OmegaConf.create(tiny))
     cfg = OmegaConf.create({"seed": 0, "device": "cuda", "task": OmegaConf.load(ROOT / "configs/task/digits.yaml"),
                             "stage": stage})
     summary = run(cfg, run_dir=tmp_path / "run")

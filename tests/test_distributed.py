@@ -27,7 +27,7 @@ def demos(pick_place_demos):
 def _cfg(demos, run_dir, kind="reflow", **kw):
     base = dict(dataset=demos, env_name=ENV, run_dir=str(run_dir),
                 policy={"kind": kind, "hidden": 64, "depth": 2, "default_steps": 2}, obs_horizon=1,
-                action_horizon=4, exec_horizon=2, steps=50, batch_size=64, eval_every=0, eval_episodes=0,
+                action_horizon=4, exec_horizon=2, grad_steps=50, batch_size=64, eval_every=0, eval_episodes=0,
                 val_every=25, save_every=10, max_episode_steps=60, progress=False, tensorboard=False)
     base.update(kw)
     return base
@@ -76,7 +76,7 @@ def test_two_ranks_make_the_update_of_one_process_with_the_global_batch(demos, t
     one = Pretrainer(PretrainConfig(**_cfg(demos, tmp_path / "one", kind)))  # resumes the finished run
     diff = (_params(ddp) - _params(one.policy)).abs().max().item()
     moved = (_params(one.policy) - _params(Pretrainer(PretrainConfig(**_cfg(demos, tmp_path / "init", kind,
-                                                                             steps=1))).policy)).abs().max().item()
+                                                                             grad_steps=1))).policy)).abs().max().item()
     assert moved > 1e-3  # training moved the parameters, so the match below means something
     assert diff < 1e-5, f"2 ranks vs 1 process: max |diff| {diff:.2e}"
     # rank 0 alone wrote checkpoints: one set, in the run directory, no second writer's temporaries
@@ -85,10 +85,10 @@ def test_two_ranks_make_the_update_of_one_process_with_the_global_batch(demos, t
 
 
 def test_ctrl_c_on_one_rank_saves_once_and_the_two_rank_resume_matches(demos, tmp_path):
-    cfg = _cfg(demos, tmp_path / "full", "reflow", steps=30)
+    cfg = _cfg(demos, tmp_path / "full", "reflow", grad_steps=30)
     proc, _ = _torchrun(cfg, tmp_path / "full.pt")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    cfg_half = _cfg(demos, tmp_path / "half", "reflow", steps=30)
+    cfg_half = _cfg(demos, tmp_path / "half", "reflow", grad_steps=30)
     proc, _ = _torchrun(cfg_half, tmp_path / "half.pt", "--sigint-at", "15", "--rank", "1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "stopped at step 15; saved " in proc.stderr  # rank 0 saved although Ctrl-C reached rank 1 only
@@ -102,7 +102,7 @@ def test_ctrl_c_on_one_rank_saves_once_and_the_two_rank_resume_matches(demos, tm
 
 
 def test_a_rank_that_dies_ends_the_job_with_an_error(demos, tmp_path):
-    cfg = _cfg(demos, tmp_path / "die", "reflow", steps=200)
+    cfg = _cfg(demos, tmp_path / "die", "reflow", grad_steps=200)
     proc, wall = _torchrun(cfg, tmp_path / "die.pt", "--die-at", "20", "--rank", "1", timeout=120)
     assert proc.returncode != 0
     assert wall < 90
@@ -116,8 +116,8 @@ def test_torchrun_train_py_pretrains_and_finetunes_in_one_run_directory(demos, t
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "FLOWPOLICY_DIST_TIMEOUT": "60"}
     base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max_restarts=0",
             str(ROOT / "train.py"), f"data_dir={data_dir}", "task.demos.num=6", "progress=false", "logger=none"]
-    proc = subprocess.run(base + ["stage=pretrain", "stage.steps=20", "stage.batch_size=32", "stage.eval_every=0",
-                                  "task.eval.episodes=1", "task.eval.num_envs=1", "task.eval.steps=[1]",
+    proc = subprocess.run(base + ["stage=pretrain", "stage.grad_steps=20", "stage.batch_size=32", "stage.eval_every=0",
+                                  "task.eval.episodes=1", "task.eval.num_envs=1", "task.eval.denoise_steps=[1]",
                                   "task.eval.videos=0"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -170,9 +170,9 @@ def test_two_rank_ppo_fine_tuning_equals_one_process_with_all_envs(tmp_path, kin
         assert ma[key] == pytest.approx(mb[key], rel=1e-4, abs=1e-6), key
 
 
-IMAGE_TINY = ["task=digits", "stage=image", "stage.train_steps=15", "stage.batch_size=32", "stage.net.channels=[8,16]",
+IMAGE_TINY = ["task=digits", "stage=image", "stage.grad_steps=15", "stage.batch_size=32", "stage.net.channels=[8,16]",
               "stage.net.emb_dim=16", "stage.reflow.couplings=64", "stage.reflow.couplings_steps=2",
-              "stage.reflow.steps=10", "stage.distill.steps=0", "stage.eval.fd=false", "stage.eval.steps=[1]",
+              "stage.reflow.grad_steps=10", "stage.distill.grad_steps=0", "stage.eval.fd=false", "stage.eval.denoise_steps=[1]",
               "stage.eval.samples=16", "stage.eval.straightness_samples=0", "progress=false", "logger=none"]
 
 

@@ -18,7 +18,7 @@ from envs.hdf5 import DatasetError  # noqa: E402
 from tests.fixture_envs import write_robomimic_file  # noqa: E402
 
 QUIET = ["logger=none", "progress=false", "task.eval.videos=0", "task.eval.episodes=2", "task.eval.num_envs=1",
-         "task.eval.steps=[1]"]
+         "task.eval.denoise_steps=[1]"]
 
 
 def _compose(*overrides):
@@ -42,7 +42,7 @@ def demo_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def checkpoint(demo_file, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("ck")
-    _run("task=robomimic", f"task.demos.path={demo_file}", "stage=pretrain", "stage.steps=5", "stage.eval_every=0",
+    _run("task=robomimic", f"task.demos.path={demo_file}", "stage=pretrain", "stage.grad_steps=5", "stage.eval_every=0",
          "stage.save_every=5", "stage.val_every=5", "policy.hidden=16", "policy.depth=1", run_dir=run_dir)
     return run_dir
 
@@ -119,8 +119,8 @@ def test_integer_actions_are_converted_with_a_note(demo_file, tmp_path, capsys):
 def test_budgets_and_device_fail_before_any_work(tmp_path):
     with pytest.raises(UserError, match=r"stage.finetune.total_env_steps must be >= 1, got -1"):
         _run("stage.finetune.total_env_steps=-1", run_dir=tmp_path / "a")
-    with pytest.raises(UserError, match=r"stage.steps must be >= 1"):
-        _run("stage=pretrain", "stage.steps=0", run_dir=tmp_path / "b")
+    with pytest.raises(UserError, match=r"stage.grad_steps must be >= 1"):
+        _run("stage=pretrain", "stage.grad_steps=0", run_dir=tmp_path / "b")
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match=r"device=cuda but .*use device=cpu"):
             _run("device=cuda", run_dir=tmp_path / "c")
@@ -180,6 +180,57 @@ def test_a_bad_override_is_one_line_naming_the_key(overrides, says):
     assert msg is not None and msg.startswith("error: ") and "\n" not in msg, msg
     assert all(s in msg for s in says), msg
     assert "Config search path" not in msg and "full_key" not in msg
+
+
+@pytest.mark.parametrize("overrides, new", [
+    (["stage=pretrain", "stage.steps=5"], "grad_steps, gradient steps"),
+    (["stage.pretrain.steps=5"], "grad_steps, gradient steps"),
+    (["stage=finetune", "stage.steps=2"], "denoise_steps, denoising steps K"),
+    (["stage=eval", "stage.steps=[1]"], "denoise_steps, denoising steps K"),
+    (["stage=align", "stage.K=2"], "denoise_steps, denoising steps K"),
+    (["task=digits", "stage=image", "stage.train_steps=5"], "grad_steps, gradient steps"),
+    (["task=digits", "stage=image", "stage.eval.steps=[1]"], "denoise_steps, denoising steps K"),
+])
+def test_a_renamed_setting_names_its_new_name(overrides, new):
+    from agents.cli import composition_error
+
+    msg = composition_error(overrides, str(ROOT / "configs"))
+    assert msg is not None and "\n" not in msg and msg.endswith(f"(renamed: {new})"), msg
+    assert "To append" not in msg  # Hydra's '+key=' advice would add a dead key
+
+
+def test_old_names_in_task_files_and_finetune_settings_point_to_the_new_ones(tmp_path):
+    from agents.finetune_config import FinetuneConfig
+
+    with pytest.raises(ValueError, match=r"'steps' \(renamed: denoise_steps"):
+        FinetuneConfig.from_dict({"steps": 2})
+    cfg = _compose("task=pick_place", "stage=pretrain", *QUIET)
+    from omegaconf import OmegaConf, open_dict
+
+    with open_dict(cfg):  # a task file written before the rename: eval.steps instead of eval.denoise_steps
+        cfg.task.eval = OmegaConf.create({k: v for k, v in cfg.task.eval.items() if k != "denoise_steps"} | {"steps": [1]})
+    from agents.stages import run
+
+    with pytest.raises(UserError, match=r"task.eval.steps \(renamed: denoise_steps"):
+        run(cfg, tmp_path / "r")
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_checkpoint_saved_with_the_old_names_loads_under_the_new_ones(checkpoint, tmp_path):
+    import shutil
+
+    import yaml
+
+    from agents.checkpoint import load_checkpoint, write_manifest
+
+    src = load_checkpoint(str(checkpoint))["path"]
+    old = shutil.copytree(src, tmp_path / "old")
+    cfg = yaml.safe_load((old / "config.yaml").read_text())
+    cfg["train"]["steps"] = cfg["train"].pop("grad_steps")  # as written before the rename
+    (old / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    write_manifest(old)
+    train = load_checkpoint(str(old))["config"]["train"]
+    assert train["grad_steps"] == 5 and "steps" not in train
 
 
 def test_good_overrides_and_hydra_flags_pass_the_precheck():

@@ -85,7 +85,7 @@ def run(agent: ReinFlowPPO, iterations: int) -> list[dict]:
 
 @pytest.mark.parametrize("kind,steps", [("reflow", 4), ("reflow", 8), ("shortcut", 1), ("gaussian", 1)])
 def test_importance_ratio_is_one_at_the_first_minibatch_of_every_update(kind, steps):
-    cfg = small_cfg(steps=steps, noise_time_dependent=True, target_kl=None)
+    cfg = small_cfg(denoise_steps=steps, noise_time_dependent=True, target_kl=None)
     agent = ReinFlowPPO(make_policy(kind), make_envs(8), None, cfg)
     metrics = run(agent, 3)
     assert len(metrics) == 3
@@ -149,7 +149,7 @@ def train_poor_bc_policy(seed: int = 0) -> FlowPolicy:
 
 def test_reinflow_improves_a_poorly_pretrained_flow_policy(poor_bc_policy):
     start = time.perf_counter()
-    cfg = FinetuneConfig(n_steps=16, steps=4, sigma_min=0.05, sigma_max=0.2, clip_coef=0.1, actor_lr=3e-4,
+    cfg = FinetuneConfig(n_steps=16, denoise_steps=4, sigma_min=0.05, sigma_max=0.2, clip_coef=0.1, actor_lr=3e-4,
                          critic_lr=3e-3, update_epochs=10, minibatch_size=64, critic_warmup_iters=1, eval_every=12,
                          eval_episodes=32, critic_hidden=(64, 64), noise_hidden=32, ent_coef=0.0, seed=0)
     agent = ReinFlowPPO(poor_bc_policy, make_envs(8), make_envs(8, gym.vector.AutoresetMode.SAME_STEP), cfg)
@@ -290,7 +290,7 @@ def _scaled_noise_log_ratio(kind: str, te: int, k: int, c: float) -> torch.Tenso
     from agents.finetune import make_actor
 
     policy = make_policy(kind)
-    cfg = small_cfg(steps=k, sigma_min=0.1, sigma_max=0.1)  # constant sigma for the flow
+    cfg = small_cfg(denoise_steps=k, sigma_min=0.1, sigma_max=0.1)  # constant sigma for the flow
     actor = make_actor(policy, cfg, exec_horizon=te)
     cond = torch.randn(16, 2)
     with torch.no_grad():
@@ -322,7 +322,7 @@ def test_log_prob_count_excludes_unexecuted_actions():
     from agents.finetune import make_actor
 
     for kind in ("reflow", "gaussian"):
-        actor = make_actor(make_policy(kind), small_cfg(steps=4), exec_horizon=1)
+        actor = make_actor(make_policy(kind), small_cfg(denoise_steps=4), exec_horizon=1)
         assert actor.logprob_count == 1 * 2 and actor.logprob_scale == 0.5
         cond = torch.randn(6, 2)
         with torch.no_grad():
@@ -374,7 +374,7 @@ def test_skipping_clipped_samples_gives_the_same_update(kind):
     params = {}
     for skip in (False, True):
         cfg = small_cfg(skip_clipped=skip, ent_coef=0.0, clip_coef=0.005, update_epochs=8, minibatch_size=16,
-                        critic_warmup_iters=0, steps=2 if kind == "shortcut" else 4)
+                        critic_warmup_iters=0, denoise_steps=2 if kind == "shortcut" else 4)
         agent = ReinFlowPPO(make_policy(kind), make_envs(4), None, cfg)
         m = agent.update(agent.collect_rollout())
         assert (m["train/two_pass"] > 0.3) == skip, m["train/two_pass"]
@@ -465,7 +465,7 @@ def test_fpo_ratio_is_the_flow_matching_loss_difference_on_stored_pairs(kind):
     from agents.actors import FPOActor, make_actor
 
     policy = make_policy(kind)
-    actor = make_actor(policy, small_cfg(algo="fpo", fpo_mc_samples=3, steps=2))
+    actor = make_actor(policy, small_cfg(algo="fpo", fpo_mc_samples=3, denoise_steps=2))
     assert type(actor) is FPOActor and actor.logprob_count == TA * 2
     cond = torch.randn(5, 2)
     with torch.no_grad():
@@ -491,7 +491,7 @@ def test_fpo_deterministic_action_is_the_policy_ode_from_the_scaled_initial_nois
     from agents.actors import make_actor
 
     policy = make_policy()
-    actor = make_actor(policy, small_cfg(algo="fpo", steps=4, init_noise_scale=0.5))
+    actor = make_actor(policy, small_cfg(algo="fpo", denoise_steps=4, init_noise_scale=0.5))
     cond = torch.randn(6, 2)
     with torch.no_grad():
         s = actor.act(cond, deterministic=True, generator=torch.Generator().manual_seed(3))
@@ -513,7 +513,7 @@ def test_algo_choice_errors_are_clear():
 
 
 def fpo_gain(seed: int = 0) -> list[float]:
-    cfg = FinetuneConfig(algo="fpo", n_steps=16, steps=4, clip_coef=0.02, actor_lr=3e-4, critic_lr=3e-3,
+    cfg = FinetuneConfig(algo="fpo", n_steps=16, denoise_steps=4, clip_coef=0.02, actor_lr=3e-4, critic_lr=3e-3,
                          update_epochs=10, minibatch_size=64, critic_warmup_iters=1, eval_every=12, eval_episodes=32,
                          critic_hidden=(64, 64), ent_coef=0.0, seed=seed)
     agent = ReinFlowPPO(train_poor_bc_policy(seed), make_envs(8), make_envs(8, gym.vector.AutoresetMode.SAME_STEP),

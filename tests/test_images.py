@@ -9,9 +9,11 @@ import pickle
 import numpy as np
 import pytest
 import torch
+import yaml
 from omegaconf import OmegaConf
 from PIL import Image
 
+from agents.checkpoint import load_checkpoint, write_manifest
 from agents.images import (
     FrechetScorer,
     ImageClassifier,
@@ -38,18 +40,20 @@ from flowpolicy.metrics import precision_recall_coverage
 
 
 def _stage(**over):
-    stage = OmegaConf.load("configs/stage/image.yaml")
+    from agents.config_schema import ImageStage
+
+    stage = OmegaConf.structured(ImageStage)  # what configs/stage/image.yaml composes to
     return OmegaConf.merge(stage, OmegaConf.create(over))
 
 
 def _cfg(tmp_path, method="rf", **stage_over):
     tiny = {
-        "method": method, "train_steps": 20, "batch_size": 32, "progress": False, "log_every": 5,
-        "reflow": {"couplings": 64, "couplings_steps": 4, "steps": 10},
-        "distill": {"couplings": 64, "steps": 10, "k": [1, 2]},
+        "method": method, "grad_steps": 20, "batch_size": 32, "progress": False, "log_every": 5,
+        "reflow": {"couplings": 64, "couplings_steps": 4, "grad_steps": 10},
+        "distill": {"couplings": 64, "grad_steps": 10, "k": [1, 2]},
         "shortcut": {"max_level": 3},
-        "eval": {"steps": [1, 2], "samples": 64, "straightness_samples": 32, "straightness_steps": 4},
-        "classifier": {"steps": 30, "cache_dir": str(tmp_path / "cache")},
+        "eval": {"denoise_steps": [1, 2], "samples": 64, "straightness_samples": 32, "straightness_steps": 4},
+        "classifier": {"grad_steps": 30, "cache_dir": str(tmp_path / "cache")},
         "grid_cols": 8,
     }
     stage = OmegaConf.merge(_stage(), OmegaConf.create(tiny), OmegaConf.create(stage_over))
@@ -195,7 +199,7 @@ def test_fd_between_real_halves_is_much_smaller_than_to_noise(classifier, digits
 @pytest.fixture(scope="module")
 def short_rf(digits):
     torch.manual_seed(0)
-    return train_base("1rf", "rf", digits, _stage(train_steps=300, batch_size=64, progress=False), "cpu")
+    return train_base("1rf", "rf", digits, _stage(grad_steps=300, batch_size=64, progress=False), "cpu")
 
 
 def test_short_rectified_flow_training_lowers_fd(short_rf, classifier, digits):
@@ -270,9 +274,38 @@ def test_run_end_to_end_writes_checkpoints_grids_and_metrics(tmp_path, method, o
         assert summary["models"]["2rf_distill_k1"]["pairs"] == over.get("distill", {}).get("pairs", "reflow")
 
 
+def test_a_rerun_resumes_finished_models_and_matches_one_uninterrupted_run(tmp_path, capsys):
+    import shutil
+
+    from agents.errors import UserError
+
+    cfg = _cfg(tmp_path, "reflow", distill={"k": 1})
+    one = run(cfg, run_dir=tmp_path / "one")
+    two = tmp_path / "two"
+    run(cfg, run_dir=two)
+    # as if the run died while training the 2-RF: the 1-RF finished; the 2-RF was saved part way (Ctrl-C)
+    shutil.rmtree(two / "checkpoints" / "2rf_distill_k1")
+    partial = load_checkpoint(two / "checkpoints" / "2rf")
+    stopped = {**partial["config"], "stopped_at_step": 3}
+    stopped.pop("entry")
+    (partial["path"] / "config.yaml").write_text(yaml.safe_dump(stopped, sort_keys=False))
+    write_manifest(partial["path"])
+    capsys.readouterr()
+    resumed = run(cfg, run_dir=two)
+    said = capsys.readouterr().out
+    assert "resumed 1rf" in said and "2rf: stopped at step 3 last time; training it again" in said
+    assert list(resumed["models"]) == list(one["models"])
+    for name in one["models"]:  # the same weights and metrics as the uninterrupted run
+        a, b = load_generator(tmp_path / "one" / "checkpoints" / name)[0], load_generator(two / "checkpoints" / name)[0]
+        assert all(torch.equal(x, y) for x, y in zip(a.net.state_dict().values(), b.net.state_dict().values())), name
+        assert resumed["models"][name]["fd"] == one["models"][name]["fd"], name
+    with pytest.raises(UserError, match="trained with other settings"):  # another lr: not the same 1-RF
+        run(_cfg(tmp_path, "reflow", distill={"k": 1}, lr=5e-4), run_dir=two)
+
+
 def test_run_rejects_bad_settings_before_training(tmp_path):
     with pytest.raises(ValueError, match="powers of two"):
-        run(_cfg(tmp_path, "shortcut", eval={"steps": [1, 3]}), run_dir=tmp_path / "a")
+        run(_cfg(tmp_path, "shortcut", eval={"denoise_steps": [1, 3]}), run_dir=tmp_path / "a")
     with pytest.raises(ValueError, match="unknown stage.method"):
         run(_cfg(tmp_path, "ddpm"), run_dir=tmp_path / "b")
     assert not (tmp_path / "a" / "checkpoints").exists()

@@ -24,7 +24,7 @@ def demos(tmp_path_factory):
 
 def _cfg(demos, run_dir, **kw):
     base = dict(dataset=demos, env_name=ENV, run_dir=str(run_dir), policy={"kind": "reflow", "hidden": 64,
-                "depth": 2, "default_steps": 2}, obs_horizon=1, action_horizon=4, exec_horizon=2, steps=30,
+                "depth": 2, "default_steps": 2}, obs_horizon=1, action_horizon=4, exec_horizon=2, grad_steps=30,
                 batch_size=64, eval_every=0, eval_episodes=0, val_every=10, save_every=10, max_episode_steps=60,
                 progress=False, tensorboard=False)
     base.update(kw)
@@ -50,13 +50,13 @@ def test_pretrain_writes_self_describing_checkpoints(demos, tmp_path):
 @pytest.mark.parametrize("kind", ["reflow", "shortcut", "gaussian"])
 def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(demos, tmp_path, kind):
     policy = {"kind": kind, "hidden": 32, "depth": 1, "default_steps": 1, "max_level": 3}
-    full = Pretrainer(_cfg(demos, tmp_path / "full", policy=policy, steps=20))
+    full = Pretrainer(_cfg(demos, tmp_path / "full", policy=policy, grad_steps=20))
     full.run()
-    half = Pretrainer(_cfg(demos, tmp_path / "half", policy=policy, steps=20))
+    half = Pretrainer(_cfg(demos, tmp_path / "half", policy=policy, grad_steps=20))
     _interrupt_at(half, 10)
     with pytest.raises(TrainingInterrupted, match="stopped at step 10; saved "):
         half.run()
-    resumed = Pretrainer(_cfg(demos, tmp_path / "half", policy=policy, steps=20))
+    resumed = Pretrainer(_cfg(demos, tmp_path / "half", policy=policy, grad_steps=20))
     assert resumed.step == 10
     resumed.run()
     assert torch.equal(_params(full.policy), _params(resumed.policy))
@@ -76,7 +76,7 @@ def _interrupt_at(trainer, step):
 
 
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(demos, tmp_path):
-    tr = Pretrainer(_cfg(demos, tmp_path, steps=40))
+    tr = Pretrainer(_cfg(demos, tmp_path, grad_steps=40))
     orig = tr.policy.loss
 
     def poisoned(batch, **kw):
@@ -93,7 +93,7 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
 
 def test_invalid_values_fail_before_training(demos, tmp_path):
     with pytest.raises(ValueError, match="steps must be >= 1"):
-        Pretrainer(_cfg(demos, tmp_path, steps=0))
+        Pretrainer(_cfg(demos, tmp_path, grad_steps=0))
     with pytest.raises(ValueError, match="power-of-two"):
         Pretrainer(_cfg(demos, tmp_path, policy={"kind": "shortcut", "default_steps": 3}))
     with pytest.raises(ValueError, match="exec_horizon"):
@@ -103,7 +103,7 @@ def test_invalid_values_fail_before_training(demos, tmp_path):
 
 
 def test_checkpoint_of_another_policy_kind_is_refused(demos, tmp_path):
-    out = Pretrainer(_cfg(demos, tmp_path, steps=10)).run()
+    out = Pretrainer(_cfg(demos, tmp_path, grad_steps=10)).run()
     with pytest.raises(CheckpointError, match="holds a 'reflow' policy, expected 'shortcut'"):
         policy_from_checkpoint(out["checkpoint"], expect_kind="shortcut")
 
@@ -116,7 +116,7 @@ def test_bc_policy_learns_pick_place_and_sb3_evaluate_policy_runs_it(demos, tmp_
     from envs.factory import make_env
 
     torch.manual_seed(0)
-    cfg = _cfg(demos, tmp_path, steps=600, batch_size=128, policy={"kind": "reflow", "hidden": 128, "depth": 2,
+    cfg = _cfg(demos, tmp_path, grad_steps=600, batch_size=128, policy={"kind": "reflow", "hidden": 128, "depth": 2,
                "default_steps": 2}, max_episode_steps=120)
     tr = Pretrainer(cfg)
     untrained = evaluate_policy_steps(tr.ema.model, ENV, [2], episodes=6, num_envs=3, max_episode_steps=120)[0]
@@ -132,7 +132,7 @@ def test_bc_policy_learns_pick_place_and_sb3_evaluate_policy_runs_it(demos, tmp_
 
 
 def test_latency_is_reported_per_call_and_per_env_step(demos, tmp_path):
-    tr = Pretrainer(_cfg(demos, tmp_path, steps=1))
+    tr = Pretrainer(_cfg(demos, tmp_path, grad_steps=1))
     lat = measure_latency(tr.policy, steps=4, repeats=5)
     assert lat["latency_us_per_env_step"] == pytest.approx(lat["latency_us_per_call"] / 2)
     assert lat["latency_us_per_call"] > 2 * lat["bare_forward_us"]  # 4 forwards per call

@@ -103,8 +103,8 @@ def test_unknown_config_group_or_key_is_hydras_error():
         (["stage=eval"], "needs checkpoint="),
         (["task.action_horizon=0"], "action_horizon must be >= 1"),
         (["task.exec_horizon=9"], "exec_horizon"),
-        (["policy=shortcut", "task.eval.steps=[1,3]"], "power-of-two"),
-        (["task.eval.steps=[0]"], "positive"),
+        (["policy=shortcut", "task.eval.denoise_steps=[1,3]"], "power-of-two"),
+        (["task.eval.denoise_steps=[0]"], "positive"),
     ],
 )
 def test_invalid_values_fail_before_anything_runs(tmp_path, overrides, match):

@@ -32,7 +32,7 @@ def demo_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(demo_file):
-    cfg = RobomimicBCConfig(dataset=demo_file, steps=40, batch_size=32, actor_layer_dims=(32, 32), lr=3e-3)
+    cfg = RobomimicBCConfig(dataset=demo_file, grad_steps=40, batch_size=32, actor_layer_dims=(32, 32), lr=3e-3)
     return train_robomimic_bc(cfg)
 
 
@@ -91,4 +91,4 @@ def test_rollout_and_latency_helpers_run_the_adapter(trained):
 
 def test_a_file_without_the_obs_key_is_refused_with_its_keys(demo_file):
     with pytest.raises(ValueError, match=r"no data/demo_0/obs/image .*obs keys: \['state'\]"):
-        train_robomimic_bc(RobomimicBCConfig(dataset=demo_file, steps=1, obs_key="image"))
+        train_robomimic_bc(RobomimicBCConfig(dataset=demo_file, grad_steps=1, obs_key="image"))

@@ -82,9 +82,9 @@ def test_collector_writes_robomimic_env_args_that_give_the_env_back(lift_file, t
 def test_train_py_pretrains_and_evaluates_on_the_collected_file(lift_file, tmp_path):
     run_dir = tmp_path / "run"
     out = subprocess.run([sys.executable, str(ROOT / "train.py"), "task=robomimic", f"task.demos.path={lift_file}",
-                          "stage=pretrain", "stage.steps=20", "stage.eval_every=0", "stage.val_every=100",
+                          "stage=pretrain", "stage.grad_steps=20", "stage.eval_every=0", "stage.val_every=100",
                           "task.max_episode_steps=10", "task.eval.episodes=2", "task.eval.num_envs=2",
-                          "task.eval.steps=[1]", "task.eval.videos=0", "policy.hidden=32", "policy.depth=1",
+                          "task.eval.denoise_steps=[1]", "task.eval.videos=0", "policy.hidden=32", "policy.depth=1",
                           "logger=none", "progress=false", f"hydra.run.dir={run_dir}"],
                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]

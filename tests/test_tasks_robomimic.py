@@ -15,7 +15,7 @@ sys.path.insert(0, str(ROOT))  # tests.fixture_envs, as train.py (run from the r
 from tests.fixture_envs import NAME, write_robomimic_file  # noqa: E402
 
 TINY = ["stage.eval_every=0", "stage.val_every=100", "stage.save_every=300", "task.eval.episodes=10",
-        "task.eval.num_envs=2", "task.eval.steps=[2]", "task.eval.videos=0", "policy.hidden=64", "policy.depth=2",
+        "task.eval.num_envs=2", "task.eval.denoise_steps=[2]", "task.eval.videos=0", "policy.hidden=64", "policy.depth=2",
         "logger=none", "progress=false"]
 
 
@@ -34,7 +34,7 @@ def rm_file(tmp_path_factory):
 def test_train_py_trains_and_evaluates_a_robomimic_file(rm_file, tmp_path):
     run_dir = tmp_path / "run"
     out = subprocess.run([sys.executable, str(ROOT / "train.py"), "task=robomimic", f"task.demos.path={rm_file}",
-                          "stage=pretrain", "stage.steps=300", f"hydra.run.dir={run_dir}", *TINY],
+                          "stage=pretrain", "stage.grad_steps=300", f"hydra.run.dir={run_dir}", *TINY],
                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
     env = f"{NAME}@object,robot0_eef_pos"  # the file's env_args env; its low-dim keys sorted, image key left out
@@ -91,7 +91,7 @@ def test_reflow_stage_reads_the_observation_keys_the_policy_was_pretrained_on(rm
     from agents.stages import run
 
     keys = "task.obs_keys=[robot0_eef_pos,object]"
-    run(_compose("task=robomimic", f"task.demos.path={rm_file}", keys, "stage=pretrain", "stage.steps=20",
+    run(_compose("task=robomimic", f"task.demos.path={rm_file}", keys, "stage=pretrain", "stage.grad_steps=20",
                  *TINY), tmp_path / "pre")
     seen = {}
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["stage.steps=20", "stage.eval_every=0", "stage.val_every=10", "stage.save_every=10", "task.eval.episodes=2",
-        "task.eval.num_envs=2", "task.eval.steps=[1,2]", "task.eval.videos=0", "task.demos.num=5",
+TINY = ["stage.grad_steps=20", "stage.eval_every=0", "stage.val_every=10", "stage.save_every=10", "task.eval.episodes=2",
+        "task.eval.num_envs=2", "task.eval.denoise_steps=[1,2]", "task.eval.videos=0", "task.demos.num=5",
         "task.max_episode_steps=40", "policy.hidden=32", "policy.depth=1", "logger=none", "progress=false"]
 
 
@@ -44,7 +44,7 @@ def test_eval_stage_reads_a_run_directory(pretrained, tmp_path):
     from agents.stages import run
 
     run_dir, data, _ = pretrained
-    out = run(_compose("stage=eval", f"checkpoint={run_dir}", f"data_dir={data}", "stage.steps=[4]", *TINY[4:]),
+    out = run(_compose("stage=eval", f"checkpoint={run_dir}", f"data_dir={data}", "stage.denoise_steps=[4]", *TINY[4:]),
               tmp_path)
     assert [r["steps"] for r in out["eval"]["rows"]] == [4]
 
@@ -63,7 +63,7 @@ def test_eval_stage_reads_its_episodes_num_envs_videos_and_seed(pretrained, tmp_
 
     monkeypatch.setattr(runners, "evaluate_policy_steps", spy)  # run_eval lives there
     # TINY sets task.eval.episodes=2, num_envs=2, videos=0; the stage's own values must win
-    out = stages.run(_compose("stage=eval", f"checkpoint={run_dir}", f"data_dir={data}", "stage.steps=[1]",
+    out = stages.run(_compose("stage=eval", f"checkpoint={run_dir}", f"data_dir={data}", "stage.denoise_steps=[1]",
                               "stage.episodes=3", "stage.num_envs=3", "stage.videos=1", "stage.seed=7", *TINY[4:]),
                      tmp_path)
     assert [r["episodes"] for r in out["eval"]["rows"]] == [3]
@@ -71,7 +71,7 @@ def test_eval_stage_reads_its_episodes_num_envs_videos_and_seed(pretrained, tmp_
         "episodes": 3, "num_envs": 3, "videos": 1, "seed": 7}
     # defaults: task.eval's episodes, num_envs and videos, and the stage's seed 100000
     calls.clear()
-    stages.run(_compose("stage=eval", f"checkpoint={run_dir}", f"data_dir={data}", "stage.steps=[1]", *TINY[4:]),
+    stages.run(_compose("stage=eval", f"checkpoint={run_dir}", f"data_dir={data}", "stage.denoise_steps=[1]", *TINY[4:]),
                tmp_path / "defaults")
     assert {k: calls[0][k] for k in ("episodes", "num_envs", "videos", "seed")} == {
         "episodes": 2, "num_envs": 2, "videos": 0, "seed": 100000}
@@ -88,7 +88,7 @@ def test_logger_wandb_opens_a_run_with_the_configs_project_and_mode(pretrained, 
     from agents.stages import run
 
     run_dir, data, _ = pretrained
-    overrides = ["stage=eval", f"checkpoint={run_dir}", f"data_dir={data}", "stage.steps=[1]", *TINY[4:],
+    overrides = ["stage=eval", f"checkpoint={run_dir}", f"data_dir={data}", "stage.denoise_steps=[1]", *TINY[4:],
                  "logger=wandb", "logger.project=tiny-project", "logger.mode=offline"]
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setitem(sys.modules, "wandb", None)  # not installed: a user error before anything runs

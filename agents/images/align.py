@@ -74,7 +74,7 @@ class ImageAlignConfig:
     beta_schedule: str = "constant"
     rwr_beta: float | None = None   # RWR temperature in reward units (None: the std of the rewards)
     rwr_max_weight: float | None = 20.0
-    steps: int = 300
+    grad_steps: int = 300
     batch_size: int = 64            # pairs per DPO step; samples per RWR/SFT step
     lr: float = 3.0e-4
     grad_clip: float = 1.0
@@ -94,7 +94,7 @@ class ImageAlignConfig:
             raise ValueError(f"group_size must be >= 2 to pick a winner and a loser, got {self.group_size}")
         if self.num_samples < self.group_size:
             raise ValueError(f"num_samples={self.num_samples} gives no group of {self.group_size}")
-        for name in ("sample_steps", "steps", "batch_size", "eval_samples"):
+        for name in ("sample_steps", "grad_steps", "batch_size", "eval_samples"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"image align {name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0 or not self.beta > 0:
@@ -163,8 +163,8 @@ def align_generator(flow: RectifiedFlow, images: torch.Tensor, rewards: torch.Te
     record = History(lambda s: {"loss": float(s.value), **s.info})
     SupervisedLoop(net.parameters(), opt, loss_fn, grad_clip=cfg.grad_clip, callbacks=[
         NonFiniteGuard(lambda s: f"image align {cfg.method}: non-finite loss at step {s.index}; lower lr or beta"),
-        record, ProgressBar(cfg.steps, f"align {cfg.method}", disable=not cfg.progress),
-    ]).run(cfg.steps)
+        record, ProgressBar(cfg.grad_steps, f"align {cfg.method}", disable=not cfg.progress),
+    ]).run(cfg.grad_steps)
     history = record.records
     net.eval()
     last = history[-20:]

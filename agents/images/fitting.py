@@ -232,8 +232,8 @@ def _batches(n: int, batch_size: int, device: torch.device) -> Callable[[], torc
 
 
 def train_base(name: str, method: str, data: ImageData, stage: DictConfig, device: torch.device,
-               logger: _Logger | None = None, progress: bool = True) -> TrainedModel:
-    """1-RF (``method='rf'``) or shortcut model (``'shortcut'``) trained on the data for ``stage.train_steps``."""
+               logger: _Logger | None = None, progress: bool = True, restore: Restore | None = None) -> TrainedModel:
+    """1-RF (``method='rf'``) or shortcut model (``'shortcut'``) trained on the data for ``stage.grad_steps``."""
     flow, spec = build_flow(method, data.image_shape, stage)
     flow.to(device)
     # the shortcut model's own EMA (its self-consistency targets) doubles as its sampling EMA
@@ -241,13 +241,22 @@ def train_base(name: str, method: str, data: ImageData, stage: DictConfig, devic
     model = TrainedModel(name, flow, ema, spec)
     images = data.images.to(device)
     draw = _batches(len(data), int(stage.batch_size), device)
-    return _fit_section(model, lambda: flow.loss(images[draw()]), int(stage.train_steps), stage, stage, logger,
-                        progress)
+    return _fit_section(model, lambda: flow.loss(images[draw()]), int(stage.grad_steps), stage, stage, logger,
+                        progress, restore)
+
+
+# ``restore(model) -> bool``: loads a finished model's weights saved by an earlier run into ``model`` (True), or
+# leaves it to be trained (False); agents.images.trainer passes one to resume a run section by section
+Restore = Callable[[TrainedModel], bool]
 
 
 def _fit_section(model: TrainedModel, loss_fn, steps: int, section: DictConfig, stage: DictConfig,
-                 logger: _Logger | None, progress: bool) -> TrainedModel:
-    """``fit`` with the section's lr and lr_schedule, falling back to the stage's."""
+                 logger: _Logger | None, progress: bool, restore: Restore | None = None) -> TrainedModel:
+    """``fit`` with the section's lr and lr_schedule, falling back to the stage's (or ``restore``'s weights)."""
+    if restore is not None and restore(model):
+        if logger is not None:
+            logger.step += steps  # TensorBoard steps continue as in the run that trained it
+        return model
     return fit(model, loss_fn, steps, float(section.get("lr") or stage.lr), stage.get("grad_clip", 1.0), logger,
                int(stage.get("log_every", 50)), progress,
                str(section.get("lr_schedule") or stage.get("lr_schedule", "constant")))
@@ -287,7 +296,7 @@ def _child(name: str, parent: TrainedModel, stage: DictConfig, section: DictConf
 
 
 def train_reflow(base: TrainedModel, stage: DictConfig, seed: int, logger: _Logger | None = None,
-                 progress: bool = True) -> TrainedModel:
+                 progress: bool = True, restore: Restore | None = None) -> TrainedModel:
     """2-RF: couplings from ``base`` (the 1-RF), then flow matching on the fixed pairs.
 
     ``train_s`` includes the time to generate the couplings (recorded separately in ``info``).
@@ -303,7 +312,7 @@ def train_reflow(base: TrainedModel, stage: DictConfig, seed: int, logger: _Logg
         idx = draw()
         return model.flow.loss(x1[idx], x0=x0[idx])
 
-    return _fit_section(model, loss_fn, int(r.steps), r, stage, logger, progress)
+    return _fit_section(model, loss_fn, int(r.grad_steps), r, stage, logger, progress, restore)
 
 
 def distill_ks(stage: DictConfig) -> list[int]:
@@ -316,7 +325,7 @@ def distill_ks(stage: DictConfig) -> list[int]:
 
 
 def train_distilled(teacher: TrainedModel, stage: DictConfig, seed: int, logger: _Logger | None = None,
-                    progress: bool = True) -> list[TrainedModel]:
+                    progress: bool = True, restore: Restore | None = None) -> list[TrainedModel]:
     """K-step distillations of ``teacher``: one student ``<teacher>_distill_k<K>`` per K in ``stage.distill.k``,
     initialized from the teacher's EMA weights, all trained on the same pairs.
 
@@ -347,5 +356,5 @@ def train_distilled(teacher: TrainedModel, stage: DictConfig, seed: int, logger:
             idx = draw()
             return distillation_loss(model.flow, x0[idx], x1[idx], steps=k)
 
-        students.append(_fit_section(model, loss_fn, int(dcfg.steps), dcfg, stage, logger, progress))
+        students.append(_fit_section(model, loss_fn, int(dcfg.grad_steps), dcfg, stage, logger, progress, restore))
     return students

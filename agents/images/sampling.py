@@ -77,7 +77,7 @@ def check_steps(method: str, steps_list) -> list[int]:
     if method == "shortcut":
         bad = [k for k in steps if k & (k - 1)]
         if bad:
-            raise ValueError(f"shortcut models sample with powers of two steps; {bad} are not (stage.eval.steps)")
+            raise ValueError(f"shortcut models sample with powers of two steps; {bad} are not (stage.eval.denoise_steps)")
     return steps
 
 
@@ -100,7 +100,8 @@ def image_grid(rows: list[torch.Tensor], scale: int = 4, pad: int = 1) -> PILIma
     return pil.resize((pil.width * scale, pil.height * scale), Image.Resampling.NEAREST)
 
 
-def save_checkpoint(model: TrainedModel, path: str | Path, extra: dict | None = None) -> Path:
+def save_checkpoint(model: TrainedModel, path: str | Path, extra: dict | None = None,
+                    training_state: dict | None = None) -> Path:
     """Save ``model`` under ``path`` with the policies' atomic writer (:func:`agents.checkpoint.save_checkpoint`):
     a verified ``path/step_<N>`` directory (N: the model's EMA updates) that ``path/last`` points at, with
     ``model.safetensors`` (the training weights), ``extra/ema.safetensors`` (the sampling weights) and a
@@ -108,8 +109,8 @@ def save_checkpoint(model: TrainedModel, path: str | Path, extra: dict | None = 
     """
     cfg = {"kind": "image_generator", "model": model.name, "flow": model.spec, "train_s": model.train_s,
            "ema_updates": model.ema.num_updates, **(extra or {})}
-    write_checkpoint(path, model.ema.num_updates, cfg, model.flow.net, extra_modules={"ema": model.ema.model},
-                     keep_last=1)
+    write_checkpoint(path, model.ema.num_updates, cfg, model.flow.net, training_state=training_state,
+                     extra_modules={"ema": model.ema.model}, keep_last=1)
     return Path(path)
 
 

@@ -17,6 +17,12 @@ A run directory receives ``checkpoints/<model>/`` (the policies' atomic checkpoi
 ``image_generator``: ``last`` -> ``step_<N>/``; see :func:`save_checkpoint`), ``samples/<model>.png``
 (one row per number of sampling steps, same noise for every model and row), TensorBoard scalars under ``tb/``
 and ``eval.json``.
+
+Resume (``resume=true``, the default): re-running the command in the same run directory (``hydra.run.dir=...``)
+loads every model an earlier run finished (weights, EMA, its evaluation and the global RNG state after it, so
+what follows trains exactly as in one uninterrupted run) and trains the rest. A model that was stopped part way
+(Ctrl-C) is trained again from its start. Finished models trained with other settings stop the run with one
+line (use a new run directory or ``resume=false``, which retrains and replaces them).
 """
 
 from __future__ import annotations
@@ -28,7 +34,17 @@ import torch
 from omegaconf import DictConfig
 
 from .. import distributed
-from ..checkpoint import StopOnInterrupt, TrainingInterrupted, atomic_write_json, seed_everything
+from ..checkpoint import (
+    StopOnInterrupt,
+    TrainingInterrupted,
+    atomic_write_json,
+    load_checkpoint,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
+from ..errors import UserError
+from ..runfiles import CheckpointError
 from .classifier import FrechetScorer, load_or_train_classifier
 from .data import load_dataset
 from .fitting import (  # noqa: F401 - agents.images.trainer API
@@ -85,7 +101,7 @@ def _abs_path(p: str) -> Path:
 def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     """Train and evaluate image generators as ``cfg.stage`` says, on ``cfg.task``'s dataset.
 
-    ``cfg`` needs ``task`` (dataset, path, image_size, channels), ``stage`` (see configs/stage/image.yaml),
+    ``cfg`` needs ``task`` (dataset, path, image_size, channels), ``stage`` (agents.config_schema.ImageStage),
     and optionally ``seed`` and ``device``. ``run_dir``: explicit output folder; else Hydra's run dir, else
     ``cfg.run_dir``, else the working directory. Returns (and writes to ``eval.json``) a summary:
     ``{"method", "run_dir", "dataset", "classifier", "models": {name: {"fd": {K: FD}, "sample_s": {K: s},
@@ -95,7 +111,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     method = str(stage.method)
     if method not in METHODS:
         raise ValueError(f"unknown stage.method {method!r}; choose from {METHODS}")
-    steps_list = check_steps(method, stage.eval.steps)
+    steps_list = check_steps(method, stage.eval.denoise_steps)
     if method == "reflow":
         distill_ks(stage)
     out = _run_dir(cfg, run_dir)
@@ -105,7 +121,6 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     seed = int(cfg.get("seed", 0))
     device = torch.device(str(cfg.get("device", "cpu")))
     progress = bool(stage.get("progress") if stage.get("progress") is not None else cfg.get("progress", True))
-    seed_everything(seed)
 
     data = load_dataset(str(task.dataset), task.get("path"), task.get("image_size"), int(task.get("channels", 3)))
     summary: dict = {"method": method, "run_dir": str(out), "seed": seed, "device": str(device),
@@ -117,15 +132,59 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
         ccfg = stage.classifier
         cache = ccfg.get("cache_dir")
         clf, cinfo = load_or_train_classifier(data, cache_dir=_abs_path(cache) if cache else None,
-                                              steps=int(ccfg.steps), seed=int(ccfg.get("seed", 0)))
+                                              steps=int(ccfg.grad_steps), seed=int(ccfg.get("seed", 0)))
         scorer = FrechetScorer(clf, data.images)
         summary["classifier"] = cinfo
     x0_eval = eval_noise(int(stage.eval.samples), data.image_shape, seed + 12345)
+    # seeded after the classifier: loading a cached one draws initial weights from the global RNG, training one
+    # does not, so the generators must not depend on whether the classifier was cached
+    seed_everything(seed)
     logger = _Logger(out / "tb") if main else None
+    settings = _settings(stage)
+    resume = bool(cfg.get("resume", True)) and bool(stage.get("checkpoint", True))
+    restored: dict[str, tuple[dict, dict]] = {}  # model name -> (its eval.json entry, training state after it)
+
+    def restore(model: TrainedModel) -> bool:
+        """Load ``model`` finished by an earlier run in this run directory, if there is one."""
+        root = out / "checkpoints" / model.name
+        if not resume or not root.exists():
+            return False
+        try:
+            ck = load_checkpoint(root)
+        except CheckpointError as err:
+            print(f"{model.name}: {err}; training it again", flush=True)
+            return False
+        c = ck["config"]
+        if c.get("stopped_at_step") is not None or "entry" not in c or ck["training_state"] is None:
+            why = (f"stopped at step {c['stopped_at_step']} last time" if c.get("stopped_at_step") is not None
+                   else "saved without what resuming needs (an older flowpolicy)")
+            if main:
+                print(f"{model.name}: {why}; training it again from its start", flush=True)
+            return False
+        if (c.get("settings"), c.get("seed"), c.get("method")) != (settings, seed, method):
+            raise UserError(f"{root} holds {model.name} trained with other settings (stage, seed or method); "
+                            "use a new hydra.run.dir, or resume=false to train it again and replace it")
+        model.flow.net.load_state_dict(ck["model"])
+        model.ema.model.load_state_dict(ck["extras"]["ema"])
+        model.ema.num_updates = int(c["ema_updates"])
+        model.train_s = float(c["train_s"])
+        restored[model.name] = (c["entry"], ck["training_state"])
+        if main:
+            print(f"resumed {model.name} from {ck['path']}", flush=True)
+        return True
     data_meta = {"data": {"dataset": str(task.dataset), "name": data.name, "range": [-1.0, 1.0],
                           "num_classes": data.num_classes, "class_names": data.class_names}}
 
     def finish(model: TrainedModel) -> None:
+        if model.name in restored:  # evaluated by the run that trained it; continue from the RNG state after it
+            entry, state = restored.pop(model.name)
+            set_rng_state(state["rng"])
+            if "cuda" in state and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(list(state["cuda"]))
+            if main:  # config.yaml keeps mapping keys as strings: K keys (fd, sample_s) back to ints
+                summary["models"][model.name] = {k: {int(a) if str(a).isdigit() else a: b for a, b in v.items()}
+                                                 if isinstance(v, dict) else v for k, v in entry.items()}
+            return
         if not main:
             return
         metrics, samples = evaluate(model, x0_eval, steps_list, scorer,
@@ -141,22 +200,26 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
         image_grid([samples[k][:cols] for k in steps_list]).save(png)
         entry = {**metrics, "train_s": model.train_s, "samples": str(png), **model.info}
         if stage.get("checkpoint", True):
-            entry["checkpoint"] = str(save_checkpoint(model, out / "checkpoints" / model.name,
-                                                      {**data_meta, "method": method, "seed": seed}))
+            entry["checkpoint"] = str(out / "checkpoints" / model.name)
+            state = {"rng": rng_state()}  # the state the next model starts from (evaluation included)
+            if device.type == "cuda":
+                state["cuda"] = torch.cuda.get_rng_state_all()
+            save_checkpoint(model, out / "checkpoints" / model.name, {**data_meta, "method": method, "seed": seed,
+                            "settings": settings, "entry": entry}, training_state=state)
         summary["models"][model.name] = entry
 
     stop = StopOnInterrupt("image training").__enter__()
     try:
         if method == "shortcut":
-            finish(train_base("shortcut", "shortcut", data, stage, device, logger, progress))
+            finish(train_base("shortcut", "shortcut", data, stage, device, logger, progress, restore))
         else:
-            rf1 = train_base("1rf", "rf", data, stage, device, logger, progress)
+            rf1 = train_base("1rf", "rf", data, stage, device, logger, progress, restore)
             finish(rf1)
             if method == "reflow":
-                rf2 = train_reflow(rf1, stage, seed, logger, progress)
+                rf2 = train_reflow(rf1, stage, seed, logger, progress, restore)
                 finish(rf2)
-                if int(stage.distill.get("steps", 0)) > 0:
-                    for student in train_distilled(rf2, stage, seed, logger, progress):
+                if int(stage.distill.get("grad_steps", 0)) > 0:
+                    for student in train_distilled(rf2, stage, seed, logger, progress, restore):
                         finish(student)
     except _Stopped as s:  # Ctrl-C: save the model being trained, once, with the step it reached
         if not main:
@@ -174,3 +237,13 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
         atomic_write_json(out / "eval.json", summary)
     return summary
 
+
+# settings that do not change what a model learns (presentation, evaluation, logging)
+_NOT_TRAINING = ("name", "eval", "classifier", "checkpoint", "grid_cols", "log_every", "progress")
+
+
+def _settings(stage: DictConfig) -> dict:
+    """The stage settings a saved model must have been trained with for a run to resume from it."""
+    from omegaconf import OmegaConf
+
+    return {k: v for k, v in OmegaConf.to_container(stage, resolve=True).items() if k not in _NOT_TRAINING}
