@@ -3,6 +3,7 @@ global batch, exact resume under 2 ranks, Ctrl-C on any rank saves once, and a d
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -209,6 +210,17 @@ def test_two_rank_image_training_equals_one_process_with_the_global_batch(tmp_pa
     summary = json.loads((two_dir / "summary.json").read_text())
     assert set(summary["models"]) == {"1rf", "2rf"} and proc.stdout.count("run directory:") == 1
     assert not list((two_dir / "checkpoints").rglob("*.tmp*"))
+    # resume with the same 2 ranks after losing the 2-RF: the 1-RF loads, the 2-RF trains as before
+    before = load_generator(two_dir / "checkpoints" / "2rf")[0]
+    shutil.rmtree(two_dir / "checkpoints" / "2rf")
+    proc = subprocess.run(base + [f"hydra.run.dir={two_dir}"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("resumed 1rf") == 1, proc.stdout[-2000:]
+    with torch.no_grad():
+        diff = (load_generator(two_dir / "checkpoints" / "2rf")[0].sample(steps=2, x0=x0)
+                - before.sample(steps=2, x0=x0)).abs().max().item()
+    assert diff < 1e-6, f"resumed 2-rank 2-RF vs uninterrupted: max |sample diff| {diff:.2e}"
     proc = subprocess.run(base + ["stage.batch_size=33", f"hydra.run.dir={tmp_path / 'odd'}"], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "stage.batch_size=33 must be divisible by the number of processes (2)" \
