@@ -309,6 +309,14 @@ def main(argv=None):
     eval_every_steps = eval_every * steps_per_iter
     eval_seed = int(args.eval_seed if args.eval_seed is not None else ft_defaults.get("eval_seed", 100_000))
     eval_num_envs = int(ft_defaults.get("eval_num_envs", 8))
+    earlier = None
+    if args.merge:  # checked before any run: a mismatch found after hours of runs would lose them
+        planned = [{"method": m, "variant": vn, "seed": s} for m in ft_methods for vn, _ in variants
+                   for s in args.seeds] + [{"method": "sb3_ppo", "variant": "default", "seed": s} for s in args.seeds
+                                           if "sb3_ppo" in args.methods]
+        earlier = _load_merge(args.merge, {"task": args.task, **budget, "finetune_defaults": ft_defaults,
+                                           "eval": {**eval_over, "seed": eval_seed}, "dataset": Path(dataset).name,
+                                           "demo_return_mean": float(np.mean(demo_returns))}, planned)
     ctx = mp.get_context("spawn")
     with ctx.Pool(args.workers) as pool:
         pre = pool.map(_pretrain, [(k, args.task, dataset, work / k, budget["pretrain_steps"], 0) for k in kinds])
@@ -355,10 +363,7 @@ def main(argv=None):
             row["final_vs_sb3_ppo"] = final / sb3_final[r["seed"]] if sb3_final[r["seed"]] else None
         rows.append(row)
     merged_note = ""
-    if args.merge:
-        earlier = _load_merge(args.merge, {"task": args.task, **budget, "finetune_defaults": ft_defaults,
-                                           "eval": {**eval_over, "seed": eval_seed}, "dataset": Path(dataset).name,
-                                           "demo_return_mean": float(np.mean(demo_returns))}, rows)
+    if earlier is not None:
         rows += earlier["rows"]
         runs += earlier["runs"]
         merged_note = (f"\nRows of {earlier['methods']} come from an earlier run with the same task, budget, "
