@@ -19,6 +19,7 @@ so ``stage.clip_coef=abc`` or a misspelt key stops before anything runs.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -194,6 +195,14 @@ def register() -> None:
         cs.store(group="schema", name=name, node=node)
     if not OmegaConf.has_resolver("task_or"):
         OmegaConf.register_new_resolver("task_or", task_or)
+
+
+def task_choosable(section: str) -> set[str]:
+    """The settings of ``stage=<section>`` a task may choose: those its YAML reads with ``${task_or:...}``."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "configs" / "stage" / f"{section}.yaml").read_text()
+    return set(re.findall(r"\$\{task_or:" + section + r"\.(\w+)\}", text))
 
 
 def unknown_task_keys(task_section, section: str) -> list[str]:

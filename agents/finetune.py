@@ -17,22 +17,19 @@ noise net), the frozen reference policy, the critic, both optimizers (their lear
 from the iteration counter, which is the whole scheduler state), the reward scaler, the counters and the RNG
 states (two torch generators; no numpy or global RNG is used). Env state cannot be saved, so with
 ``reset_at_iteration=True`` (default) every iteration starts by resetting the envs with a seed derived from
-(seed, iteration): N iterations + save + load + M iterations then equals N + M iterations exactly. With
-``reset_at_iteration=False`` the envs run on across iterations and a resumed run restarts its episodes at the
-resume point (the only difference).
+(seed, iteration): N iterations + save + load + M iterations then equals N + M iterations exactly (with
+``reset_at_iteration=False`` a resumed run restarts its episodes at the resume point).
 
 Evaluation is deterministic (noise off) at the fine-tuned K, on separate eval envs reset with ``eval_seed``,
 with a dedicated generator for the flow's initial noise, so it never perturbs training.
 
-Metric names: ``train/approx_kl``, ``train/clipfrac``, ``train/policy_loss``, ``train/value_loss``,
-``train/entropy``, ``train/kl_per_dim`` (KL of the whole sample -- chain or action -- per executed action dimension, the
-same scale for every actor; ``target_kl`` applies to it), ``train/log_ratio_std`` and
+Metric names: ``train/approx_kl``, ``train/clipfrac``, ``train/policy_loss``, ``train/value_loss``, ``train/entropy``,
+``train/kl_per_dim`` (KL of the whole sample per executed action dim; ``target_kl`` applies to it), ``train/log_ratio_std`` and
 ``train/log_ratio_absmax`` (spread of the log-ratio per executed action dimension over the samples of the
 minibatches), ``train/sigma_obs_min``/``train/sigma_obs_max`` (exploration std over the batch),
-``train/ratio_first_minibatch`` (mean |ratio - 1| of the first minibatch of an update,
-before any step: 0 but for float32 matmul differences between the rollout's and the minibatch's batch sizes,
-measured 0 on CPU for batches >= 8, about 2e-8 on an H200 with the default normalized log-prob and below
-1e-6 unnormalized for a 2 x 2 chunk), ``train/sigma_mean``, ``train/bc_loss``, ``train/explained_variance``,
+``train/ratio_first_minibatch`` (mean |ratio - 1| of an update's first minibatch, before any step: 0 but for
+float32 matmul differences between batch sizes; 0 on CPU for batches >= 8, about 2e-8 on an H200),
+``train/sigma_mean``, ``train/bc_loss``, ``train/explained_variance``,
 ``train/grad_norm`` (the actor's gradient norm before clipping, mean over its steps),
 ``train/lr_actor``, ``train/lr_critic``, ``train/sigma_min``, ``train/sigma_max``, ``train/epochs``,
 ``train/actor_updated`` (0 during the critic warm-up), ``train/target_kl_stop``,
@@ -42,6 +39,7 @@ measured 0 on CPU for batches >= 8, about 2e-8 on an H200 with the default norma
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -124,6 +122,7 @@ class ReinFlowPPO(PPOUpdate):
         self.dist = distributed.info()
         self.env_offset = self.dist.rank * self.num_envs
         self.global_num_envs = self.num_envs * self.dist.world_size
+        self.planned_iters: int | None = None  # the run's iterations, set by learn() (for the *_frac schedules)
         gather = None
         if self.dist.enabled:
             counts = distributed.all_gather_object(int(self.num_envs))
@@ -175,11 +174,11 @@ class ReinFlowPPO(PPOUpdate):
 
     def _apply_schedules(self) -> tuple[float, float, float]:
         c = self.cfg
-        f = lr_factor(c.lr_schedule, self.iteration, c.lr_schedule_iters, c.lr_final_ratio)
+        f = lr_factor(c.lr_schedule, self.iteration, c.schedule_iters(self.planned_iters)[2], c.lr_final_ratio)
         for opt in (self.actor_optim, self.critic_optim):
             for group in opt.param_groups:
                 group["lr"] = group["base_lr"] * f
-        lo, hi = c.noise_bounds(self.iteration)
+        lo, hi = c.noise_bounds(self.iteration, self.planned_iters)
         self.actor.set_noise_bounds(lo, hi)
         return f, lo, hi
 
@@ -335,6 +334,8 @@ class ReinFlowPPO(PPOUpdate):
         calls ``callback`` after every iteration with the same metrics (evaluations gathered), and a False
         from any process stops all of them at the same iteration.
         """
+        per_iteration = self.global_num_envs * self.cfg.n_steps * self.env_chunk  # env steps, no early ends
+        self.planned_iters = max(1, math.ceil(int(total_env_steps) / per_iteration))
         bar = tqdm(total=int(total_env_steps), initial=min(self.env_steps, int(total_env_steps)),
                    disable=not progress, desc="finetune", unit="step")
         try:

@@ -45,6 +45,11 @@ class FinetuneConfig:
     sigma_max_final: float | None = None
     sigma_hold_iters: int = 0  # (D) hold the bounds this many iterations, then decay linearly ...
     sigma_decay_iters: int = 0  # ... over this many iterations (0: jump to the final bounds)
+    # the same lengths as fractions of the run's planned iterations (total_env_steps / env steps per iteration),
+    # so one schedule fits every budget; set, they replace sigma_hold_iters / sigma_decay_iters / lr_schedule_iters
+    sigma_hold_frac: float | None = None
+    sigma_decay_frac: float | None = None
+    lr_schedule_frac: float | None = None
     noise_time_dependent: bool = False  # sigma(s, t) instead of sigma(s)
     noise_hidden: int = 128
     noise_depth: int = 2
@@ -100,6 +105,9 @@ class FinetuneConfig:
         checks.append((self.fpo_mc_samples >= 1, "fpo_mc_samples must be >= 1"))
         lo, hi = self.final_bounds()
         checks.append((0.0 < lo <= hi, "need 0 < sigma_min_final <= sigma_max_final"))
+        for name in ("sigma_hold_frac", "sigma_decay_frac", "lr_schedule_frac"):
+            v = getattr(self, name)
+            checks.append((v is None or 0.0 <= v <= 1.0, f"{name} must be in [0, 1] (a fraction of the run)"))
         for ok, msg in checks:
             if not ok:
                 raise ValueError(f"FinetuneConfig: {msg}")
@@ -118,12 +126,26 @@ class FinetuneConfig:
         hi = self.sigma_max if self.sigma_max_final is None else self.sigma_max_final
         return float(lo), float(hi)
 
-    def noise_bounds(self, iteration: int) -> tuple[float, float]:
-        """The (sigma_min, sigma_max) bounds in force at ``iteration``."""
+    def schedule_iters(self, planned_iters: int | None) -> tuple[int, int, int]:
+        """(sigma hold, sigma decay, lr schedule) lengths in iterations; the ``*_frac`` settings scale with
+        ``planned_iters`` (the run's iterations), which they need."""
+        out = []
+        for frac, iters in ((self.sigma_hold_frac, self.sigma_hold_iters), (self.sigma_decay_frac,
+                            self.sigma_decay_iters), (self.lr_schedule_frac, self.lr_schedule_iters)):
+            if frac is None:
+                out.append(int(iters))
+            elif planned_iters is None:
+                raise ValueError("the *_frac schedule settings need the run's length: call learn(total_env_steps)")
+            else:
+                out.append(round(frac * planned_iters))
+        return out[0], out[1], out[2]
+
+    def noise_bounds(self, iteration: int, planned_iters: int | None = None) -> tuple[float, float]:
+        """The (sigma_min, sigma_max) bounds in force at ``iteration`` of a run of ``planned_iters``."""
         lo_f, hi_f = self.final_bounds()
         if (lo_f, hi_f) == (self.sigma_min, self.sigma_max):
             return self.sigma_min, self.sigma_max
-        args = (self.sigma_hold_iters, self.sigma_decay_iters)
+        args = self.schedule_iters(planned_iters)[:2]
         return (hold_then_linear(iteration, self.sigma_min, lo_f, *args),
                 hold_then_linear(iteration, self.sigma_max, hi_f, *args))
 

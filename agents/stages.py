@@ -121,13 +121,17 @@ def validate_config(cfg: DictConfig) -> None:
         except ValueError as err:
             raise UserError(f"{str(err).replace('pretrain.', prefix + '.')}") from err
     if task.get("finetune") is not None:  # a task file's fine-tuning defaults: only settings that exist
-        from .config_schema import unknown_task_keys
+        from .config_schema import task_choosable, unknown_task_keys
 
         bad = unknown_task_keys(task.finetune, "finetune")
         if bad:
             raise UserError(f"task={task.name}: task.finetune has unknown settings "
                             f"{unknown_with_hints(bad, 'task.finetune')} (not fields of "
                             "agents.finetune_config.FinetuneConfig; see configs/stage/finetune.yaml)")
+        ignored = sorted(set(task.finetune) - task_choosable("finetune"))
+        if ignored:
+            raise UserError(f"task={task.name}: task.finetune sets {ignored}, which configs/stage/finetune.yaml "
+                            "does not take from the task (set them with stage.X=..., or forward them there)")
     ft = None
     if name == "finetune":
         ft, prefix = cfg.stage, "stage"

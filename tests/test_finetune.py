@@ -231,6 +231,26 @@ def test_schedules():
     assert cfg.noise_bounds(0) == (0.10, 0.24) and cfg.noise_bounds(5) == (0.05, 0.1)
 
 
+def test_fraction_schedules_scale_with_the_length_of_the_run():
+    cfg = FinetuneConfig(sigma_min=0.2, sigma_max=0.3, sigma_min_final=0.1, sigma_max_final=0.15,
+                         sigma_hold_frac=0.5, sigma_decay_frac=0.25, lr_schedule="linear", lr_schedule_frac=1.0)
+    assert cfg.schedule_iters(100) == (50, 25, 100) and cfg.schedule_iters(300) == (150, 75, 300)
+    assert cfg.noise_bounds(49, 100) == (0.2, 0.3) and cfg.noise_bounds(75, 100) == pytest.approx((0.1, 0.15))
+    assert cfg.noise_bounds(149, 300) == (0.2, 0.3) and cfg.noise_bounds(300, 300) == pytest.approx((0.1, 0.15))
+    with pytest.raises(ValueError, match="run's length"):
+        cfg.noise_bounds(0)
+    with pytest.raises(ValueError, match="fraction of the run"):
+        FinetuneConfig(sigma_hold_frac=1.5)
+    # learn() plans the run: 2 envs x 8 chunk steps x 2 executed actions = 32 env steps per iteration
+    agent = ReinFlowPPO(make_policy(), make_envs(2), None, small_cfg(sigma_min=0.2, sigma_max=0.3,
+                        sigma_min_final=0.02, sigma_max_final=0.03, sigma_hold_frac=0.5, sigma_decay_frac=0.0,
+                        critic_warmup_iters=5))
+    sig = []
+    agent.learn(4 * 32, callback=lambda a, m: sig.append(m.get("train/sigma_mean")), progress=False)
+    assert agent.planned_iters == 4 and agent.iteration == 4
+    assert all(0.2 <= x <= 0.3 for x in sig[:2]) and all(0.02 <= x <= 0.03 for x in sig[2:]), sig
+
+
 def test_noise_bound_schedule_reaches_the_noise_net():
     cfg = small_cfg(sigma_min=0.2, sigma_max=0.3, sigma_min_final=0.02, sigma_max_final=0.03, sigma_hold_iters=1,
                     sigma_decay_iters=0, critic_warmup_iters=5)
