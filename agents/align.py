@@ -15,6 +15,12 @@ Preference data (``source``):
   initial noise. Ranked by return, the best and the worst rollout of a state form a pair when their returns
   differ by more than ``min_return_gap`` (``pairing=all``: every ordered pair of the state). A trajectory is
   the sequence of (observation history, generated action chunk) of its policy calls.
+- ``branches``: pairs from the same simulator state (:mod:`agents.align_branches`). At ``branch_points``
+  states along a reference episode of each start state, the state is restored ``rollouts_per_state`` times by
+  replaying the recorded actions; each copy samples its own chunk and runs on for ``branch_chunks`` chunks
+  (None: to the end). The copies are ranked by their return from the branch on (or, with
+  ``prefer=success``, every copy that succeeded is paired with every one that did not). Winner and loser
+  chunks share their observation exactly.
 - ``dataset``: the episodes of a demo file (``DemoDataset``, default: the task's demos) ranked by return; the
   k-th best is paired with the k-th worst. Chunks are the dataset's windows.
 - ``labels``: pairs read from a JSON or CSV file that names episodes of the demo file (see

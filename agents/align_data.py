@@ -23,7 +23,8 @@ from flowpolicy.policy import FlowPolicy
 from .renamed import unknown_with_hints
 
 METHODS = ("dpo", "rwr", "sft")
-SOURCES = ("rollouts", "dataset", "labels")
+SOURCES = ("rollouts", "branches", "dataset", "labels")
+PREFER = ("return", "success")
 PAIRINGS = ("best_worst", "all")
 
 
@@ -42,6 +43,10 @@ class AlignConfig:
     rollout_envs: int = 16            # parallel envs while collecting
     pairing: str = "best_worst"
     min_return_gap: float = 50.0
+    prefer: str = "return"            # rollouts|branches: rank by return, or pair successes with failures
+    # source=branches (agents.align_branches): pairs from the same restored state, not just the same start
+    branch_points: int = 4            # restored states per start state, spread over its reference episode
+    branch_chunks: int | None = None  # chunks each copy runs on after the branch (None: to the episode's end)
     denoise_steps: int | None = None  # K, for rollouts and evaluation (None: the policy's default)
     # losses
     beta: float = 2000.0              # Flow-DPO beta, on the per-dimension mean squared velocity error
@@ -81,12 +86,18 @@ class AlignConfig:
             raise ValueError(f"align method must be one of {METHODS} for policies, got {self.method!r}")
         if self.source not in SOURCES:
             raise ValueError(f"align source must be one of {SOURCES}, got {self.source!r}")
+        if self.prefer not in PREFER:
+            raise ValueError(f"align prefer must be one of {PREFER}, got {self.prefer!r}")
+        if self.prefer == "success" and self.source not in ("rollouts", "branches"):
+            raise ValueError("prefer=success ranks the policy's own rollouts: use source=rollouts|branches")
+        if self.branch_chunks is not None and int(self.branch_chunks) < 1:
+            raise ValueError(f"align branch_chunks must be >= 1 or null, got {self.branch_chunks}")
         if self.pairing not in PAIRINGS:
             raise ValueError(f"align pairing must be one of {PAIRINGS}, got {self.pairing!r}")
         if self.source == "labels" and not self.labels:
             raise ValueError("source=labels needs labels=<path to a JSON or CSV file of pairs>")
         for name in ("num_start_states", "grad_steps", "batch_pairs", "batch_size", "chunks_per_pair",
-                     "rollout_envs", "eval_num_envs"):
+                     "rollout_envs", "eval_num_envs", "branch_points"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"align {name} must be >= 1, got {getattr(self, name)}")
         if self.rollouts_per_state < 2:
@@ -281,16 +292,26 @@ def preference_data(policy: FlowPolicy, cfg: AlignConfig, env_name: str, max_epi
     if cfg.source == "rollouts":
         trajs = collect_rollouts(policy, env_name, cfg.num_start_states, cfg.rollouts_per_state, cfg.denoise_steps,
                                  cfg.rollout_seed, max_episode_steps, cfg.rollout_envs)
+    elif cfg.source == "branches":
+        from .align_branches import collect_branches
+
+        trajs = collect_branches(policy, env_name, cfg.num_start_states, cfg.rollouts_per_state, cfg.branch_points,
+                                 cfg.branch_chunks, cfg.denoise_steps, cfg.rollout_seed, max_episode_steps,
+                                 cfg.rollout_envs)
     else:
         if not dataset:
             raise ValueError(f"source={cfg.source} needs a demo file (stage.dataset=...)")
         trajs = dataset_trajectories(dataset, policy.obs_horizon, policy.action_horizon)
     if cfg.source == "labels":
         pairs = read_preference_labels(cfg.labels, trajs)
+    elif cfg.prefer == "success":
+        from .align_branches import success_pairs
+
+        pairs = success_pairs(trajs)
     else:
         pairs = preference_pairs(trajs, cfg.min_return_gap, cfg.pairing)
     rets = np.array([tr.ret for tr in trajs])
-    desc = {"source": cfg.source, "trajectories": len(trajs), "pairs": len(pairs),
+    desc = {"source": cfg.source, "prefer": cfg.prefer, "trajectories": len(trajs), "pairs": len(pairs),
             "return_mean": float(rets.mean()), "return_std": float(rets.std()),
             "success_rate": float(np.mean([bool(tr.success) for tr in trajs])),
             "winner_return_mean": float(np.mean([trajs[w].ret for w, _ in pairs])) if pairs else None,

@@ -96,9 +96,12 @@ def _label(method: str, beta: float, schedule: str) -> str:
 
 
 def policy_part(b: dict, seed: int, workdir: Path, betas: list[float], schedules: list[str], states: int,
-                pairing: str) -> tuple[list[dict], dict]:
-    """Pretrain, collect same-state rollouts, align every variant, evaluate all on the same episodes."""
+                pairing: str, pairs_from: str = "rollouts", branch_points: int = 4,
+                prefer: str = "return") -> tuple[list[dict], dict]:
+    """Pretrain, collect same-start-state rollouts (or same-state branches), align every variant, evaluate all
+    on the same episodes."""
     from agents.align import AlignConfig, align_policy, collect_rollouts, preference_pairs
+    from agents.align_branches import collect_branches, success_pairs
     from agents.align_metrics import observation_sample, policy_drift
     from agents.evaluate import rollout_episodes
     from agents.policies import policy_from_checkpoint
@@ -119,12 +122,19 @@ def policy_part(b: dict, seed: int, workdir: Path, betas: list[float], schedules
                       grad_steps=b["align_steps"], lr=3e-5, beta=POLICY_BETA, seed=seed, progress=False,
                       pairing=pairing, rollout_seed=10_000 * seed, eval_seed=100_000 + 10_000 * seed)
     t0 = time.perf_counter()
-    trajs = collect_rollouts(policy, ENV, cfg.num_start_states, cfg.rollouts_per_state, K, cfg.rollout_seed,
-                             b["max_episode_steps"], cfg.rollout_envs)
-    pairs = preference_pairs(trajs, cfg.min_return_gap, cfg.pairing)
+    if pairs_from == "branches":
+        trajs = collect_branches(policy, ENV, cfg.num_start_states, cfg.rollouts_per_state, branch_points, None, K,
+                                 cfg.rollout_seed, b["max_episode_steps"], cfg.rollout_envs)
+        where = f"same restored state ({branch_points} branch points per start state, continuation to the end)"
+    else:
+        trajs = collect_rollouts(policy, ENV, cfg.num_start_states, cfg.rollouts_per_state, K, cfg.rollout_seed,
+                                 b["max_episode_steps"], cfg.rollout_envs)
+        where = "same start state"
+    pairs = success_pairs(trajs) if prefer == "success" else preference_pairs(trajs, cfg.min_return_gap, cfg.pairing)
     collect_s = time.perf_counter() - t0
     drift_obs = observation_sample(torch.cat([t.obs for t in trajs]), b["drift_obs"], seed)
-    source = f"return, same start state ({pairing}, gap > {cfg.min_return_gap:g})"
+    source = (f"success, {where}" if prefer == "success"
+              else f"return, {where} ({pairing}, gap > {cfg.min_return_gap:g})")
 
     def evaluate(p) -> dict:
         r = rollout_episodes(p, ENV, b["eval_episodes"], K, num_envs=b["eval_envs"], seed=cfg.eval_seed,
@@ -171,6 +181,7 @@ def policy_part(b: dict, seed: int, workdir: Path, betas: list[float], schedules
     for r in rows:
         r.pop("_keys"), r.pop("_ret")
     meta = {"pretrain_s": round(pretrain_s, 1), "rollouts": len(trajs), "start_states": cfg.num_start_states,
+            "pairs_from": pairs_from, "prefer": prefer,
             "pairs": len(pairs), "pairing": pairing, "pref_source": source, "collect_s": round(collect_s, 1),
             "rollout_return_mean": float(np.mean([t.ret for t in trajs])),
             "rollout_success": float(np.mean([t.success for t in trajs])),
@@ -460,7 +471,12 @@ def _notes(config: dict, policy_summary: list[dict], image_summary: list[dict]) 
     if pp:
         m = pp["per_seed"]
         notes.append(
-            f"Pick-place: per seed {m[0]['start_states']} start states x 4 noises = {m[0]['rollouts']} rollouts; "
+            (f"Pick-place: per seed {m[0]['start_states']} start states x {config.get('branch_points')} branch points "
+             f"x 4 copies = {m[0]['rollouts']} branch chunks (the copies of a branch point share the restored "
+             "simulator state exactly; each samples its own chunk and runs on to the episode's end); "
+             if m[0].get("pairs_from") == "branches" else
+             f"Pick-place: per seed {m[0]['start_states']} start states x 4 noises = {m[0]['rollouts']} rollouts; ")
+            +
             f"preference source: {m[0]['pref_source']}; pairs per seed {[x['pairs'] for x in m]}; rollout "
             f"success {np.mean([x['rollout_success'] for x in m]):.2f}. BC pretraining "
             f"{config['pretrain_steps']} steps. Every policy is evaluated at K={K} on the same "
@@ -501,6 +517,12 @@ def main(argv=None) -> Path:
     p.add_argument("--states", type=int, default=None, help="pick-place start states (default: the budget's)")
     p.add_argument("--pairing", choices=["best_worst", "all"], default="best_worst",
                    help="pairs per start state: best vs worst, or every ordered pair above the return gap")
+    p.add_argument("--pairs-from", choices=["rollouts", "branches"], default="rollouts",
+                   help="pick-place pairs: rollouts from one start state, or branches from one restored state "
+                        "(agents.align_branches: 4 copies per branch point, run to the episode's end)")
+    p.add_argument("--branch-points", type=int, default=4, help="with --pairs-from branches: per start state")
+    p.add_argument("--prefer", choices=["return", "success"], default="return",
+                   help="pick-place preference: higher return (gap 50), or success over failure")
     p.add_argument("--skip-policy", action="store_true", help="only the digits part")
     p.add_argument("--skip-images", action="store_true", help="only the pick-place part")
     p.add_argument("--name", default="align", help="result files bench/results/<name>.{json,md,png}")
@@ -518,7 +540,9 @@ def main(argv=None) -> Path:
     t_start = time.perf_counter()
     config: dict = {"budget": args.budget, **b, "seeds": args.seeds, "threads": 1, "betas": args.betas,
                     "policy_betas": args.policy_betas, "beta_schedules": args.beta_schedules,
-                    "pairing": args.pairing}
+                    "pairing": args.pairing, "pairs_from": args.pairs_from, "prefer": args.prefer}
+    if args.pairs_from == "branches":
+        config["branch_points"] = args.branch_points
     policy_rows, image_rows, samples = [], [], {}
     if not args.skip_policy:
         t0 = time.perf_counter()
@@ -526,7 +550,7 @@ def main(argv=None) -> Path:
         for seed in args.seeds:
             with tempfile.TemporaryDirectory() as tmp:
                 rows, meta = policy_part(b, seed, Path(tmp), args.policy_betas, args.beta_schedules, b["states"],
-                                         args.pairing)
+                                         args.pairing, args.pairs_from, args.branch_points, args.prefer)
             policy_rows += rows
             metas.append({"seed": seed, **meta})
         config["pick_place"] = {"per_seed": metas, "wall_s": round(time.perf_counter() - t0, 1)}
@@ -542,7 +566,8 @@ def main(argv=None) -> Path:
     merged = []
     for path in args.merge:
         old = json.loads(Path(path).read_text())
-        for key in ("budget", "states", "betas", "policy_betas", "beta_schedules", "pairing"):
+        for key in ("budget", "states", "betas", "policy_betas", "beta_schedules", "pairing", "pairs_from", "prefer",
+                    "branch_points"):
             if old["config"].get(key) != config.get(key):
                 raise SystemExit(f"--merge {path}: {key}={old['config'].get(key)!r} differs from this run's "
                                  f"{config.get(key)!r}")
@@ -573,7 +598,7 @@ def main(argv=None) -> Path:
         parts[0] += (f" Seeds {m['seeds']} merged from `{m['command'].strip()}` ({m['date']}, wall time "
                      f"{m['wall_s']} s, same machine).")
     if policy_summary:
-        parts.append("**Pick-place** (preference source: return of rollouts from the same start state)\n\n"
+        parts.append(f"**Pick-place** (preference source: {config['pick_place']['per_seed'][0]['pref_source']})\n\n"
                      + policy_table(policy_summary))
     if image_summary:
         parts.append("**Digits** (reward: classifier A; reward_heldout, target_rate: classifier B)\n\n"

@@ -386,3 +386,83 @@ def test_alignment_rollouts_and_evaluation_run_the_same_episodes(tiny_checkpoint
     ret, length = dict(zip(ev["envs"], ev["returns"])), dict(zip(ev["envs"], ev["lengths"]))
     assert [t.ret for t in trajs] == [ret[i] for i in range(3)]
     assert [len(t.obs) * policy.exec_horizon for t in trajs] == [length[i] for i in range(3)]  # 30 = 15 chunks
+
+
+# --- pairs from the same restored state (source=branches) ---------------------------------------------------
+
+
+def test_branch_pairs_share_their_state_exactly_and_rank_the_copies_by_what_followed(tiny_checkpoint):
+    """Copies of one branch point see the very same observation (restored by replay), sample different chunks,
+    and carry the return / success of their own continuation; the collection is seeded."""
+    from agents.align import preference_pairs
+    from agents.align_branches import collect_branches, success_pairs
+    from agents.policies import policy_from_checkpoint
+
+    policy, _ = policy_from_checkpoint(tiny_checkpoint[0])
+    kw = dict(num_start_states=2, branches=2, branch_points=3, steps=2, seed=5, max_episode_steps=30, num_envs=4)
+    trajs = collect_branches(policy, ENV, **kw)
+    assert len(trajs) == 2 * 3 * 2 and sorted({t.group for t in trajs}) == list(range(6))
+    assert [t.name for t in trajs[:6]] == ["state0_chunk0_branch0", "state0_chunk0_branch1", "state0_chunk5_branch0",
+                                           "state0_chunk5_branch1", "state0_chunk10_branch0", "state0_chunk10_branch1"]
+    obs_dim, act_shape = trajs[0].obs.shape[1:], trajs[0].actions.shape[1:]
+    for g in range(6):
+        a, b = trajs[2 * g], trajs[2 * g + 1]
+        assert a.obs.shape == (1, *obs_dim) and a.actions.shape == (1, *act_shape)
+        assert torch.equal(a.obs, b.obs)  # the same state, exactly
+        assert not torch.equal(a.actions, b.actions)  # their own flow noise
+    # different branch points of one start state are different states; later branches collect less return
+    assert not torch.equal(trajs[0].obs, trajs[2].obs) and not torch.equal(trajs[2].obs, trajs[4].obs)
+    # branching at chunk 0 restores the start state: the observation is the env's reset observation
+    from envs.factory import make_env
+
+    env = make_env(ENV, obs_horizon=policy.obs_horizon, max_episode_steps=30)
+    first, _ = env.reset(seed=5)
+    env.close()
+    assert torch.allclose(trajs[0].obs.reshape(-1), torch.as_tensor(first, dtype=trajs[0].obs.dtype).reshape(-1))
+    again = collect_branches(policy, ENV, **kw)
+    assert [t.ret for t in again] == [t.ret for t in trajs] and torch.equal(again[3].actions, trajs[3].actions)
+    pairs = preference_pairs(trajs, 0.0)
+    assert pairs and all(trajs[w].group == trajs[l].group and trajs[w].ret > trajs[l].ret for w, l in pairs)
+    succ = [_traj(0.0, group=0), _traj(1.0, group=0), _traj(2.0, group=1), _traj(0.0, group=0)]
+    succ[0].success, succ[2].success = True, True
+    assert success_pairs(succ) == [(0, 1), (0, 3)]  # within a group, success over failure, whatever the return
+
+
+def test_branch_replay_that_does_not_restore_the_state_stops_with_one_clear_error(tiny_checkpoint, monkeypatch):
+    import gymnasium as gym
+    import numpy as np
+
+    import agents.align_branches as ab
+    from agents.policies import policy_from_checkpoint
+
+    class Drifting(gym.Wrapper):  # a nondeterministic env: its observations carry fresh noise
+        def reset(self, **kw):
+            obs, info = self.env.reset(**kw)
+            return obs + np.random.default_rng().normal(0, 1e-3, obs.shape), info
+
+    make = ab.make_env
+    monkeypatch.setattr(ab, "make_env", lambda *a, **kw: Drifting(make(*a, **kw)))
+    policy, _ = policy_from_checkpoint(tiny_checkpoint[0])
+    with pytest.raises(ValueError, match="did not restore its state.*use source=rollouts"):
+        ab.collect_branches(policy, ENV, 1, 2, 1, steps=1, max_episode_steps=10, num_envs=2)
+
+
+def test_run_align_stage_trains_on_same_state_pairs(tiny_checkpoint, tmp_path):
+    from agents.align import run_align_stage
+
+    ckpt, _ = tiny_checkpoint
+    cfg = _compose("stage=align", f"checkpoint={ckpt}", "task.max_episode_steps=20", "logger=none",
+                   "progress=false", "stage.source=branches", "stage.num_start_states=2",
+                   "stage.rollouts_per_state=3", "stage.branch_points=2", "stage.branch_chunks=4",
+                   "stage.rollout_envs=6", "stage.min_return_gap=0", "stage.pairing=all", "stage.grad_steps=2",
+                   "stage.batch_pairs=2", "stage.eval_episodes=0")
+    out = run_align_stage(cfg, tmp_path, cfg.checkpoint)
+    data = out["preference_data"]
+    assert data["source"] == "branches" and data["trajectories"] == 2 * 2 * 3 and data["pairs"] >= 1
+    for override, match in (("stage.prefer=success", None), ("stage.branch_chunks=0", "branch_chunks"),
+                            ("stage.prefer=judge", "prefer")):
+        cfg = _compose("stage=align", f"checkpoint={ckpt}", "logger=none", "stage.source=dataset", override)
+        if match is None:
+            match = "prefer=success"
+        with pytest.raises(ValueError, match=match):
+            run_align_stage(cfg, tmp_path / "bad", cfg.checkpoint)

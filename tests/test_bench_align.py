@@ -71,3 +71,16 @@ def test_bench_align_tiny_run_reports_drift_equal_samples_and_paired_tests(tmp_p
     rec2 = json.loads(out2.read_text())
     assert rec2["config"]["seeds"] == [0, 1] and {r["seed"] for r in rec2["per_seed"]} == {0, 1}
     assert all(r["seeds"] == 2 for r in rec2["rows"]) and "merged from" in (tmp_path / "t2.md").read_text()
+
+
+def test_bench_align_same_state_branch_pairs_name_their_source(tmp_path):
+    from bench.align import main
+
+    out = main(["--budget", "tiny", "--seeds", "0", "--policy-betas", "2000", "--states", "2", "--pairing", "all",
+                "--pairs-from", "branches", "--branch-points", "2", "--skip-images", "--out", str(tmp_path),
+                "--name", "b"])
+    rec = json.loads(out.read_text())
+    meta = rec["config"]["pick_place"]["per_seed"][0]
+    assert meta["pairs_from"] == "branches" and meta["rollouts"] == 2 * 2 * 4
+    assert "same restored state" in meta["pref_source"]
+    assert "branch points" in (tmp_path / "b.md").read_text()

@@ -1,0 +1,135 @@
+"""Preference pairs from the same simulator state (``stage.source=branches``).
+
+Rollout pairs from one start state (``source=rollouts``) compare chunks from different states once the two
+episodes diverge. Here every pair shares its state exactly:
+
+1. From each start state (env seed ``rollout_seed + i``) the policy runs one reference episode.
+2. At ``branch_points`` chunk positions spread over that episode (the start state first), the state is
+   restored ``rollouts_per_state`` times by resetting with the same seed and replaying the reference's executed
+   actions. MuJoCo is deterministic, so the replay lands on the same state. The observation is checked against
+   the recorded one, and an env that does not reproduce it stops with one error line.
+3. Each restored copy samples its own chunk (its own flow noise) and runs on with the policy for
+   ``branch_chunks`` chunks (None: to the episode's end).
+4. The branch chunk is a one-chunk :class:`Trajectory` in a group per branch point. ``ret`` is the return from
+   the branch on, and ``success`` means success after the branch. :func:`agents.align_data.preference_pairs`
+   ranks the copies of one branch point by return (``prefer=return``), or
+   :func:`success_pairs` pairs a copy that succeeded with one that did not (``prefer=success``).
+
+Replay is generic (any seeded, deterministic env): it costs the prefix's env steps again, no simulator-specific
+state copy.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from envs.factory import make_env
+from flowpolicy.policy import FlowPolicy
+
+from .align_data import Trajectory
+
+
+class _Runner:
+    """Single envs stepped side by side, with one batched policy call per chunk for the envs still running."""
+
+    def __init__(self, policy: FlowPolicy, env_name: str, n: int, max_episode_steps: int | None) -> None:
+        self.policy = policy
+        self.envs = [make_env(env_name, obs_horizon=policy.obs_horizon, action_horizon=policy.exec_horizon,
+                              max_episode_steps=max_episode_steps) for _ in range(n)]
+        space = self.envs[0].action_space
+        self.low, self.high, self.dtype = space.low, space.high, space.dtype
+
+    def close(self) -> None:
+        for e in self.envs:
+            e.close()
+
+    def run(self, seeds: list[int], prefixes: list[list[np.ndarray]], horizon: int | None, steps: int | None,
+            gen: torch.Generator, expect: list[np.ndarray] | None = None) -> list[dict]:
+        """Env i: reset with ``seeds[i]``, replay ``prefixes[i]`` (executed actions), then act for ``horizon``
+        chunks (None: to the end). Returns per env the observation histories, chunks and executed actions of
+        the policy's part, its return and whether it succeeded."""
+        n = len(seeds)
+        obs, alive = [], np.ones(n, bool)
+        for i in range(n):
+            o, _ = self.envs[i].reset(seed=int(seeds[i]))
+            for a in prefixes[i]:
+                o, _, term, trunc, _ = self.envs[i].step(a)
+                if term or trunc:
+                    raise RuntimeError(f"replay: the episode of seed {seeds[i]} ended inside its recorded prefix")
+            if expect is not None:
+                diff = float(np.max(np.abs(np.asarray(o, np.float64).reshape(expect[i].shape) - expect[i])))
+                if not diff <= 1e-6:
+                    raise ValueError(f"source=branches: replaying seed {seeds[i]}'s recorded actions did not "
+                                     f"restore its state (observation differs by {diff:.3g}); this env is not "
+                                     "deterministic under replay, so use source=rollouts")
+            obs.append(np.asarray(o))
+        out = [{"hist": [], "chunks": [], "executed": [], "ret": 0.0, "success": False} for _ in range(n)]
+        t = 0
+        while alive.any() and (horizon is None or t < horizon):
+            idx = np.flatnonzero(alive)
+            batch = np.stack([obs[i] for i in idx])
+            chunks = self.policy.predict_action_chunk(batch, steps=steps, generator=gen).cpu().numpy()
+            for j, i in enumerate(idx):
+                a = chunks[j, : self.policy.exec_horizon]
+                a = np.clip(a[0] if self.policy.exec_horizon == 1 else a, self.low, self.high).astype(self.dtype)
+                out[i]["hist"].append(obs[i] if obs[i].ndim == 2 else obs[i][None])
+                out[i]["chunks"].append(chunks[j])
+                out[i]["executed"].append(a)
+                obs[i], r, term, trunc, info = self.envs[i].step(a)
+                obs[i] = np.asarray(obs[i])
+                out[i]["ret"] += float(r)
+                out[i]["success"] = out[i]["success"] or bool(info.get("success", False))
+                if term or trunc:
+                    alive[i] = False
+            t += 1
+        return out
+
+
+@torch.no_grad()
+def collect_branches(policy: FlowPolicy, env_name: str, num_start_states: int, branches: int, branch_points: int,
+                     branch_chunks: int | None = None, steps: int | None = None, seed: int = 0,
+                     max_episode_steps: int | None = None, num_envs: int = 16) -> list[Trajectory]:
+    """``branches`` one-chunk trajectories at each of ``branch_points`` restored states of each start state.
+
+    Returns the branch chunks as :class:`Trajectory` objects (``group`` = branch point, numbered from 0),
+    each with the return and success from that chunk on.
+    """
+    if branches < 2 or branch_points < 1:
+        raise ValueError(f"source=branches needs rollouts_per_state >= 2 and branch_points >= 1, got "
+                         f"{branches} and {branch_points}")
+    gen = torch.Generator(device=policy.device).manual_seed(seed)
+    policy.eval()
+    runner = _Runner(policy, env_name, max(num_envs, branches), max_episode_steps)
+    out: list[Trajectory] = []
+    try:
+        refs = []
+        for first in range(0, num_start_states, num_envs):
+            seeds = [seed + s for s in range(first, min(num_start_states, first + num_envs))]
+            refs += runner.run(seeds, [[] for _ in seeds], None, steps, gen)
+        tasks = []  # (start state, chunk index where the copies branch)
+        for s, ref in enumerate(refs):
+            length = len(ref["chunks"])
+            tasks += [(s, c) for c in sorted({j * length // branch_points for j in range(branch_points)})]
+        per_batch = max(1, num_envs // branches)
+        for first in range(0, len(tasks), per_batch):
+            batch = tasks[first: first + per_batch]
+            rows = [(s, c) for s, c in batch for _ in range(branches)]
+            res = runner.run([seed + s for s, _ in rows], [refs[s]["executed"][:c] for s, c in rows], branch_chunks,
+                             steps, gen, expect=[refs[s]["hist"][c] for s, c in rows])
+            for k, ((s, c), r) in enumerate(zip(rows, res)):
+                out.append(Trajectory(torch.as_tensor(np.stack(r["hist"][:1])), torch.as_tensor(r["chunks"][0][None]),
+                                      r["ret"], r["success"], first + k // branches,
+                                      f"state{s}_chunk{c}_branch{k % branches}"))
+    finally:
+        runner.close()
+    return out
+
+
+def success_pairs(trajs: list[Trajectory]) -> list[tuple[int, int]]:
+    """(winner, loser) within each group: every copy that succeeded against every copy that did not."""
+    groups: dict[int, list[int]] = {}
+    for i, tr in enumerate(trajs):
+        groups.setdefault(tr.group, []).append(i)
+    return [(a, b) for _, idx in sorted(groups.items()) for a in idx for b in idx
+            if trajs[a].success and not trajs[b].success]
