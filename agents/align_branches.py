@@ -4,7 +4,8 @@ Rollout pairs from one start state (``source=rollouts``) compare chunks from dif
 episodes diverge. Here every pair shares its state exactly:
 
 1. From each start state (env seed ``rollout_seed + i``) the policy runs one reference episode.
-2. At ``branch_points`` chunk positions spread over that episode (the start state first), the state is
+2. At ``branch_points`` chunk positions spread over the first ``branch_span`` of that episode (the start
+   state first; in pick-place the outcome is mostly decided in the first half), the state is
    restored ``rollouts_per_state`` times by resetting with the same seed and replaying the reference's executed
    actions. MuJoCo is deterministic, so the replay lands on the same state. The observation is checked against
    the recorded one, and an env that does not reproduce it stops with one error line.
@@ -89,12 +90,16 @@ class _Runner:
 @torch.no_grad()
 def collect_branches(policy: FlowPolicy, env_name: str, num_start_states: int, branches: int, branch_points: int,
                      branch_chunks: int | None = None, steps: int | None = None, seed: int = 0,
-                     max_episode_steps: int | None = None, num_envs: int = 16) -> list[Trajectory]:
-    """``branches`` one-chunk trajectories at each of ``branch_points`` restored states of each start state.
+                     max_episode_steps: int | None = None, num_envs: int = 16,
+                     branch_span: float = 1.0) -> list[Trajectory]:
+    """``branches`` one-chunk trajectories at each of ``branch_points`` restored states of each start state,
+    spread evenly over the leading ``branch_span`` fraction of its reference episode (chunk 0 first).
 
     Returns the branch chunks as :class:`Trajectory` objects (``group`` = branch point, numbered from 0),
     each with the return and success from that chunk on.
     """
+    if not 0.0 < branch_span <= 1.0:
+        raise ValueError(f"branch_span must be in (0, 1], got {branch_span}")
     if branches < 2 or branch_points < 1:
         raise ValueError(f"source=branches needs rollouts_per_state >= 2 and branch_points >= 1, got "
                          f"{branches} and {branch_points}")
@@ -109,8 +114,8 @@ def collect_branches(policy: FlowPolicy, env_name: str, num_start_states: int, b
             refs += runner.run(seeds, [[] for _ in seeds], None, steps, gen)
         tasks = []  # (start state, chunk index where the copies branch)
         for s, ref in enumerate(refs):
-            length = len(ref["chunks"])
-            tasks += [(s, c) for c in sorted({j * length // branch_points for j in range(branch_points)})]
+            span = max(1, int(len(ref["chunks"]) * branch_span))
+            tasks += [(s, c) for c in sorted({j * span // branch_points for j in range(branch_points)})]
         per_batch = max(1, num_envs // branches)
         for first in range(0, len(tasks), per_batch):
             batch = tasks[first: first + per_batch]

@@ -47,6 +47,7 @@ class AlignConfig:
     # source=branches (agents.align_branches): pairs from the same restored state, not just the same start
     branch_points: int = 4            # restored states per start state, spread over its reference episode
     branch_chunks: int | None = None  # chunks each copy runs on after the branch (None: to the episode's end)
+    branch_span: float = 1.0          # branch points spread over this leading fraction of the reference episode
     denoise_steps: int | None = None  # K, for rollouts and evaluation (None: the policy's default)
     # losses
     beta: float = 2000.0              # Flow-DPO beta, on the per-dimension mean squared velocity error
@@ -92,6 +93,8 @@ class AlignConfig:
             raise ValueError("prefer=success ranks the policy's own rollouts: use source=rollouts|branches")
         if self.branch_chunks is not None and int(self.branch_chunks) < 1:
             raise ValueError(f"align branch_chunks must be >= 1 or null, got {self.branch_chunks}")
+        if not 0.0 < float(self.branch_span) <= 1.0:
+            raise ValueError(f"align branch_span must be in (0, 1], got {self.branch_span}")
         if self.pairing not in PAIRINGS:
             raise ValueError(f"align pairing must be one of {PAIRINGS}, got {self.pairing!r}")
         if self.source == "labels" and not self.labels:
@@ -297,7 +300,7 @@ def preference_data(policy: FlowPolicy, cfg: AlignConfig, env_name: str, max_epi
 
         trajs = collect_branches(policy, env_name, cfg.num_start_states, cfg.rollouts_per_state, cfg.branch_points,
                                  cfg.branch_chunks, cfg.denoise_steps, cfg.rollout_seed, max_episode_steps,
-                                 cfg.rollout_envs)
+                                 cfg.rollout_envs, cfg.branch_span)
     else:
         if not dataset:
             raise ValueError(f"source={cfg.source} needs a demo file (stage.dataset=...)")

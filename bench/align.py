@@ -97,7 +97,7 @@ def _label(method: str, beta: float, schedule: str) -> str:
 
 def policy_part(b: dict, seed: int, workdir: Path, betas: list[float], schedules: list[str], states: int,
                 pairing: str, pairs_from: str = "rollouts", branch_points: int = 4,
-                prefer: str = "return") -> tuple[list[dict], dict]:
+                prefer: str = "return", branch_span: float = 1.0) -> tuple[list[dict], dict]:
     """Pretrain, collect same-start-state rollouts (or same-state branches), align every variant, evaluate all
     on the same episodes."""
     from agents.align import AlignConfig, align_policy, collect_rollouts, preference_pairs
@@ -124,8 +124,9 @@ def policy_part(b: dict, seed: int, workdir: Path, betas: list[float], schedules
     t0 = time.perf_counter()
     if pairs_from == "branches":
         trajs = collect_branches(policy, ENV, cfg.num_start_states, cfg.rollouts_per_state, branch_points, None, K,
-                                 cfg.rollout_seed, b["max_episode_steps"], cfg.rollout_envs)
-        where = f"same restored state ({branch_points} branch points per start state, continuation to the end)"
+                                 cfg.rollout_seed, b["max_episode_steps"], cfg.rollout_envs, branch_span)
+        where = (f"same restored state ({branch_points} branch points over the first {branch_span:g} of an episode "
+                 "per start state, continuation to the end)")
     else:
         trajs = collect_rollouts(policy, ENV, cfg.num_start_states, cfg.rollouts_per_state, K, cfg.rollout_seed,
                                  b["max_episode_steps"], cfg.rollout_envs)
@@ -521,6 +522,8 @@ def main(argv=None) -> Path:
                    help="pick-place pairs: rollouts from one start state, or branches from one restored state "
                         "(agents.align_branches: 4 copies per branch point, run to the episode's end)")
     p.add_argument("--branch-points", type=int, default=4, help="with --pairs-from branches: per start state")
+    p.add_argument("--branch-span", type=float, default=1.0,
+                   help="with --pairs-from branches: branch points spread over this leading fraction of an episode")
     p.add_argument("--prefer", choices=["return", "success"], default="return",
                    help="pick-place preference: higher return (gap 50), or success over failure")
     p.add_argument("--skip-policy", action="store_true", help="only the digits part")
@@ -542,7 +545,7 @@ def main(argv=None) -> Path:
                     "policy_betas": args.policy_betas, "beta_schedules": args.beta_schedules,
                     "pairing": args.pairing, "pairs_from": args.pairs_from, "prefer": args.prefer}
     if args.pairs_from == "branches":
-        config["branch_points"] = args.branch_points
+        config["branch_points"], config["branch_span"] = args.branch_points, args.branch_span
     policy_rows, image_rows, samples = [], [], {}
     if not args.skip_policy:
         t0 = time.perf_counter()
@@ -550,7 +553,8 @@ def main(argv=None) -> Path:
         for seed in args.seeds:
             with tempfile.TemporaryDirectory() as tmp:
                 rows, meta = policy_part(b, seed, Path(tmp), args.policy_betas, args.beta_schedules, b["states"],
-                                         args.pairing, args.pairs_from, args.branch_points, args.prefer)
+                                         args.pairing, args.pairs_from, args.branch_points, args.prefer,
+                                         args.branch_span)
             policy_rows += rows
             metas.append({"seed": seed, **meta})
         config["pick_place"] = {"per_seed": metas, "wall_s": round(time.perf_counter() - t0, 1)}
@@ -567,7 +571,7 @@ def main(argv=None) -> Path:
     for path in args.merge:
         old = json.loads(Path(path).read_text())
         for key in ("budget", "states", "betas", "policy_betas", "beta_schedules", "pairing", "pairs_from", "prefer",
-                    "branch_points"):
+                    "branch_points", "branch_span"):
             if old["config"].get(key) != config.get(key):
                 raise SystemExit(f"--merge {path}: {key}={old['config'].get(key)!r} differs from this run's "
                                  f"{config.get(key)!r}")

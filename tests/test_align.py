@@ -454,12 +454,14 @@ def test_run_align_stage_trains_on_same_state_pairs(tiny_checkpoint, tmp_path):
     cfg = _compose("stage=align", f"checkpoint={ckpt}", "task.max_episode_steps=20", "logger=none",
                    "progress=false", "stage.source=branches", "stage.num_start_states=2",
                    "stage.rollouts_per_state=3", "stage.branch_points=2", "stage.branch_chunks=4",
+                   "stage.branch_span=0.5",
                    "stage.rollout_envs=6", "stage.min_return_gap=0", "stage.pairing=all", "stage.grad_steps=2",
                    "stage.batch_pairs=2", "stage.eval_episodes=0")
     out = run_align_stage(cfg, tmp_path, cfg.checkpoint)
     data = out["preference_data"]
     assert data["source"] == "branches" and data["trajectories"] == 2 * 2 * 3 and data["pairs"] >= 1
     for override, match in (("stage.prefer=success", None), ("stage.branch_chunks=0", "branch_chunks"),
+                            ("stage.branch_span=1.5", "branch_span"),
                             ("stage.prefer=judge", "prefer")):
         cfg = _compose("stage=align", f"checkpoint={ckpt}", "logger=none", "stage.source=dataset", override)
         if match is None:
