@@ -23,6 +23,9 @@ SECTIONS = [
                                                    "steps, 5 seeds)"),
     ("hopper_1m/finetune_hopper_medium_1m", "Online fine-tuning on Hopper-v5 up to 1M env steps (3 seeds; wall "
                                             "times not comparable: other jobs shared the cores)"),
+    ("pick_place_300k_clip05/finetune_pick_place_300k_clip05", "Online fine-tuning on Meta-World pick-place, 300k "
+     "env steps, 5 seeds, clip 0.05 for every actor: ReFlow and the Gaussian, constant vs annealed noise and "
+     "learning rate (wall times: an alignment benchmark shared the 2 cores for 27 of the 102 minutes)"),
     ("pick_place_300k/finetune_pick_place_300k", "Online fine-tuning on Meta-World pick-place, 300k env steps, 5 "
                                                  "seeds, noise bounds [0.15, 0.30]: ReFlow (clip 0.1 and 0.05) and the Gaussian"),
     ("mw_screen", "Meta-World tasks screened for fine-tuning: BC success from 20 noisy scripted demos (held-out "
@@ -40,6 +43,7 @@ SECTIONS = [
     ("gpu_scaling", "Data-parallel training on the GPU machine's 16 cores (`bash bench/gpu_check.sh 2`)"),
     ("images", "Image generation on digits with the same flow core"),
     ("align", "Reward and preference alignment"),
+    ("align_branches", "Preference alignment on pick-place from same-state pairs (source=branches, 3 seeds)"),
 ]
 
 
