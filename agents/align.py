@@ -41,6 +41,7 @@ from typing import Any
 
 from flowpolicy.policy import FlowPolicy
 
+from .align_branches import preference_data  # noqa: F401 - agents.align API
 from .align_data import (  # noqa: F401 - agents.align API
     METHODS,
     PAIRINGS,
@@ -49,7 +50,6 @@ from .align_data import (  # noqa: F401 - agents.align API
     Trajectory,
     collect_rollouts,
     dataset_trajectories,
-    preference_data,
     preference_pairs,
     read_preference_labels,
 )

@@ -17,10 +17,14 @@ episodes diverge. Here every pair shares its state exactly:
    :func:`success_pairs` pairs a copy that succeeded with one that did not (``prefer=success``).
 
 Replay is generic (any seeded, deterministic env): it costs the prefix's env steps again, no simulator-specific
-state copy.
+state copy. :func:`preference_data` picks the source of every ``stage=align`` run (here, so that
+:mod:`agents.align_data` does not import this module back).
 """
 
 from __future__ import annotations
+
+import time
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,7 +32,14 @@ import torch
 from envs.factory import make_env
 from flowpolicy.policy import FlowPolicy
 
-from .align_data import Trajectory
+from .align_data import (
+    AlignConfig,
+    Trajectory,
+    collect_rollouts,
+    dataset_trajectories,
+    preference_pairs,
+    read_preference_labels,
+)
 
 
 class _Runner:
@@ -138,3 +149,36 @@ def success_pairs(trajs: list[Trajectory]) -> list[tuple[int, int]]:
         groups.setdefault(tr.group, []).append(i)
     return [(a, b) for _, idx in sorted(groups.items()) for a in idx for b in idx
             if trajs[a].success and not trajs[b].success]
+
+
+def preference_data(policy: FlowPolicy, cfg: AlignConfig, env_name: str, max_episode_steps: int | None,
+                    dataset: str | None) -> tuple[list[Trajectory], list[tuple[int, int]], dict[str, Any]]:
+    """Trajectories and (winner, loser) pairs from ``cfg.source``; plus a JSON-able description."""
+    t0 = time.perf_counter()
+    if cfg.source == "rollouts":
+        trajs = collect_rollouts(policy, env_name, cfg.num_start_states, cfg.rollouts_per_state, cfg.denoise_steps,
+                                 cfg.rollout_seed, max_episode_steps, cfg.rollout_envs)
+    elif cfg.source == "branches":
+        trajs = collect_branches(policy, env_name, cfg.num_start_states, cfg.rollouts_per_state, cfg.branch_points,
+                                 cfg.branch_chunks, cfg.denoise_steps, cfg.rollout_seed, max_episode_steps,
+                                 cfg.rollout_envs, cfg.branch_span)
+    else:
+        if not dataset:
+            raise ValueError(f"source={cfg.source} needs a demo file (stage.dataset=...)")
+        trajs = dataset_trajectories(dataset, policy.obs_horizon, policy.action_horizon)
+    if cfg.source == "labels":
+        pairs = read_preference_labels(cfg.labels, trajs)
+    elif cfg.prefer == "success":
+        pairs = success_pairs(trajs)
+    else:
+        pairs = preference_pairs(trajs, cfg.min_return_gap, cfg.pairing)
+    rets = np.array([tr.ret for tr in trajs])
+    desc = {"source": cfg.source, "prefer": cfg.prefer, "trajectories": len(trajs), "pairs": len(pairs),
+            "return_mean": float(rets.mean()), "return_std": float(rets.std()),
+            "success_rate": float(np.mean([bool(tr.success) for tr in trajs])),
+            "winner_return_mean": float(np.mean([trajs[w].ret for w, _ in pairs])) if pairs else None,
+            "loser_return_mean": float(np.mean([trajs[l].ret for _, l in pairs])) if pairs else None,
+            "collect_s": time.perf_counter() - t0}
+    if cfg.source != "rollouts":
+        desc["dataset"] = str(dataset)
+    return trajs, pairs, desc

@@ -8,7 +8,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -286,40 +285,3 @@ def read_preference_labels(path: str | Path, trajs: list[Trajectory]) -> list[tu
     if not pairs:
         raise ValueError(f"{path}: no preference pairs")
     return pairs
-
-
-def preference_data(policy: FlowPolicy, cfg: AlignConfig, env_name: str, max_episode_steps: int | None,
-                    dataset: str | None) -> tuple[list[Trajectory], list[tuple[int, int]], dict[str, Any]]:
-    """Trajectories and (winner, loser) pairs from ``cfg.source``; plus a JSON-able description."""
-    t0 = time.perf_counter()
-    if cfg.source == "rollouts":
-        trajs = collect_rollouts(policy, env_name, cfg.num_start_states, cfg.rollouts_per_state, cfg.denoise_steps,
-                                 cfg.rollout_seed, max_episode_steps, cfg.rollout_envs)
-    elif cfg.source == "branches":
-        from .align_branches import collect_branches
-
-        trajs = collect_branches(policy, env_name, cfg.num_start_states, cfg.rollouts_per_state, cfg.branch_points,
-                                 cfg.branch_chunks, cfg.denoise_steps, cfg.rollout_seed, max_episode_steps,
-                                 cfg.rollout_envs, cfg.branch_span)
-    else:
-        if not dataset:
-            raise ValueError(f"source={cfg.source} needs a demo file (stage.dataset=...)")
-        trajs = dataset_trajectories(dataset, policy.obs_horizon, policy.action_horizon)
-    if cfg.source == "labels":
-        pairs = read_preference_labels(cfg.labels, trajs)
-    elif cfg.prefer == "success":
-        from .align_branches import success_pairs
-
-        pairs = success_pairs(trajs)
-    else:
-        pairs = preference_pairs(trajs, cfg.min_return_gap, cfg.pairing)
-    rets = np.array([tr.ret for tr in trajs])
-    desc = {"source": cfg.source, "prefer": cfg.prefer, "trajectories": len(trajs), "pairs": len(pairs),
-            "return_mean": float(rets.mean()), "return_std": float(rets.std()),
-            "success_rate": float(np.mean([bool(tr.success) for tr in trajs])),
-            "winner_return_mean": float(np.mean([trajs[w].ret for w, _ in pairs])) if pairs else None,
-            "loser_return_mean": float(np.mean([trajs[l].ret for _, l in pairs])) if pairs else None,
-            "collect_s": time.perf_counter() - t0}
-    if cfg.source != "rollouts":
-        desc["dataset"] = str(dataset)
-    return trajs, pairs, desc
