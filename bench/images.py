@@ -1,5 +1,6 @@
 """Image generation benchmark on scikit-learn's digits: few-step quality of 1-RF, 2-RF, distilled 2-RF and
-shortcut models, with the rectified-flow-pytorch package as a peer on the same network, data and budget.
+shortcut models, with the rectified-flow-pytorch package as a peer on the same data and budget: end to end (its
+own U-Net, trainer, EMA and default sampler) and, as an ablation, its loss and Euler sampler on our network.
 
     python -m bench.images [--budget small|full] [--seeds 0 1 2] [--draws 5] [--no-peer]
 
@@ -36,7 +37,6 @@ import platform
 import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +47,8 @@ from agents.config_schema import ImageStage
 from agents.images.data import load_digits
 from agents.images.evaluation import HeldOutJudge, accuracy_on, heldout_split, load_or_train_encoder
 from agents.images.trainer import eval_noise, evaluate, image_grid, train_base, train_distilled, train_reflow
-from flowpolicy import EMA, RectifiedFlow, make_network
+from bench.images_peer import OWN_UNET, PeerModel, PeerOwnModel, import_peer
+from flowpolicy import RectifiedFlow
 
 ROOT = Path(__file__).resolve().parents[1]
 # per budget: overrides of the image stage's schema (agents.config_schema.ImageStage: "stage") and the benchmark's own settings. "tiny" is a
@@ -77,105 +78,6 @@ ENCODER_SEED = 1         # the feature network (the reward classifier of agents/
 SPLITS_PER_DRAW = 4
 METRICS = ("fd", "floor", "fd_excess", "precision", "recall", "density", "coverage", "nn_ratio", "copy_rate")
 UNIT_METRICS = ("precision", "recall", "coverage", "copy_rate")  # shares, in [0, 1]
-
-
-# --- the peer --------------------------------------------------------------------------------------------------
-
-
-def _import_peer() -> tuple[types.ModuleType | None, str]:
-    """Import rectified_flow_pytorch; returns (module or None, a note saying how or why not).
-
-    The package imports torchvision at module level for image saving and an optional LPIPS loss. When the
-    installed torchvision cannot load its compiled ops against this torch (a CUDA torchvision beside a CPU
-    torch), that import fails; the peer's flow, loss and sampler need no torchvision, so a stub that fails
-    loudly if any torchvision function is called stands in for it, and the note says so.
-    """
-    try:
-        import rectified_flow_pytorch
-
-        return rectified_flow_pytorch, "imported as installed"
-    except ImportError as e:
-        return None, f"not installed ({e}); pip install rectified-flow-pytorch"
-    except Exception as e:  # torchvision's compiled ops fail at import with a RuntimeError
-        reason = f"{type(e).__name__}: {e}"
-    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-        del sys.modules[name]
-    for name in [m for m in sys.modules if m.startswith("rectified_flow_pytorch")]:
-        del sys.modules[name]
-
-    def unavailable(*args, **kwargs):
-        raise RuntimeError("torchvision is unavailable in this environment (stubbed by bench.images)")
-
-    tv = types.ModuleType("torchvision")
-    tv.utils = types.ModuleType("torchvision.utils")
-    tv.utils.save_image = unavailable
-    tv.models = types.ModuleType("torchvision.models")
-    tv.models.vgg16 = unavailable
-    tv.models.VGG16_Weights = types.SimpleNamespace(DEFAULT=None)
-    tv.transforms = types.ModuleType("torchvision.transforms")
-    sys.modules.update({"torchvision": tv, "torchvision.utils": tv.utils, "torchvision.models": tv.models,
-                        "torchvision.transforms": tv.transforms})
-    try:
-        import rectified_flow_pytorch
-    except Exception as e:
-        return None, f"does not import: {reason}; with a torchvision stub: {type(e).__name__}: {e}"
-    return rectified_flow_pytorch, (f"installed; the venv's torchvision does not import ({reason[:120]}), so a "
-                                    "stub stands in for it (the peer's flow, loss and Euler sampler do not use it)")
-
-
-class _PeerNet(torch.nn.Module):
-    """Our ImageUNet behind the peer's calling convention ``model(x, times=t)`` (same time convention)."""
-
-    def __init__(self, net: torch.nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
-        return self.net(x, times)
-
-
-class PeerModel:
-    """rectified-flow-pytorch's RectifiedFlow (its MSE flow loss, its torchdiffeq Euler sampler) on our U-Net,
-    trained with the same optimizer, batches, gradient clipping and EMA as ours."""
-
-    def __init__(self, rfp: types.ModuleType, x_shape: tuple[int, ...], stage) -> None:
-        net_cfg = OmegaConf.to_container(stage.net, resolve=True)
-        kind = net_cfg.pop("kind")
-        net_cfg["channels"] = tuple(net_cfg["channels"])
-        self.rfp, self.x_shape, self.name = rfp, tuple(x_shape), "peer_1rf"
-        self.net = _PeerNet(make_network(kind, x_shape, **net_cfg))
-        # data is already in [-1, 1]: identity (None) instead of the peer's [0, 1] -> [-1, 1] maps
-        self.flow = rfp.RectifiedFlow(self.net, data_normalize_fn=None, data_unnormalize_fn=None,
-                                      odeint_kwargs={"method": "euler"}, data_shape=self.x_shape)
-        self.ema = EMA(self.net, decay=float(stage.ema_decay))
-        self.train_s = 0.0
-
-    def train(self, images: torch.Tensor, steps: int, batch_size: int, lr: float, grad_clip: float,
-              schedule: str = "constant") -> None:
-        """The peer's loss ``flow(x1)``; Adam, clipping, lr schedule and EMA as in agents.images.trainer.fit."""
-        start = time.perf_counter()
-        opt = torch.optim.Adam(self.net.parameters(), lr=lr)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps)) if schedule == "cosine" else None
-        self.net.train()
-        for _ in range(steps):
-            loss = self.flow(images[torch.randint(0, images.shape[0], (batch_size,))])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.net.parameters(), grad_clip)
-            opt.step()
-            if sched is not None:
-                sched.step()
-            self.ema.update(self.net)
-        self.train_s += time.perf_counter() - start
-
-    @torch.no_grad()
-    def generate(self, x0: torch.Tensor, steps: int, batch: int = 1000) -> torch.Tensor:
-        # the peer's sample() always runs its own .model: wrap the EMA network in a second peer flow
-        sampler = self.rfp.RectifiedFlow(self.ema.model, data_normalize_fn=None, data_unnormalize_fn=None,
-                                         odeint_kwargs={"method": "euler"}, data_shape=self.x_shape)
-        # the peer's `steps` counts time points: K Euler steps need K + 1
-        return torch.cat([sampler.sample(batch_size=x0[i : i + batch].shape[0], steps=steps + 1,
-                                         noise=x0[i : i + batch]) for i in range(0, x0.shape[0], batch)])
 
 
 # --- statistics ------------------------------------------------------------------------------------------
@@ -221,7 +123,7 @@ def aggregate(raw: list[dict]) -> list[dict]:
         first = entries[0]
         seeds = list(dict.fromkeys(e["seed"] for e in entries))
         row = {"method": first["method"], "model": model, "impl": first["impl"], "steps": steps,
-               "nfe": steps, "n_seeds": len(seeds), "n_draws": len(entries) // len(seeds)}
+               "nfe": steps * first.get("nfe_per_step", 1), "n_seeds": len(seeds), "n_draws": len(entries) // len(seeds)}
         for m in METRICS:
             values, over = replicates(entries, m)
             mean, lo, hi = t_interval(values)
@@ -254,7 +156,9 @@ def paired_target(raw: list[dict], one_step: str, reference: tuple[str, int], fa
 # --- the benchmark --------------------------------------------------------------------------------------
 
 
-LABELS = {"1rf": "1-RF", "2rf": "2-RF", "shortcut": "shortcut", "peer_1rf": "1-RF (rectified-flow-pytorch)",
+LABELS = {"1rf": "1-RF", "2rf": "2-RF", "shortcut": "shortcut",
+          "peer_1rf": "1-RF, rectified-flow-pytorch's loss and Euler sampler on our U-Net",
+          "peer_own": "rectified-flow-pytorch end to end (its U-Net, Trainer, EMA, midpoint sampler)",
           "data": "held-out real images (the floor)", "train_copy": "training images (a perfect memoriser)"}
 
 
@@ -277,14 +181,14 @@ def _ci(r: dict, m: str, fmt: str) -> str:
 
 
 def _markdown(rows: list[dict]) -> str:
-    lines = ["| method | impl | steps | FD | FD − floor | precision | recall | coverage | NN ratio "
+    lines = ["| method | impl | steps | NFE | FD | FD − floor | precision | recall | coverage | NN ratio "
              "| sampling s | training s | straightness |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         s = "" if r.get("straightness") is None else f"{r['straightness']:.4f}"
         train = "" if r["train_s"] is None else f"{r['train_s']:.1f}"
         samp = "" if r["sample_s"] is None else f"{r['sample_s']:.2f}"
-        lines.append(f"| {r['method']} | {r['impl']} | {r['steps']} | {_ci(r, 'fd', '.1f')} | "
+        lines.append(f"| {r['method']} | {r['impl']} | {r['steps']} | {r['nfe']} | {_ci(r, 'fd', '.1f')} | "
                      f"{_ci(r, 'fd_excess', '.1f')} | {_ci(r, 'precision', '.2f')} | "
                      f"{_ci(r, 'recall', '.2f')} | "
                      f"{_ci(r, 'coverage', '.2f')} | {_ci(r, 'nn_ratio', '.2f')} | {samp} | {train} | {s} |")
@@ -314,7 +218,7 @@ def _plot(rows: list[dict], strips: list[tuple[str, torch.Tensor]], path: Path) 
     ax.axhline(0.0, color="k", lw=0.8, ls="--", label="the floor (real vs real)")
     ax.set_xscale("log", base=2)
     ax.set_yscale("symlog", linthresh=10)
-    ax.set_xlabel("Euler steps")
+    ax.set_xlabel("sampling steps (Euler; the end-to-end peer: midpoint, 2 evaluations each)")
     ax.set_ylabel("FD − floor (95% interval)", fontsize=8)
     ax.legend(fontsize=6, loc="upper right")
     for i, (label, imgs) in enumerate(strips):
@@ -399,7 +303,7 @@ def main(argv: list[str] | None = None) -> dict:
                 t0 = time.perf_counter()
                 x = model.generate(noises[d], k)
                 raw.append({"model": model.name, "method": label, "impl": impl, "steps": k, "seed": seed,
-                            "draw": d, "sample_s": time.perf_counter() - t0, "train_s": model.train_s,
+                            "draw": d, "nfe_per_step": getattr(model, "nfe_per_step", 1), "sample_s": time.perf_counter() - t0, "train_s": model.train_s,
                             "straightness": s, **{key: v for key, v in info.items() if key in ("k", "pairs")},
                             **judge.score(x, d)})
                 if d == 0:
@@ -410,7 +314,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"[{time.perf_counter() - wall:6.0f}s] seed {seed} {model.name}: train {model.train_s:.0f}s, "
               f"FD - floor {excess}", flush=True)
 
-    rfp, peer_note = (None, "skipped (--no-peer)") if args.no_peer else _import_peer()
+    rfp, peer_note = (None, "skipped (--no-peer)") if args.no_peer else import_peer()
+    peer_params = {}
     students = []
     for seed in seeds:
         torch.manual_seed(seed)
@@ -435,6 +340,11 @@ def main(argv: list[str] | None = None) -> dict:
             peer.train(train.images, int(stage.grad_steps), int(stage.batch_size), float(stage.lr),
                        float(stage.grad_clip), str(stage.lr_schedule))
             record(peer, budget["rf_steps"], seed, impl="rectified-flow-pytorch", straight=False)
+            torch.manual_seed(seed)
+            own = PeerOwnModel(rfp, shape, budget.get("peer_unet", OWN_UNET))
+            own.train(train.images, int(stage.grad_steps), int(stage.batch_size))
+            record(own, budget["rf_steps"], seed, impl="rectified-flow-pytorch", straight=False)
+            peer_params = {"peer_own": own.num_params(), "ours": sum(p.numel() for p in rf1.flow.net.parameters())}
 
     rows = aggregate(raw)
 
@@ -467,6 +377,7 @@ def main(argv: list[str] | None = None) -> dict:
                   "heldout_images": len(held)},
         "encoder": einfo,
         "peer": peer_note,
+        "peer_params": peer_params,
     }
     out = Path(args.out)
     # the full budget's files feed the README; a quick check must not overwrite them

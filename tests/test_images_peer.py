@@ -1,0 +1,54 @@
+"""rectified-flow-pytorch as the image benchmark's peer (bench/images_peer.py). Skipped unless the package is
+installed (``pip install -e ".[peers]"``)."""
+
+import pytest
+import torch
+
+from bench.images_peer import PeerOwnModel, import_peer
+
+rfp, NOTE = import_peer()
+pytestmark = pytest.mark.skipif(rfp is None, reason=f"rectified-flow-pytorch: {NOTE}")
+
+SHAPE = (1, 8, 8)
+SMALL_UNET = {"dim": 8, "dim_mults": (1, 2)}
+
+
+def _midpoint(unet, x, steps):
+    """K midpoint steps of the package's network on the uniform grid, written out by hand."""
+    h = 1.0 / steps
+    for k in range(steps):
+        t = torch.full((x.shape[0],), k * h)
+        x_mid = x + 0.5 * h * unet(x, times=t)
+        x = x + h * unet(x_mid, times=t + 0.5 * h)
+    return x
+
+
+def test_own_peer_samples_with_its_midpoint_rule_and_our_value_range():
+    torch.manual_seed(0)
+    peer = PeerOwnModel(rfp, SHAPE, SMALL_UNET)
+    assert peer.nfe_per_step == 2
+    x0 = torch.randn(6, *SHAPE)
+    with torch.no_grad():
+        want = _midpoint(peer.unet, x0, 2)  # the package's [-1, 1] space is ours
+    got = peer.generate(x0, 2)
+    assert torch.allclose(got, want, atol=1e-5)
+    with torch.no_grad():  # and not Euler: the two rules differ on a non-straight field
+        euler = x0 + 0.5 * peer.unet(x0, times=torch.zeros(6))
+        euler = euler + 0.5 * peer.unet(euler, times=torch.full((6,), 0.5))
+    assert not torch.allclose(got, euler, atol=1e-4)
+
+
+def test_own_peer_trains_with_its_trainer_and_samples_from_its_ema(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    images = torch.rand(64, *SHAPE) * 2 - 1
+    peer = PeerOwnModel(rfp, SHAPE, SMALL_UNET)
+    before = [p.detach().clone() for p in peer.unet.parameters()]
+    peer.train(images, steps=12, batch_size=16)
+    assert peer.train_s > 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, peer.unet.parameters()))
+    sampler = peer.sampler()
+    assert sampler is not peer.flow  # the trainer's EMA copy samples, as the package's own Trainer.sample does
+    x = peer.generate(torch.randn(5, *SHAPE), 4)
+    assert x.shape == (5, *SHAPE) and torch.isfinite(x).all()
+    assert list(tmp_path.iterdir()) == []  # its checkpoints and sample grids went to a temp dir
