@@ -28,6 +28,8 @@ SECTIONS = [
      "learning rate (wall times: an alignment benchmark shared the 2 cores for 27 of the 102 minutes)"),
     ("pick_place_300k/finetune_pick_place_300k", "Online fine-tuning on Meta-World pick-place, 300k env steps, 5 "
                                                  "seeds, noise bounds [0.15, 0.30]: ReFlow (clip 0.1 and 0.05) and the Gaussian"),
+    ("peg_insert_300k/finetune_metaworld_peg-insert-side-v3", "Online fine-tuning on Meta-World "
+     "peg-insert-side, 300k env steps, 5 seeds, the Meta-World defaults (clip 0.05): ReFlow and the Gaussian"),
     ("mw_screen", "Meta-World tasks screened for fine-tuning: BC success from 20 noisy scripted demos (held-out "
                   "env seeds)"),
     ("robosuite", "robosuite Lift and Can: scripted-expert demos, BC, then ReinFlow fine-tuning (success before "
