@@ -30,6 +30,8 @@ SECTIONS = [
                                                  "seeds, noise bounds [0.15, 0.30]: ReFlow (clip 0.1 and 0.05) and the Gaussian"),
     ("peg_insert_300k/finetune_metaworld_peg-insert-side-v3", "Online fine-tuning on Meta-World "
      "peg-insert-side, 300k env steps, 5 seeds, the Meta-World defaults (clip 0.05): ReFlow and the Gaussian"),
+    ("basketball_300k/finetune_metaworld_basketball-v3", "Online fine-tuning on Meta-World basketball, 300k "
+     "env steps, 5 seeds, the Meta-World defaults (clip 0.05): ReFlow and the Gaussian"),
     ("mw_screen", "Meta-World tasks screened for fine-tuning: BC success from 20 noisy scripted demos (held-out "
                   "env seeds)"),
     ("robosuite", "robosuite Lift and Can: scripted-expert demos, BC, then ReinFlow fine-tuning (success before "
