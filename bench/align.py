@@ -58,15 +58,15 @@ _SHARED = {"max_episode_steps": 200, "eval_envs": 5, "min_return_gap": 50.0, "hi
 BUDGETS = {
     "small": {**_SHARED, "pretrain_steps": 3000, "states": 24, "eval_episodes": 50, "align_steps": 300,
               "gen_steps": 2000, "classifier_steps": 400, "image_samples": 2000, "image_steps": 300,
-              "eval_samples": 1000},
+              "eval_samples": 1000, "heldout_samples": 1000},
     "full": {**_SHARED, "pretrain_steps": 4000, "states": 64, "eval_episodes": 200, "align_steps": 500,
              "gen_steps": 6000, "classifier_steps": 1500, "image_samples": 4000, "image_steps": 500,
-             "eval_samples": 2000},
+             "eval_samples": 2000, "heldout_samples": 2000},
     # seconds, for tests of the code paths only: the numbers mean nothing
     "tiny": {"max_episode_steps": 20, "eval_envs": 2, "min_return_gap": 0.0, "hidden": 32, "depth": 1,
              "drift_obs": 64, "pretrain_steps": 20, "states": 2, "eval_episodes": 4, "align_steps": 3,
              "gen_steps": 20, "classifier_steps": 10, "image_samples": 64, "image_steps": 3,
-             "eval_samples": 64},
+             "eval_samples": 64, "heldout_samples": 64},
 }
 POLICY_BETA, IMAGE_BETA = 2000.0, 200.0   # the defaults of agents.align and agents.images.align
 LABELS = {"dpo": "Flow-DPO", "rwr": "Flow-RWR", "sft": "SFT on winners"}
@@ -75,7 +75,7 @@ K = 4
 POLICY_COLUMNS = ["method", "pairs", "samples_seen", "seeds", "episodes", "success", "success_per_seed",
                   "d_success", "return", "b:c", "p", "p_holm", "drift", "verdict", "train_s"]
 IMAGE_COLUMNS = ["method", "pairs", "samples_seen", "seeds", "reward", "reward_heldout", "target_rate",
-                 "fd_target", "drift", "d_reward_vs_sft", "d_drift_vs_sft", "vs_sft", "train_s"]
+                 "diversity", "fd_target", "drift", "pair_accuracy", "d_reward_vs_sft", "d_drift_vs_sft", "vs_sft", "train_s"]
 
 
 def _variants(betas: list[float], schedules: list[str], default_beta: float) -> list[tuple[str, float, str]]:
@@ -199,13 +199,14 @@ def policy_part(b: dict, seed: int, workdir: Path, betas: list[float], schedules
 def image_part(b: dict, seed: int, betas: list[float], schedules: list[str],
                cache: Path | None = None) -> tuple[list[dict], dict, dict]:
     """Train a digits generator, align it every way and guide it, score all on the same noise."""
-    from agents.align_metrics import sample_drift
+    from agents.align_metrics import implicit_reward_accuracy, sample_drift
     from agents.images.align import (
         ImageAlignConfig,
         ImageMetrics,
         align_generator,
         classifier_rewards,
         generate,
+        group_pairs,
         score,
     )
     from agents.images.data import load_digits
@@ -235,6 +236,10 @@ def image_part(b: dict, seed: int, betas: list[float], schedules: list[str],
     images = generate(flow, eval_noise(cfg.num_samples, data.image_shape, seed + 777), cfg.sample_steps)
     rewards = score(reward, images)
     base_images = generate(flow, x0_eval, cfg.sample_steps)
+    # held-out preference pairs: the same recipe (reward A, best vs worst of each group) on fresh noise
+    held = generate(flow, eval_noise(b["heldout_samples"], data.image_shape, seed + 999), cfg.sample_steps)
+    hw, hl = group_pairs(score(reward, held), cfg.group_size)
+    held_w, held_l = held[hw], held[hl]
     samples = {"base 1-RF": base_images}
     n = b["eval_samples"]
     common = {"domain": "digits", "seed": seed, "n_eval": n}
@@ -255,6 +260,8 @@ def image_part(b: dict, seed: int, betas: list[float], schedules: list[str],
                      "samples_seen": steps * acfg.batch_size * (2 if method == "dpo" else 1),
                      "pairs": info["pairs"] if method != "rwr" else None, **metrics(samples[label]),
                      "drift": sample_drift(samples[label], base_images), "train_s": round(train_s, 1),
+                     "heldout_pairs": len(hw),
+                     **implicit_reward_accuracy(aligned, flow.net, held_w, held_l, draws=16, seed=seed),
                      "final_train_metrics": info["final"]})
     for w in (0.1, 0.5):
         t0 = time.perf_counter()
@@ -266,7 +273,7 @@ def image_part(b: dict, seed: int, betas: list[float], schedules: list[str],
     real = data.images[data.labels == 0]
     rows.append({**common, "method": "real zeros (reference)", "variant": "real", "n_eval": len(real),
                  **metrics(real)})
-    meta = {"gen_steps": b["gen_steps"], "gen_s": round(gen_s, 1), "classifier_steps": b["classifier_steps"],
+    meta = {"gen_steps": b["gen_steps"], "gen_s": round(gen_s, 1), "heldout_pairs": len(hw), "classifier_steps": b["classifier_steps"],
             "classifier_s": round(classifier_s, 1), "target_class": 0,
             "preference_reward_mean": float(rewards.mean()),
             "align": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("method", "progress")}}
@@ -359,7 +366,8 @@ def summarize_images(rows: list[dict]) -> list[dict]:
         s = {"domain": "digits", "method": method, "variant": rs[0]["variant"], "seeds": len(rs),
              "pairs": rs[0].get("pairs"), "samples_seen": rs[0].get("samples_seen"),
              "train_s": float(np.mean([r.get("train_s") or 0.0 for r in rs]))}
-        for key in ("reward", "reward_heldout", "target_rate", "fd", "fd_target", "drift"):
+        for key in ("reward", "reward_heldout", "target_rate", "diversity", "fd", "fd_target", "drift",
+                    "pair_accuracy"):
             s[key] = _interval([r.get(key) for r in rs])
         if rs[0]["variant"] in ("dpo", "rwr", "guidance") and sft:
             paired = [r for r in rs if r["seed"] in sft]
@@ -392,7 +400,9 @@ def image_table(summary: list[dict]) -> str:
     for s in summary:
         d = {"method": s["method"], "pairs": s["pairs"], "samples_seen": s["samples_seen"], "seeds": s["seeds"],
              "reward": _fmt(s["reward"], ".2f"), "reward_heldout": _fmt(s["reward_heldout"], ".2f"),
-             "target_rate": _fmt(s["target_rate"]), "fd_target": _fmt(s["fd_target"], ".0f"),
+             "target_rate": _fmt(s["target_rate"]), "diversity": _fmt(s["diversity"], ".2f"),
+             "fd_target": _fmt(s["fd_target"], ".0f"),
+             "pair_accuracy": _fmt(s["pair_accuracy"]),
              "drift": _fmt(s["drift"], ".4f") if s["variant"] != "real" else "",
              "train_s": f"{s['train_s']:.1f}"}
         if "vs_sft" in s:
@@ -501,7 +511,13 @@ def _notes(config: dict, policy_summary: list[dict], image_summary: list[dict]) 
             "DPO's steps at 64 images each. drift: mean squared pixel distance ([-1, 1] scale) between a "
             "method's and the base generator's samples from the same noise. d_*_vs_sft: differences to SFT "
             "paired by seed, mean [bootstrap 95% over seeds]; vs_sft: 'dominates SFT' when the reward "
-            "difference is above 0 and the drift difference below 0, both intervals excluding 0 (3+ seeds).")
+            "difference is above 0 and the drift difference below 0, both intervals excluding 0 (3+ seeds). "
+            "diversity: mean pairwise distance in classifier B's features among the samples B labels 0, over "
+            "the same for the real zeros (1 = as varied as real zeros). pair_accuracy: on "
+            f"{dg['per_seed'][0].get('heldout_pairs', '?')} held-out pairs (best vs worst of 4 by reward A, "
+            "samples of the base generator from noise no method trained on), the fraction whose winner the "
+            "model's implicit reward -(e_model - e_base) ranks first (e: Flow-DPO's velocity error, 16 draws of "
+            "noise and time; 0.5 = no preference learned).")
     return "\n\n".join(notes)
 
 

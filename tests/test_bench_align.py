@@ -29,6 +29,42 @@ def test_policy_drift_is_zero_for_the_same_policy_and_grows_with_a_changed_one()
     assert sample_drift(x, x) == 0.0 and abs(sample_drift(x + 0.5, x) - 0.25) < 1e-6
 
 
+def test_implicit_reward_accuracy_is_half_for_the_reference_and_high_after_learning_the_winners():
+    from agents.align_metrics import implicit_reward_accuracy
+    from flowpolicy import RectifiedFlow
+    from flowpolicy.nets import MLPVelocity
+
+    torch.manual_seed(0)
+    ref = RectifiedFlow(MLPVelocity((2,), hidden=32, depth=2, emb_dim=16), (2,))
+    x_w = torch.tensor([1.0, 1.0]) + 0.1 * torch.randn(64, 2)    # winners near (1, 1), losers near (-1, -1)
+    x_l = -torch.tensor([1.0, 1.0]) + 0.1 * torch.randn(64, 2)
+    same = implicit_reward_accuracy(copy.deepcopy(ref), ref.net, x_w, x_l, draws=4)
+    assert same == {"pair_accuracy": 0.5, "implicit_margin": 0.0}   # every pair ties
+    tuned = copy.deepcopy(ref)   # flow matching on the winners only: their error falls, the losers' rises
+    opt = torch.optim.Adam(tuned.net.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(300):
+        opt.zero_grad()
+        tuned.loss(x_w, generator=gen)[0].backward()
+        opt.step()
+    held_w = torch.tensor([1.0, 1.0]) + 0.1 * torch.randn(32, 2)
+    held_l = -torch.tensor([1.0, 1.0]) + 0.1 * torch.randn(32, 2)
+    acc = implicit_reward_accuracy(tuned, ref.net, held_w, held_l, draws=8, seed=2)
+    assert acc["pair_accuracy"] > 0.9 and acc["implicit_margin"] > 0
+    flipped = implicit_reward_accuracy(tuned, ref.net, held_l, held_w, draws=8, seed=2)
+    assert flipped["pair_accuracy"] < 0.1 and abs(flipped["implicit_margin"] + acc["implicit_margin"]) < 1e-9
+
+
+def test_pairwise_diversity_is_zero_for_copies_and_scales_with_spread():
+    from agents.align_metrics import pairwise_diversity
+
+    x = torch.randn(50, 8)
+    assert pairwise_diversity(x[:1].repeat(20, 1)) == 0.0     # mode collapse: one sample repeated
+    assert abs(pairwise_diversity(3 * x) / pairwise_diversity(x) - 3) < 1e-6
+    assert pairwise_diversity(torch.tensor([[0.0], [2.0]])) == 2.0
+    assert pairwise_diversity(x[:1]) != pairwise_diversity(x[:1])  # NaN with one sample
+
+
 def test_bench_align_tiny_run_reports_drift_equal_samples_and_paired_tests(tmp_path):
     from bench.align import main
 
@@ -54,7 +90,12 @@ def test_bench_align_tiny_run_reports_drift_equal_samples_and_paired_tests(tmp_p
     steps = {r["variant"]: r["steps"] for r in dg if r["variant"] in ("dpo", "sft")}
     assert steps["sft"] == 2 * steps["dpo"]  # DPO sees two images per pair
     assert all(r["drift"] > 0 for r in dg if r["variant"] in ("dpo", "rwr", "sft"))
-    assert all("reward_heldout" in r for r in dg)
+    assert all("reward_heldout" in r and "diversity" in r for r in dg)
+    for r in dg:
+        if r["variant"] in ("dpo", "rwr", "sft"):
+            assert 0 <= r["pair_accuracy"] <= 1 and r["heldout_pairs"] > 0
+        else:
+            assert "pair_accuracy" not in r
     digits = {r["method"]: r for r in rec["rows"] if r["domain"] == "digits"}
     assert digits["Flow-DPO β=20"]["vs_sft"] == "fewer than 3 seeds"
     policy = {r["method"]: r for r in rec["rows"] if r["domain"] == "pick_place"}

@@ -16,7 +16,8 @@ Every evaluation samples the same noise and reports the mean reward (``reward``)
 under a second classifier trained with another seed (``reward_heldout``: a check against images that only fool
 the reward's own classifier), the fraction the held-out classifier labels as the target (``target_rate``), and
 the Fréchet distance in the classifier's features to all real images (``fd``, the reference distribution) and
-to the real images of the target class (``fd_target``).
+to the real images of the target class (``fd_target``), and the diversity within the target class in the
+held-out classifier's features relative to real data (``diversity``, see :class:`ImageMetrics`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from omegaconf import OmegaConf
 from flowpolicy import EMA, RectifiedFlow
 from flowpolicy.align import flow_dpo_loss, flow_rwr_loss, guided_sample
 
+from ..align_metrics import pairwise_diversity
 from ..loop import History, NonFiniteGuard, ProgressBar, SupervisedLoop
 from .classifier import FrechetScorer, ImageClassifier, load_or_train_classifier
 from .data import ImageData, load_dataset
@@ -174,13 +176,21 @@ def align_generator(flow: RectifiedFlow, images: torch.Tensor, rewards: torch.Te
 
 
 class ImageMetrics:
-    """Mean reward, held-out reward, target rate and FD (to all real images and to the target class)."""
+    """Mean reward, held-out reward, target rate, FD (to all real images and to the target class) and the
+    diversity within the target class.
+
+    ``diversity``: the mean pairwise distance, in the held-out classifier's features, between the samples that
+    classifier labels as the target class, divided by the same number for the real images of that class (1:
+    as varied as real data; well below 1: collapsed onto few modes). NaN with fewer than 2 such samples.
+    """
 
     def __init__(self, data: ImageData, reward: ClassifierReward, heldout: ClassifierReward) -> None:
         self.reward, self.heldout = reward, heldout
         target = data.images[data.labels == reward.target_class]
         self.fd_all = FrechetScorer(reward.classifier, data.images)
         self.fd_target = FrechetScorer(reward.classifier, target)
+        self.judge = FrechetScorer(heldout.classifier, target)   # its features() embed for diversity
+        self.real_diversity = pairwise_diversity(self.judge.features(target))
 
     def __call__(self, images: torch.Tensor) -> dict[str, float]:
         images = images.detach().cpu()
@@ -188,9 +198,13 @@ class ImageMetrics:
         with torch.no_grad():
             dev = next(self.heldout.classifier.parameters()).device
             pred = self.heldout.classifier(images.clamp(-1, 1).to(dev)).argmax(dim=1).cpu()
+        is_target = pred == self.heldout.target_class
+        picked = images[is_target].clamp(-1, 1)
+        div = pairwise_diversity(self.judge.features(picked)) if len(picked) >= 2 else float("nan")
         return {"reward": float(score(self.reward, images).mean()), "reward_heldout": float(held.mean()),
-                "target_rate": float((pred == self.heldout.target_class).float().mean()),
-                "fd": self.fd_all(images), "fd_target": self.fd_target(images)}
+                "target_rate": float(is_target.float().mean()),
+                "fd": self.fd_all(images), "fd_target": self.fd_target(images),
+                "diversity": div / self.real_diversity}
 
 
 def classifier_rewards(data: ImageData, target_class: int, steps: int, cache_dir: str | Path | None,
