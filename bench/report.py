@@ -30,6 +30,9 @@ SECTIONS = [
                                                  "seeds, noise bounds [0.15, 0.30]: ReFlow (clip 0.1 and 0.05) and the Gaussian"),
     ("peg_insert_300k/finetune_metaworld_peg-insert-side-v3", "Online fine-tuning on Meta-World "
      "peg-insert-side, 300k env steps, 5 seeds, the Meta-World defaults (clip 0.05): ReFlow and the Gaussian"),
+    ("peg_insert_300k_sparse/finetune_metaworld_peg-insert-side-v3", "Online fine-tuning on Meta-World "
+     "peg-insert-side, 300k env steps, 5 seeds: the sparse success reward with episodes ended at success, "
+     "beside the dense-reward defaults (merged; the two runs ran on different CPUs, so wall times differ)"),
     ("basketball_300k/finetune_metaworld_basketball-v3", "Online fine-tuning on Meta-World basketball, 300k "
      "env steps, 5 seeds, the Meta-World defaults (clip 0.05): ReFlow and the Gaussian"),
     ("mw_screen", "Meta-World tasks screened for fine-tuning: BC success from 20 noisy scripted demos (held-out "
@@ -47,6 +50,8 @@ SECTIONS = [
     ("gpu_scaling", "Data-parallel training on the GPU machine's 16 cores (`bash bench/gpu_check.sh 2`)"),
     ("images", "Image generation on digits with the same flow core"),
     ("align", "Reward and preference alignment"),
+    ("align_digits", "Reward alignment on digits: drift, held-out pair accuracy and diversity within the target "
+                     "class (3 seeds)"),
     ("align_branches", "Preference alignment on pick-place from same-state pairs (source=branches, 3 seeds)"),
 ]
 
