@@ -28,11 +28,14 @@ SECTIONS = [
      "learning rate (wall times: an alignment benchmark shared the 2 cores for 27 of the 102 minutes)"),
     ("pick_place_300k/finetune_pick_place_300k", "Online fine-tuning on Meta-World pick-place, 300k env steps, 5 "
                                                  "seeds, noise bounds [0.15, 0.30]: ReFlow (clip 0.1 and 0.05) and the Gaussian"),
+    ("pick_place_300k_sparse/finetune_pick_place_300k_sparse", "Online fine-tuning on Meta-World pick-place, "
+     "300k env steps, 5 seeds: the sparse success reward with episodes ended at success (now the Meta-World "
+     "default), beside the dense-reward runs (merged; the two runs ran on different CPUs, so wall times differ)"),
     ("peg_insert_300k/finetune_metaworld_peg-insert-side-v3", "Online fine-tuning on Meta-World "
      "peg-insert-side, 300k env steps, 5 seeds, the Meta-World defaults (clip 0.05): ReFlow and the Gaussian"),
     ("peg_insert_300k_sparse/finetune_metaworld_peg-insert-side-v3", "Online fine-tuning on Meta-World "
-     "peg-insert-side, 300k env steps, 5 seeds: the sparse success reward with episodes ended at success, "
-     "beside the dense-reward defaults (merged; the two runs ran on different CPUs, so wall times differ)"),
+     "peg-insert-side, 300k env steps, 5 seeds: the sparse success reward with episodes ended at success "
+     "(now the Meta-World default), beside the earlier dense-reward defaults (merged; the two runs ran on different CPUs, so wall times differ)"),
     ("basketball_300k/finetune_metaworld_basketball-v3", "Online fine-tuning on Meta-World basketball, 300k "
      "env steps, 5 seeds, the Meta-World defaults (clip 0.05): ReFlow and the Gaussian"),
     ("mw_screen", "Meta-World tasks screened for fine-tuning: BC success from 20 noisy scripted demos (held-out "

@@ -29,6 +29,12 @@ def test_task_defaults_win_over_the_schema_and_the_command_line_over_both():
     pipe = _compose("task=pick_place", "stage=pipeline")
     assert pipe.stage.finetune.sigma_max == 0.30 and pipe.stage.pretrain.grad_steps == 3000
     assert pipe.stage.finetune.gamma == FinetuneStage().gamma
+    # Meta-World trains on the sparse success reward, ending episodes at success; other families keep theirs
+    for task in (("task=pick_place",), ("task=metaworld", "task.env=metaworld/reach-v3")):
+        ft = _compose(*task, "stage=finetune").stage
+        assert ft.terminate_on_success is True and ft.success_reward == 1.0
+    hop = _compose("task=hopper_medium", "stage=finetune").stage
+    assert hop.terminate_on_success is False and hop.success_reward is None
 
 
 @pytest.mark.parametrize("override", ["stage.pretrain.grad_steps=3x", "stage.pretrain.stepz=3",
