@@ -190,7 +190,11 @@ def write_demos(
             raise DatasetError(f"{path}: data/demo_{i}/obs: obs dim {ep.obs.shape[1]} differs from demo_0")
     names = [f"demo_{i}" for i in range(len(episodes))]
     train, valid = split_demo_names(names, valid_fraction, split_seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as e:  # a file, or a link to nowhere, where a folder must be
+        raise DatasetError(f"{path}: cannot create the folder {path.parent}: {e.filename} exists but is not a "
+                           "folder (a file or a broken symlink?)") from e
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     umask = os.umask(0)

@@ -62,6 +62,12 @@ def test_write_rejects_bad_episodes_without_touching_existing_file(demo_file):
     assert list(path.parent.glob("*.tmp")) == []
 
 
+def test_write_into_a_broken_data_symlink_is_one_clear_error(tmp_path):
+    (tmp_path / "data").symlink_to(tmp_path / "gone")   # e.g. a data/ link to a folder that was removed
+    with pytest.raises(DatasetError, match="not a folder"):
+        write_demos(tmp_path / "data" / "demos" / "d.hdf5", [make_episode(3)], ENV_ARGS)
+
+
 def _mutate(path, fn):
     with h5py.File(path, "a") as f:
         fn(f)
