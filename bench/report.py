@@ -38,6 +38,9 @@ SECTIONS = [
      "(now the Meta-World default), beside the earlier dense-reward defaults (merged; the two runs ran on different CPUs, so wall times differ)"),
     ("basketball_300k/finetune_metaworld_basketball-v3", "Online fine-tuning on Meta-World basketball, 300k "
      "env steps, 5 seeds, the Meta-World defaults (clip 0.05): ReFlow and the Gaussian"),
+    ("basketball_300k_sparse/finetune_metaworld_basketball-v3", "Online fine-tuning on Meta-World basketball, "
+     "300k env steps, 5 seeds, the Meta-World defaults with the sparse success reward: ReFlow and the Gaussian "
+     "(wall times: newcomer.sh shared the 2 cores for the first 16 of 31 minutes)"),
     ("mw_screen", "Meta-World tasks screened for fine-tuning: BC success from 20 noisy scripted demos (held-out "
                   "env seeds)"),
     ("robosuite", "robosuite Lift and Can: scripted-expert demos, BC, then ReinFlow fine-tuning (success before "
