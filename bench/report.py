@@ -32,12 +32,14 @@ SECTIONS = [
      "300k env steps, 5 seeds: the sparse success reward with episodes ended at success (now the Meta-World "
      "default), beside the dense-reward runs (merged; the two runs ran on different CPUs, so wall times differ)"),
     ("peg_insert_300k/finetune_metaworld_peg-insert-side-v3", "Online fine-tuning on Meta-World "
-     "peg-insert-side, 300k env steps, 5 seeds, the Meta-World defaults (clip 0.05): ReFlow and the Gaussian"),
+     "peg-insert-side, 300k env steps, 5 seeds, the Meta-World defaults before the sparse reward (clip 0.05, dense "
+     "reward): ReFlow and the Gaussian"),
     ("peg_insert_300k_sparse/finetune_metaworld_peg-insert-side-v3", "Online fine-tuning on Meta-World "
      "peg-insert-side, 300k env steps, 5 seeds: the sparse success reward with episodes ended at success "
      "(now the Meta-World default), beside the earlier dense-reward defaults (merged; the two runs ran on different CPUs, so wall times differ)"),
     ("basketball_300k/finetune_metaworld_basketball-v3", "Online fine-tuning on Meta-World basketball, 300k "
-     "env steps, 5 seeds, the Meta-World defaults (clip 0.05): ReFlow and the Gaussian"),
+     "env steps, 5 seeds, the Meta-World defaults before the sparse reward (clip 0.05, dense reward): ReFlow and "
+     "the Gaussian"),
     ("basketball_300k_sparse/finetune_metaworld_basketball-v3", "Online fine-tuning on Meta-World basketball, "
      "300k env steps, 5 seeds, the Meta-World defaults with the sparse success reward: ReFlow and the Gaussian "
      "(wall times: newcomer.sh shared the 2 cores for the first 16 of 31 minutes)"),
