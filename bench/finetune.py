@@ -79,13 +79,13 @@ def _task_finetune_defaults(task: str) -> dict:
 
 
 def _pretrain(args):
-    kind, task, dataset, out_dir, steps, seed = args
+    kind, task, dataset, out_dir, steps, seed, exec_horizon = args
     import torch
 
     torch.set_num_threads(1)
     from agents.pretrain import PretrainConfig, Pretrainer
 
-    t = task_spec(task)
+    t = {**task_spec(task), **({"exec_horizon": exec_horizon} if exec_horizon else {})}
     cfg = PretrainConfig(dataset=dataset, env_name=t["env"], run_dir=str(out_dir), policy=POLICY_SPECS[kind],
                          obs_horizon=t["obs_horizon"], action_horizon=t["action_horizon"],
                          exec_horizon=t["exec_horizon"], grad_steps=steps, eval_every=0, eval_episodes=0,
@@ -258,6 +258,9 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="results folder (default bench/results)")
     p.add_argument("--work", default="/tmp/flowpolicy_bench", help="folder for pretraining checkpoints")
     p.add_argument("--pretrain-steps", type=int, default=None, help="override the budget's BC gradient steps")
+    p.add_argument("--exec-horizon", type=int, default=None,
+                   help="actions executed per predicted chunk (Te, 1..Ta; default: the task's); scale the task's "
+                        "n_steps with a --variant to keep the env steps per iteration")
     p.add_argument("--eval-episodes", type=int, default=20, help="deterministic episodes per evaluation point")
     p.add_argument("--eval-points", type=int, default=10,
                    help="evaluation points along the curve (plus the initial one)")
@@ -283,6 +286,11 @@ def main(argv=None):
         budget["pretrain_steps"] = args.pretrain_steps
     t_start = time.perf_counter()
     t = task_spec(args.task)
+    if args.exec_horizon is not None:
+        if not 1 <= args.exec_horizon <= t["action_horizon"]:
+            raise SystemExit(f"error: --exec-horizon must be in [1, {t['action_horizon']}] (the task's Ta), "
+                             f"got {args.exec_horizon}")
+        t = {**t, "exec_horizon": args.exec_horizon}
     dataset = str(ensure_demos(t["env"], seed=0, progress=False, **t["demos"]))
     from envs.hdf5 import read_demos
 
@@ -314,12 +322,15 @@ def main(argv=None):
         planned = [{"method": m, "variant": vn, "seed": s} for m in ft_methods for vn, _ in variants
                    for s in args.seeds] + [{"method": "sb3_ppo", "variant": "default", "seed": s} for s in args.seeds
                                            if "sb3_ppo" in args.methods]
-        earlier = _load_merge(args.merge, {"task": args.task, **budget, "finetune_defaults": ft_defaults,
+        earlier = _load_merge(args.merge, {"task": args.task, **budget, "exec_horizon": t["exec_horizon"],
+                                           "finetune_defaults": ft_defaults,
                                            "eval": {**eval_over, "seed": eval_seed}, "dataset": Path(dataset).name,
-                                           "demo_return_mean": float(np.mean(demo_returns))}, planned)
+                                           "demo_return_mean": float(np.mean(demo_returns))}, planned,
+                              {"exec_horizon": task_spec(args.task)["exec_horizon"]})
     ctx = mp.get_context("spawn")
     with ctx.Pool(args.workers) as pool:
-        pre = pool.map(_pretrain, [(k, args.task, dataset, work / k, budget["pretrain_steps"], 0) for k in kinds])
+        pre = pool.map(_pretrain, [(k, args.task, dataset, work / k, budget["pretrain_steps"], 0,
+                                        args.exec_horizon) for k in kinds])
         ckpts = {k: c for k, c, _ in pre}
         pre_wall = {k: w for k, _, w in pre}
         jobs = [(m, vn, {**eval_over, **ALGO_METHODS.get(m, (m, {}))[1], **vo}, s, args.task,
@@ -406,7 +417,8 @@ def main(argv=None):
         gpu = torch_device_name()
         extra += (f"\nVariants {async_vs} step their training envs in worker processes (one per env) and ran one "
                   f"at a time after the other runs, alone on the machine; GPU: {gpu}.\n")
-    save_results(name, rows, cols, {"task": args.task, "budget": args.budget, **budget, "seeds": args.seeds,
+    save_results(name, rows, cols, {"task": args.task, "budget": args.budget, **budget,
+                                    "exec_horizon": t["exec_horizon"], "seeds": args.seeds,
                                     "methods": args.methods, "variants": dict(variants),
                                     "finetune_defaults": ft_defaults, "eval": {**eval_over, "seed": eval_seed},
                                     "pretrain_wall_s": pre_wall, "dataset": dataset,
@@ -415,15 +427,16 @@ def main(argv=None):
                  wall, extra_md=extra, out_dir=out_dir, module="bench.finetune")
 
 
-def _load_merge(path: str, mine: dict, rows: list[dict]) -> dict:
-    """Rows and curves of an earlier run for ``--merge``, after checking that its settings equal ``mine``."""
+def _load_merge(path: str, mine: dict, rows: list[dict], missing: dict | None = None) -> dict:
+    """Rows and curves of an earlier run for ``--merge``, after checking that its settings equal ``mine``;
+    ``missing``: the values of settings that files from before they were recorded did not write."""
     p = Path(path)
     try:
         rec = json.loads(p.read_text())
         runs = json.loads(p.with_name(p.stem + "_curves.json").read_text())
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: --merge {path}: cannot read it and its _curves.json ({e})") from None
-    cfg = dict(rec.get("config", {}))
+    cfg = {**(missing or {}), **rec.get("config", {})}
     cfg["dataset"] = Path(str(cfg.get("dataset"))).name  # the demo file by name (runs from other checkouts)
     diff = [k for k, v in mine.items() if json.loads(json.dumps(cfg.get(k))) != json.loads(json.dumps(v))]
     if diff:

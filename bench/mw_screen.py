@@ -42,7 +42,7 @@ def _screen(args):
     except Exception as e:  # e.g. the scripted expert does not succeed often enough under the action noise
         return {"task": task, "error": f"{type(e).__name__}: {e}"[:200], "wall_s": round(time.perf_counter() - t0, 1)}
     demos = read_demos(dataset)
-    _, ckpt, pre_s = _pretrain(("reflow", name, dataset, Path(work) / task / "reflow", pretrain_steps, 0))
+    _, ckpt, pre_s = _pretrain(("reflow", name, dataset, Path(work) / task / "reflow", pretrain_steps, 0, None))
     policy, _ = policy_from_checkpoint(ckpt)
     r = rollout_episodes(policy, t["env"], episodes, 4, 8, eval_seed, t["max_episode_steps"])
     succ = [bool(s) for s in r["successes"]]

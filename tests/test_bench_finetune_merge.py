@@ -39,3 +39,22 @@ def test_variant_values_parse_as_numbers_yaml_would_leave_as_strings():
     assert name == "lr1" and over == {"actor_lr": 1e-5, "clip_coef": 0.05, "denoise_steps": 2, "lr_schedule": "linear",
                                       "async_envs": True}
     assert isinstance(over["actor_lr"], float)
+
+
+def test_merge_checks_exec_horizon_and_reads_older_files_as_the_task_default(tmp_path):
+    mine = {"task": "hopper_medium", "env_steps": 100, "exec_horizon": 4}
+    older = _write(tmp_path, {"task": "hopper_medium", "env_steps": 100},  # written before Te was recorded
+                   [{"method": "reflow", "variant": "default", "seed": 0}])
+    assert _load_merge(older, mine, [], {"exec_horizon": 4})["methods"] == ["reflow"]
+    with pytest.raises(SystemExit, match=r"\['exec_horizon'\]"):  # a Te = 2 run must not join Te = 4 rows
+        _load_merge(older, {**mine, "exec_horizon": 2}, [], {"exec_horizon": 4})
+    newer = _write(tmp_path, {**mine, "exec_horizon": 2}, [{"method": "reflow", "variant": "default", "seed": 0}])
+    with pytest.raises(SystemExit, match=r"\['exec_horizon'\]"):
+        _load_merge(newer, mine, [], {"exec_horizon": 4})
+
+
+def test_exec_horizon_out_of_range_is_one_line(capsys):
+    from bench.finetune import main
+
+    with pytest.raises(SystemExit, match=r"--exec-horizon must be in \[1, 4\]"):
+        main(["--task", "hopper_medium", "--exec-horizon", "5"])
