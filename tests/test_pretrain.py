@@ -133,6 +133,8 @@ def test_bc_policy_learns_pick_place_and_sb3_evaluate_policy_runs_it(demos, tmp_
 
 def test_latency_is_reported_per_call_and_per_env_step(demos, tmp_path):
     tr = Pretrainer(_cfg(demos, tmp_path, grad_steps=1))
-    lat = measure_latency(tr.policy, steps=4, repeats=5)
+    # medians of 30 calls, and 8 forwards per call against a bar of 2: a 5-call median at K = 4 once measured
+    # 1.8x on a quiet 2-core VM (one slow bare-forward median)
+    lat = measure_latency(tr.policy, steps=8, repeats=30)
     assert lat["latency_us_per_env_step"] == pytest.approx(lat["latency_us_per_call"] / 2)
-    assert lat["latency_us_per_call"] > 2 * lat["bare_forward_us"]  # 4 forwards per call
+    assert lat["latency_us_per_call"] > 2 * lat["bare_forward_us"]  # 8 forwards per call
