@@ -2,7 +2,7 @@
 shortcut models, with the rectified-flow-pytorch package as a peer on the same data and budget: end to end (its
 own U-Net, trainer, EMA and default sampler) and, as an ablation, its loss and Euler sampler on our network.
 
-    python -m bench.images [--budget small|full] [--seeds 0 1 2] [--draws 5] [--no-peer]
+    python -m bench.images [--budget small|full] [--seeds 0 1 2] [--draws 5] [--no-peer] [--workers 2]
 
 Measured on held-out data (agents/images/evaluation.py):
 
@@ -234,62 +234,49 @@ def _plot(rows: list[dict], strips: list[tuple[str, torch.Tensor]], path: Path) 
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--budget", choices=sorted(BUDGETS), default="small")
-    parser.add_argument("--seeds", type=int, nargs="+", help="training seeds (default: the budget's)")
-    parser.add_argument("--draws", type=int,
-                        help="sampling draws per model and steps (default: the budget's)")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
-    parser.add_argument("--cache", default=str(ROOT / "data" / "classifiers"),
-                        help="where the trained feature network is cached")
-    parser.add_argument("--no-peer", action="store_true", help="skip rectified-flow-pytorch")
-    parser.add_argument("--progress", action="store_true", help="tqdm bars while training")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    args = parser.parse_args(argv)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    wall = time.perf_counter()
-    budget = BUDGETS[args.budget]
-    seeds = list(dict.fromkeys(args.seeds or budget["seeds"]))
-    draws = int(args.draws or budget["draws"])
-    if draws < 2:
-        raise SystemExit("--draws must be at least 2 (an interval needs replicates)")
-    stage = OmegaConf.merge(OmegaConf.structured(ImageStage),
-                            OmegaConf.create(budget["stage"]))
-    stage.progress = args.progress
+def _setup(budget_name: str, draws_arg, seeds: list[int], cache: str, progress: bool):
+    """What every training seed's run shares: the stage, the held-out split, the judge and the noise draws
+    (deterministic, so that worker processes rebuild exactly what the parent has)."""
+    budget = BUDGETS[budget_name]
+    draws = int(draws_arg or budget["draws"])
+    stage = OmegaConf.merge(OmegaConf.structured(ImageStage), OmegaConf.create(budget["stage"]))
+    stage.progress = progress
     data = load_digits()
-    shape = data.image_shape
     train, held = heldout_split(data, HELDOUT_FRACTION, SPLIT_SEED)
     n = int(budget["samples"] or len(held) // 2)
-
     start = time.perf_counter()
-    encoder, einfo = load_or_train_encoder(train, cache_dir=Path(args.cache),
-                                           steps=int(budget["encoder_steps"]), seed=ENCODER_SEED)
-    einfo.update(wall_s=time.perf_counter() - start, heldout_accuracy=accuracy_on(encoder, held),
-                 train_accuracy=accuracy_on(encoder, train))
+    encoder, einfo = load_or_train_encoder(train, cache_dir=Path(cache), steps=int(budget["encoder_steps"]),
+                                           seed=ENCODER_SEED)
+    einfo.update(wall_s=time.perf_counter() - start)
     judge = HeldOutJudge(encoder, train.images, held.images, n, k=5, splits_per_draw=SPLITS_PER_DRAW,
                          split_seed=SPLIT_SEED + 1000)
     # draw d of the i-th training seed is draw i * draws + d: every seed gets its own noise and splits (so the
     # seeds' means are independent replicates); within a draw every model gets the same noise and splits
-    total = draws * len(seeds)
-    noises = [eval_noise(n, shape, 12345 + d) for d in range(total)]
+    noises = [eval_noise(n, data.image_shape, 12345 + d) for d in range(draws * len(seeds))]
     ev = {"straightness_samples": int(stage.eval.straightness_samples),
           "straightness_steps": int(stage.eval.straightness_steps)}
+    return {"budget": budget, "stage": stage, "data": data, "train": train, "held": held, "n": n,
+            "encoder": encoder, "einfo": einfo, "judge": judge, "noises": noises, "ev": ev, "seeds": seeds,
+            "draws": draws}
 
+
+def _seed_worker(job):
+    budget_name, draws_arg, seeds, cache, progress, no_peer, seed, wall = job
+    torch.set_num_threads(1)
+    ctx = {**_setup(budget_name, draws_arg, seeds, cache, progress), "wall": wall}
+    rfp = None if no_peer else import_peer()[0]
+    return _train_and_score_seed(ctx, seed, rfp)
+
+
+def _train_and_score_seed(ctx: dict, seed: int, rfp) -> tuple[list[dict], list, list[str], dict]:
+    """Train every model of one training seed and score its draws: (raw entries, image strips (draw 0 only),
+    the distilled students' names, the peer's parameter counts)."""
+    budget, stage, train, judge, noises, ev = (ctx[k] for k in ("budget", "stage", "train", "judge", "noises",
+                                                                 "ev"))
+    seeds, draws, wall = ctx["seeds"], ctx["draws"], ctx["wall"]
+    shape = ctx["data"].image_shape
     raw: list[dict] = []
     strips: list[tuple[str, torch.Tensor]] = []
-    for d in range(total):  # the two reference rows: real held-out images and copies of training images
-        raw.append({"model": "data", "method": LABELS["data"], "impl": "-", "steps": 0, "seed": None,
-                    "draw": d, **judge.score_real(d)})
-    for d in range(total):
-        pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(54321 + d))[:n]
-        copies = train.images[pick]
-        raw.append({"model": "train_copy", "method": LABELS["train_copy"], "impl": "-", "steps": 0,
-                    "seed": None, "draw": d, **judge.score(copies, d)})
-        if d == 0:
-            strips.append(("training images", copies[:16]))
-    strips.insert(0, ("held-out real", held.images[judge.split(0)["other"][:16]]))
 
     def record(model, steps_list, seed: int, impl: str = "flowpolicy", straight: bool = True) -> None:
         info = getattr(model, "info", {})
@@ -314,37 +301,99 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"[{time.perf_counter() - wall:6.0f}s] seed {seed} {model.name}: train {model.train_s:.0f}s, "
               f"FD - floor {excess}", flush=True)
 
-    rfp, peer_note = (None, "skipped (--no-peer)") if args.no_peer else import_peer()
     peer_params = {}
-    students = []
-    for seed in seeds:
+    progress = bool(stage.progress)
+    torch.manual_seed(seed)
+    rf1 = train_base("1rf", "rf", train, stage, "cpu", progress=progress)
+    record(rf1, budget["rf_steps"], seed)
+    rf2 = train_reflow(rf1, stage, seed, progress=progress)
+    record(rf2, budget["reflow_steps"], seed)
+    students = train_distilled(rf2, stage, seed, progress=progress)
+    for student in students:
+        record(student, budget["reflow_steps"], seed, straight=False)
+    torch.manual_seed(seed)
+    shortcut = train_base("shortcut", "shortcut", train, stage, "cpu", progress=progress)
+    record(shortcut, budget["shortcut_steps"], seed, straight=False)
+    if rfp is not None:
         torch.manual_seed(seed)
-        rf1 = train_base("1rf", "rf", train, stage, "cpu", progress=args.progress)
-        record(rf1, budget["rf_steps"], seed)
-        rf2 = train_reflow(rf1, stage, seed, progress=args.progress)
-        record(rf2, budget["reflow_steps"], seed)
-        students = train_distilled(rf2, stage, seed, progress=args.progress)
-        for student in students:
-            record(student, budget["reflow_steps"], seed, straight=False)
+        peer = PeerModel(rfp, shape, stage)
+        # same network, same convention: before training, the peer's sampler must reproduce ours exactly
+        ours = RectifiedFlow(peer.ema.model.net, shape).sample(steps=4, x0=noises[0][:64])
+        if not torch.allclose(peer.generate(noises[0][:64], 4), ours, atol=1e-5):
+            raise RuntimeError("rectified-flow-pytorch's Euler sampler disagrees with flowpolicy's on "
+                               "one network")
+        peer.train(train.images, int(stage.grad_steps), int(stage.batch_size), float(stage.lr),
+                   float(stage.grad_clip), str(stage.lr_schedule))
+        record(peer, budget["rf_steps"], seed, impl="rectified-flow-pytorch", straight=False)
         torch.manual_seed(seed)
-        shortcut = train_base("shortcut", "shortcut", train, stage, "cpu", progress=args.progress)
-        record(shortcut, budget["shortcut_steps"], seed, straight=False)
-        if rfp is not None:
-            torch.manual_seed(seed)
-            peer = PeerModel(rfp, shape, stage)
-            # same network, same convention: before training, the peer's sampler must reproduce ours exactly
-            ours = RectifiedFlow(peer.ema.model.net, shape).sample(steps=4, x0=noises[0][:64])
-            if not torch.allclose(peer.generate(noises[0][:64], 4), ours, atol=1e-5):
-                raise RuntimeError("rectified-flow-pytorch's Euler sampler disagrees with flowpolicy's on "
-                                   "one network")
-            peer.train(train.images, int(stage.grad_steps), int(stage.batch_size), float(stage.lr),
-                       float(stage.grad_clip), str(stage.lr_schedule))
-            record(peer, budget["rf_steps"], seed, impl="rectified-flow-pytorch", straight=False)
-            torch.manual_seed(seed)
-            own = PeerOwnModel(rfp, shape, budget.get("peer_unet", OWN_UNET))
-            own.train(train.images, int(stage.grad_steps), int(stage.batch_size))
-            record(own, budget["rf_steps"], seed, impl="rectified-flow-pytorch", straight=False)
-            peer_params = {"peer_own": own.num_params(), "ours": sum(p.numel() for p in rf1.flow.net.parameters())}
+        own = PeerOwnModel(rfp, shape, budget.get("peer_unet", OWN_UNET))
+        own.train(train.images, int(stage.grad_steps), int(stage.batch_size))
+        record(own, budget["rf_steps"], seed, impl="rectified-flow-pytorch", straight=False)
+        peer_params = {"peer_own": own.num_params(), "ours": sum(p.numel() for p in rf1.flow.net.parameters())}
+    return raw, strips, [s.name for s in students], peer_params
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--budget", choices=sorted(BUDGETS), default="small")
+    parser.add_argument("--seeds", type=int, nargs="+", help="training seeds (default: the budget's)")
+    parser.add_argument("--draws", type=int,
+                        help="sampling draws per model and steps (default: the budget's)")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--cache", default=str(ROOT / "data" / "classifiers"),
+                        help="where the trained feature network is cached")
+    parser.add_argument("--no-peer", action="store_true", help="skip rectified-flow-pytorch")
+    parser.add_argument("--progress", action="store_true", help="tqdm bars while training")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="train the seeds in this many processes at once (one torch thread each; the same "
+                             "results as one process with --threads 1)")
+    args = parser.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    wall = time.perf_counter()
+    budget = BUDGETS[args.budget]
+    seeds = list(dict.fromkeys(args.seeds or budget["seeds"]))
+    draws = int(args.draws or budget["draws"])
+    if draws < 2:
+        raise SystemExit("--draws must be at least 2 (an interval needs replicates)")
+    ctx = _setup(args.budget, args.draws, seeds, args.cache, args.progress)
+    stage, data, train, held, n, encoder, einfo, judge, noises = (
+        ctx[k] for k in ("stage", "data", "train", "held", "n", "encoder", "einfo", "judge", "noises"))
+    einfo.update(heldout_accuracy=accuracy_on(encoder, held), train_accuracy=accuracy_on(encoder, train))
+    total = draws * len(seeds)
+
+    raw: list[dict] = []
+    strips: list[tuple[str, torch.Tensor]] = []
+    for d in range(total):  # the two reference rows: real held-out images and copies of training images
+        raw.append({"model": "data", "method": LABELS["data"], "impl": "-", "steps": 0, "seed": None,
+                    "draw": d, **judge.score_real(d)})
+    for d in range(total):
+        pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(54321 + d))[:n]
+        copies = train.images[pick]
+        raw.append({"model": "train_copy", "method": LABELS["train_copy"], "impl": "-", "steps": 0,
+                    "seed": None, "draw": d, **judge.score(copies, d)})
+        if d == 0:
+            strips.append(("training images", copies[:16]))
+    strips.insert(0, ("held-out real", held.images[judge.split(0)["other"][:16]]))
+
+    rfp, peer_note = (None, "skipped (--no-peer)") if args.no_peer else import_peer()
+    ctx["wall"] = wall
+    workers = max(1, min(int(args.workers), len(seeds)))
+    if workers == 1:
+        outs = [_train_and_score_seed(ctx, seed, rfp) for seed in seeds]
+    else:  # one process per training seed; each rebuilds the same judge and noises (same results as serial)
+        import multiprocessing as mp
+
+        jobs = [(args.budget, args.draws, seeds, args.cache, args.progress, args.no_peer, seed, wall)
+                for seed in seeds]
+        with mp.get_context("spawn").Pool(workers) as pool:
+            outs = pool.map(_seed_worker, jobs)
+    students, peer_params = [], {}
+    for seed_raw, seed_strips, names, params in outs:
+        raw.extend(seed_raw)
+        strips.extend(seed_strips)
+        students, peer_params = names or students, params or peer_params
 
     rows = aggregate(raw)
 
@@ -352,7 +401,7 @@ def main(argv: list[str] | None = None) -> dict:
         return next(r for r in rows if r["model"] == model and r["steps"] == k)
 
     reference = ("1rf", max(budget["rf_steps"]))
-    candidates = [s.name for s in students] + ["shortcut"]
+    candidates = list(students) + ["shortcut"]
     best = min(candidates, key=lambda m: row(m, 1)["fd_excess"])
     targets = {m: paired_target(raw, m, reference) for m in candidates}
     floors = [judge.split(i)["floor"] for i in range(total * SPLITS_PER_DRAW)]

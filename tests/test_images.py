@@ -413,7 +413,7 @@ def test_bench_intervals_use_seed_means_and_the_target_is_paired():
 def test_image_bench_writes_floor_intervals_and_coverage(tmp_path):
     out = tmp_path / "results"
     result = bench_images(["--budget", "tiny", "--no-peer", "--seeds", "0", "1", "--out", str(out),
-                           "--cache", str(tmp_path / "c")])
+                           "--cache", str(tmp_path / "c"), "--threads", "1"])
     rows = {(r["model"], r["steps"]): r for r in result["rows"]}
     assert {("data", 0), ("train_copy", 0), ("1rf", 4), ("2rf_distill_k1", 1), ("shortcut", 1)} <= set(rows)
     for r in rows.values():
@@ -432,3 +432,8 @@ def test_image_bench_writes_floor_intervals_and_coverage(tmp_path):
     assert json.loads((out / "images-tiny.json").read_text())["summary"]["floor"]["n"] == 40
     with Image.open(out / "images-tiny.png") as im:
         assert im.size[0] > 100
+    # the seeds trained in parallel processes (one thread each) give the same scores, draw for draw
+    par = bench_images(["--budget", "tiny", "--no-peer", "--seeds", "0", "1", "--out", str(tmp_path / "par"),
+                        "--cache", str(tmp_path / "c"), "--workers", "2"])
+    key = ("model", "steps", "seed", "draw", "fd", "fd_excess", "precision", "coverage", "nn_ratio")
+    assert [[e[k] for k in key] for e in par["draws"]] == [[e[k] for k in key] for e in result["draws"]]
