@@ -78,6 +78,13 @@ def _task_finetune_defaults(task: str) -> dict:
     return d
 
 
+def eval_interval(settings: dict, env_steps: int, exec_horizon: int, points: int) -> int:
+    """Iterations between evaluations for about ``points`` points over ``env_steps``, from these fine-tuning
+    settings' env steps per iteration (a variant that changes n_steps or num_envs gets its own interval)."""
+    per_iter = int(settings.get("n_steps", 256)) * int(settings.get("num_envs", 16)) * int(exec_horizon)
+    return max(1, max(1, math.ceil(env_steps / per_iter)) // max(1, points))
+
+
 def _pretrain(args):
     kind, task, dataset, out_dir, steps, seed, exec_horizon = args
     import torch
@@ -307,8 +314,7 @@ def main(argv=None):
                                                                                    args.variant]
     ft_defaults = _task_finetune_defaults(args.task)
     steps_per_iter = int(ft_defaults.get("n_steps", 256)) * int(ft_defaults.get("num_envs", 16)) * t["exec_horizon"]
-    iters = max(1, math.ceil(budget["env_steps"] / steps_per_iter))
-    eval_every = max(1, iters // max(1, args.eval_points))  # at least --eval-points points
+    eval_every = eval_interval(ft_defaults, budget["env_steps"], t["exec_horizon"], args.eval_points)
     eval_over = {"eval_every": eval_every, "eval_episodes": args.eval_episodes}
     if args.eval_stochastic:
         eval_over["eval_stochastic"] = True
@@ -333,9 +339,11 @@ def main(argv=None):
                                         args.exec_horizon) for k in kinds])
         ckpts = {k: c for k, c, _ in pre}
         pre_wall = {k: w for k, _, w in pre}
-        jobs = [(m, vn, {**eval_over, **ALGO_METHODS.get(m, (m, {}))[1], **vo}, s, args.task,
-                 ckpts[ALGO_METHODS.get(m, (m,))[0]], budget["env_steps"]) for m in ft_methods
-                for vn, vo in variants for s in args.seeds]
+        jobs = [(m, vn, {**eval_over, "eval_every": eval_interval({**ft_defaults, **vo}, budget["env_steps"],
+                                                                    t["exec_horizon"], args.eval_points),
+                         **ALGO_METHODS.get(m, (m, {}))[1], **vo},
+                 s, args.task, ckpts[ALGO_METHODS.get(m, (m,))[0]], budget["env_steps"])
+                for m in ft_methods for vn, vo in variants for s in args.seeds]
         async_sb3 = pool.map_async(_sb3_ppo, [(s, args.task, budget["env_steps"], eval_every_steps,
                                                args.eval_episodes, eval_seed, eval_num_envs) for s in args.seeds]) \
             if "sb3_ppo" in args.methods else None

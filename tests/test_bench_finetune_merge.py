@@ -58,3 +58,15 @@ def test_exec_horizon_out_of_range_is_one_line(capsys):
 
     with pytest.raises(SystemExit, match=r"--exec-horizon must be in \[1, 4\]"):
         main(["--task", "hopper_medium", "--exec-horizon", "5"])
+
+
+def test_a_variant_that_changes_the_iteration_size_keeps_its_evaluation_points():
+    from bench.finetune import eval_interval
+
+    hopper = {"n_steps": 250, "num_envs": 16}  # 16k env steps per iteration at Te = 4
+    assert eval_interval(hopper, 1_000_000, 4, 10) == 6  # 63 iterations
+    # Te = 2 with n_steps 500 has the same 16k env steps per iteration, so the same interval
+    assert eval_interval({**hopper, "n_steps": 500}, 1_000_000, 2, 10) == 6
+    # twice the env steps per iteration: half the iterations between points, about as many points
+    assert eval_interval({**hopper, "n_steps": 500}, 1_000_000, 4, 10) == 3
+    assert eval_interval(hopper, 1000, 4, 10) == 1
