@@ -415,7 +415,8 @@ def main(argv=None):
              f"{markdown_table(summary, sum_cols)}\n\n"
              f"Demo mean return {np.mean(demo_returns):.1f}; each run on one CPU thread, {args.workers} worker "
              f"processes in parallel. {args.eval_episodes} deterministic evaluation episodes every {eval_every} "
-             f"iterations ({eval_every_steps} env steps), the same episodes (env seeds from {eval_seed}) for every "
+             f"iterations ({eval_every_steps} env steps; a variant that changes the env steps per iteration gets "
+             f"its own interval for as many points), the same episodes (env seeds from {eval_seed}) for every "
              "method. growth_pct: final vs the pretrained policy's deterministic return at the same K. wall_s_per_100k: "
              "wall time of a run per 100k env steps, evaluations included; train_s_per_100k: the same without "
              "the evaluations (training rollouts and updates only).\n")
