@@ -197,7 +197,9 @@ def test_two_rank_image_training_equals_one_process_with_the_global_batch(tmp_pa
         cfg = compose("config", overrides=[*IMAGE_TINY, "stage.method=reflow"])
     run(cfg, tmp_path / "one")
     # the function the weights compute, compared on fixed noise: the biases right before a GroupNorm have a
-    # gradient that is zero up to rounding, which Adam turns into steps of either sign (up to lr per step)
+    # gradient that is zero up to rounding, which Adam turns into steps of either sign (up to lr per step).
+    # Rounding alone gave up to 1.2e-5 (torch 2.14.1 on an AMD EPYC VM); ranks that train on the wrong data
+    # or do not average their gradients move the samples by orders of magnitude more.
     x0 = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     for name in ("1rf", "2rf"):
         a, _ = load_generator(two_dir / "checkpoints" / name)
@@ -205,7 +207,7 @@ def test_two_rank_image_training_equals_one_process_with_the_global_batch(tmp_pa
         with torch.no_grad():
             ya, yb = a.sample(steps=2, x0=x0), b.sample(steps=2, x0=x0)
         diff = (ya - yb).abs().max().item()
-        assert diff < 1e-5, f"{name}: 2 ranks vs 1 process: max |sample diff| {diff:.2e}"
+        assert diff < 1e-4, f"{name}: 2 ranks vs 1 process: max |sample diff| {diff:.2e}"
         assert (yb - x0).abs().max().item() > 0.5  # the samples are the trained model's, not the noise
     summary = json.loads((two_dir / "summary.json").read_text())
     assert set(summary["models"]) == {"1rf", "2rf"} and proc.stdout.count("run directory:") == 1
