@@ -97,7 +97,9 @@ class FlowActor(PPOActor):
 
     def act(self, cond, deterministic=False, generator=None) -> ActorSample:
         chain, logp = self.sampler.sample(cond, deterministic=deterministic, generator=generator)
-        return ActorSample(chain, self.sampler.action(chain), logp)
+        action = self.sampler.action(chain)  # clipped to +-clip_action where that is set
+        return ActorSample(chain, self.policy.clamp_normalized(action) if self.sampler.clip_action is None
+                           else action, logp)
 
     def evaluate(self, cond, latent):
         return self.sampler.log_prob(latent, cond)
@@ -157,7 +159,8 @@ class GaussianActor(PPOActor):
         ex = self._executed
         logp = gaussian_log_prob(ex(a), ex(dist.mean), ex(dist.stddev)).sum(-1) * self.scale
         latent = self._shape(a)
-        action = latent if self.clip_action is None else latent.clamp(-self.clip_action, self.clip_action)
+        action = (self.policy.clamp_normalized(latent) if self.clip_action is None
+                  else latent.clamp(-self.clip_action, self.clip_action))
         return ActorSample(latent, action, logp)
 
     def evaluate(self, cond, latent):
@@ -238,7 +241,8 @@ class FPOActor(PPOActor):
         t = rng.rand((b, self.n_mc, 1), generator, cond.device)
         latent = torch.cat([torch.cat([a.reshape(b, 1, dd), torch.zeros(b, 1, 1, device=cond.device)], -1),
                             torch.cat([eps, t], -1)], 1)
-        action = a if self.clip_action is None else a.clamp(-self.clip_action, self.clip_action)
+        action = (self.policy.clamp_normalized(a) if self.clip_action is None
+                  else a.clamp(-self.clip_action, self.clip_action))
         return ActorSample(latent, action, -self.cfm_loss(cond, latent) * self.logprob_scale)
 
     def evaluate(self, cond, latent):

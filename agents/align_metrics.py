@@ -52,8 +52,9 @@ def policy_drift(aligned: FlowPolicy, reference: FlowPolicy, obs: torch.Tensor, 
     for i in range(0, obs.shape[0], batch):
         o = obs[i : i + batch]
         x0 = reference.flow.noise(o.shape[0], reference.device, gen) * reference.init_noise_scale
-        a = aligned.predict_normalized(aligned.encode_obs(o), steps=steps, x0=x0.to(aligned.device)).clamp(-1, 1)
-        r = reference.predict_normalized(reference.encode_obs(o), steps=steps, x0=x0).clamp(-1, 1)
+        a = aligned.clamp_normalized(aligned.predict_normalized(aligned.encode_obs(o), steps=steps,
+                                                                x0=x0.to(aligned.device)))
+        r = reference.clamp_normalized(reference.predict_normalized(reference.encode_obs(o), steps=steps, x0=x0))
         total += float((a.to(r.device) - r).pow(2).sum())
         count += r.numel()
     return total / max(count, 1)

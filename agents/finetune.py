@@ -106,6 +106,9 @@ class ReinFlowPPO(PPOUpdate):
         self.env_chunk, self.env_action_shape = self._check_env(envs)
         if eval_envs is not None:
             self._check_env(eval_envs)
+        space = envs.single_action_space  # action_limits=env: one action's bounds (a chunk's first row)
+        policy.set_action_limits(*(np.reshape(b, (-1, policy.act_dim))[0] for b in (space.low, space.high))
+                                 if c.action_limits == "env" else ())
         # the new networks (noise net, critic) are initialized from the run's seed, not from whatever state the
         # caller left torch's global RNG in: two fresh runs with the same seed start (and so end) identically
         with torch.random.fork_rng(devices=[]):
@@ -143,9 +146,7 @@ class ReinFlowPPO(PPOUpdate):
         # all randomness of training: chain noise / Gaussian samples, and minibatch permutations
         self.noise_gen = torch.Generator(device=self.device).manual_seed(c.seed)
         self.perm_gen = torch.Generator().manual_seed(c.seed + 1)
-        self.iteration = 0
-        self.env_steps = 0
-        self.episodes = 0
+        self.iteration = self.env_steps = self.episodes = 0
         self._obs: Any = None  # current training observations (None: reset at the next iteration)
 
     # --- setup ----------------------------------------------------------------------------------------

@@ -57,7 +57,10 @@ class FinetuneConfig:
     init_noise_scale: float = 1.0  # tau: chains start from x0 ~ N(0, tau^2 I) in rollouts and evaluation
     normalize_logprob: bool = True  # divide log-probs by the executed action dims Te * Da (every actor alike)
     clip_intermediate: float | None = None  # clamp chain states inside the transition mean (None: off)
-    clip_action: float = 1.0  # clamp the normalized action sent to the env
+    # where actions may go: "data" the demos' range (the policy's normalized [-1, 1]), "env" the env's action
+    # bounds (set on the policy at the start, saved with it; the noisy chain may then explore past the demos)
+    action_limits: str = "data"
+    clip_action: float | None = None  # None: clip actions to the policy's limits; c: to +-c normalized units
     # PPO
     update_epochs: int = 10
     minibatch_size: int = 1024  # samples (env x chunk step) per minibatch
@@ -98,6 +101,7 @@ class FinetuneConfig:
             (self.lr_schedule in LR_SCHEDULES, f"lr_schedule must be one of {LR_SCHEDULES}"),
             (self.critic_warmup_iters >= 0 and self.eval_every >= 0, "iteration counts must be >= 0"),
             (self.clip_action is None or self.clip_action > 0, "clip_action must be > 0"),
+            (self.action_limits in ("data", "env"), f"action_limits must be 'data' or 'env', got {self.action_limits!r}"),
             (0.0 <= self.init_noise_scale <= 1.0, "init_noise_scale must be in [0, 1]"),
         ]
         checks.append((self.algo is None or self.algo in ALGORITHM_NAMES,

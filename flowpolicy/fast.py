@@ -130,7 +130,8 @@ class CudaGraphChunk:
     def _key(policy, steps: int, obs_shape: tuple) -> tuple:
         ptrs = tuple(t.data_ptr() for t in list(policy.flow.net.parameters()) + list(policy.flow.net.buffers()))
         norms = tuple((t.data_ptr(), t._version) for t in (policy.obs_norm.low, policy.obs_norm.high,
-                                                             policy.act_norm.low, policy.act_norm.high))
+                                                             policy.act_norm.low, policy.act_norm.high,
+                                                             policy.act_limit_low, policy.act_limit_high))
         return (int(steps), tuple(obs_shape), ptrs, norms)
 
     def _capture(self, policy, steps: int, obs: torch.Tensor, x0: torch.Tensor):
@@ -138,7 +139,7 @@ class CudaGraphChunk:
 
         def fn(o, z):
             cond = policy.obs_norm.normalize(o).reshape(o.shape[0], -1)
-            return policy.act_norm.unnormalize(euler_uncached(net, cond, steps, z).clamp(-1.0, 1.0))
+            return policy.act_norm.unnormalize(policy.clamp_normalized(euler_uncached(net, cond, steps, z)))
 
         dev = x0.device  # the observations may arrive on the host: the buffer lives on the GPU
         o_buf, z_buf = obs.to(dev, torch.float32, copy=True), x0.clone()

@@ -98,8 +98,45 @@ class BasePolicy(nn.Module):
         self.obs_norm = MinMaxNormalizer(*obs_stats) if obs_stats is not None else MinMaxNormalizer.identity(obs_dim)
         self.act_norm = (MinMaxNormalizer(*action_stats) if action_stats is not None
                          else MinMaxNormalizer.identity(act_dim))
+        # where a normalized action may go (per action dim): the demos' range [-1, 1] unless set_action_limits
+        # widens it to the env's bounds (fine-tuning with action_limits=env); saved with the weights
+        self.register_buffer("act_limit_low", -torch.ones(self.act_dim))
+        self.register_buffer("act_limit_high", torch.ones(self.act_dim))
         self._queue: deque = deque()
         self._sb3_state: dict[int, dict] = {}
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name, bound in (("act_limit_low", -1.0), ("act_limit_high", 1.0)):
+            if prefix + name not in state_dict:  # saved before action limits existed: the demos' range
+                state_dict[prefix + name] = torch.full_like(getattr(self, name), bound)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @torch.no_grad()
+    def set_action_limits(self, low=None, high=None) -> None:
+        """Let actions reach [low, high] (env units, per action dim, e.g. the env's action space bounds) instead of
+        the demos' range. ``None`` for both: back to the demos' range (normalized [-1, 1]). A dimension that is
+        constant in the demos stays at that constant."""
+        if low is None and high is None:
+            self.act_limit_low.fill_(-1.0)
+            self.act_limit_high.fill_(1.0)
+            return
+        dev = self.act_limit_low.device
+        lo, hi = (torch.as_tensor(np.asarray(x, dtype=np.float32).reshape(-1), device=dev) for x in (low, high))
+        if lo.shape != (self.act_dim,) or hi.shape != (self.act_dim,):
+            raise ValueError(f"action limits need {self.act_dim} values each, got {tuple(lo.shape)} and "
+                             f"{tuple(hi.shape)}")
+        if bool((lo > hi).any()) or bool(torch.isnan(lo).any() | torch.isnan(hi).any()):
+            raise ValueError(f"action limits need low <= high, got low={lo.tolist()} high={hi.tolist()}")
+        self.act_limit_low.copy_(self.act_norm.normalize(lo))
+        self.act_limit_high.copy_(self.act_norm.normalize(hi))
+
+    def action_limits(self) -> tuple[np.ndarray, np.ndarray]:
+        """(low, high) in env units: where this policy's actions are clipped to."""
+        return tuple(self.act_norm.unnormalize(t).cpu().numpy() for t in (self.act_limit_low, self.act_limit_high))
+
+    def clamp_normalized(self, a: torch.Tensor) -> torch.Tensor:
+        """Normalized actions (..., Da) clipped to the policy's action limits."""
+        return torch.clamp(a, self.act_limit_low, self.act_limit_high)
 
     @property
     def cond_dim(self) -> int:
@@ -151,9 +188,10 @@ class BasePolicy(nn.Module):
     # --- acting -------------------------------------------------------------------------------------
     @torch.no_grad()
     def predict_action_chunk(self, obs, steps: int | None = None, deterministic: bool = True, **kw) -> torch.Tensor:
-        """(B, To, Do) raw observations -> (B, Ta, Da) actions in environment units, clipped to the data range."""
+        """(B, To, Do) raw observations -> (B, Ta, Da) actions in environment units, clipped to the policy's action
+        limits (the demos' range, or the env's bounds after fine-tuning with ``action_limits=env``)."""
         cond = self.encode_obs(obs)
-        a = self.predict_normalized(cond, steps=steps, deterministic=deterministic, **kw).clamp(-1.0, 1.0)
+        a = self.clamp_normalized(self.predict_normalized(cond, steps=steps, deterministic=deterministic, **kw))
         return self.act_norm.unnormalize(a)
 
     def reset(self) -> None:

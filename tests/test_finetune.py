@@ -518,7 +518,7 @@ def test_fpo_deterministic_action_is_the_policy_ode_from_the_scaled_initial_nois
         x0 = torch.randn(6, TA, 2, generator=torch.Generator().manual_seed(3)) * 0.5
         ref = policy.predict_normalized(cond, steps=4, x0=x0)
     torch.testing.assert_close(s.latent[:, 0, :-1].reshape(6, TA, 2), ref)
-    torch.testing.assert_close(s.action, ref.clamp(-actor.clip_action, actor.clip_action))
+    torch.testing.assert_close(s.action, policy.clamp_normalized(ref))
 
 
 def test_algo_choice_errors_are_clear():
@@ -574,3 +574,53 @@ def test_a_registered_algorithm_is_accepted_by_the_settings_and_trains(monkeypat
     register_algorithm("my_ppo", MyPPO)
     agent = ReinFlowPPO(make_policy("gaussian"), make_envs(2), None, small_cfg(algo="my_ppo"))
     assert type(agent.actor) is MyPPO
+
+
+def narrow_policy(kind: str):
+    """A policy whose demos used only [-0.5, 0.5] of the env's [-1, 1] on the first action dim."""
+    policy = make_policy(kind)
+    policy.act_norm.low[0], policy.act_norm.high[0] = -0.5, 0.5
+    return policy
+
+
+@pytest.mark.parametrize("kind", ["reflow", "gaussian"])
+def test_env_action_limits_let_fine_tuning_act_past_the_demos_range(kind):
+    """action_limits=data clips what is sent to the env to the demos' range (normalized [-1, 1]); =env to the
+    env's bounds, so the noisy chain can explore actions the demos never used; the limits travel with the policy
+    (its state dict) to deterministic evaluation after fine-tuning."""
+    from agents.actors import make_actor
+
+    big = torch.full((64, TA, 2), 5.0)
+    for limits, expect in (("data", 0.5), ("env", 1.0)):
+        policy = narrow_policy(kind)
+        agent = ReinFlowPPO(policy, make_envs(2), None, small_cfg(action_limits=limits))
+        with torch.no_grad():
+            s = agent.actor.act(torch.randn(64, 2), generator=torch.Generator().manual_seed(0))
+            sent = agent._env_actions(agent.envs, s.action)
+        assert float(np.abs(sent[..., 0]).max()) <= expect + 1e-6
+        # the env-unit action of a far-out latent is the limit itself, in the actor and in the saved policy
+        torch.testing.assert_close(policy.act_norm.unnormalize(policy.clamp_normalized(big))[..., 0],
+                                   torch.full((64, TA), expect))
+        loaded = narrow_policy(kind)
+        loaded.load_state_dict(policy.state_dict())
+        torch.testing.assert_close(loaded.action_limits()[1], np.array([expect, 1.0], np.float32))
+        assert float(loaded.predict_action_chunk(np.zeros((3, 2)))[..., 0].abs().max()) <= expect + 1e-6
+    # the stochastic chain does leave the demos' range with env limits (noise bounds [0.4, 0.5] at clip 1)
+    policy = narrow_policy(kind)
+    actor = make_actor(policy, small_cfg(sigma_min=0.4, sigma_max=0.5))
+    policy.set_action_limits([-1, -1], [1, 1])
+    with torch.no_grad():
+        a = actor.act(torch.randn(256, 2), generator=torch.Generator().manual_seed(1)).action
+    assert float(a[..., 0].abs().max()) > 1.0
+
+
+def test_policies_saved_before_action_limits_load_with_the_demos_range():
+    policy = narrow_policy("reflow")
+    state = {k: v for k, v in policy.state_dict().items() if not k.startswith("act_limit")}
+    policy.set_action_limits([-1, -1], [1, 1])
+    policy.load_state_dict(state)
+    np.testing.assert_allclose(policy.action_limits()[0], [-0.5, -1.0])
+    with pytest.raises(ValueError, match="low <= high"):
+        policy.set_action_limits([1, 1], [-1, -1])
+    with pytest.raises(ValueError, match="action_limits must be"):
+        small_cfg(action_limits="wide")
