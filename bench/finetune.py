@@ -332,7 +332,7 @@ def main(argv=None):
                                            "finetune_defaults": ft_defaults,
                                            "eval": {**eval_over, "seed": eval_seed}, "dataset": Path(dataset).name,
                                            "demo_return_mean": float(np.mean(demo_returns))}, planned,
-                              {"exec_horizon": task_spec(args.task)["exec_horizon"]})
+                              {"exec_horizon": task_spec(args.task)["exec_horizon"]}, dict(variants))
     ctx = mp.get_context("spawn")
     with ctx.Pool(args.workers) as pool:
         pre = pool.map(_pretrain, [(k, args.task, dataset, work / k, budget["pretrain_steps"], 0,
@@ -387,7 +387,8 @@ def main(argv=None):
         runs += earlier["runs"]
         merged_note = (f"\nRows of {earlier['methods']} come from an earlier run with the same task, budget, "
                        f"pretraining, dataset and evaluation episodes (checked): `{earlier['command']}` on "
-                       f"{earlier['machine']}, {earlier['date']}, wall time {earlier['wall_s']} s.\n")
+                       f"{earlier['machine']}, {earlier['date']}, wall time {earlier['wall_s']} s."
+                       f"{earlier['relabel_note']}\n")
     summary = _summarize(rows, score)
     wall = time.perf_counter() - t_start
     name = f"finetune_{slug}"
@@ -436,9 +437,13 @@ def main(argv=None):
                  wall, extra_md=extra, out_dir=out_dir, module="bench.finetune")
 
 
-def _load_merge(path: str, mine: dict, rows: list[dict], missing: dict | None = None) -> dict:
+def _load_merge(path: str, mine: dict, rows: list[dict], missing: dict | None = None,
+                variants: dict | None = None) -> dict:
     """Rows and curves of an earlier run for ``--merge``, after checking that its settings equal ``mine``;
-    ``missing``: the values of settings that files from before they were recorded did not write."""
+    ``missing``: the values of settings that files from before they were recorded did not write. Fine-tuning
+    settings are compared per variant (the task's defaults with the variant's overrides): an earlier variant
+    that ran with this run's defaults is listed as ``default`` (e.g. a setting tried as a variant, then made
+    the default), one that ran with a variant of this run's settings keeps its name, others are left out."""
     p = Path(path)
     try:
         rec = json.loads(p.read_text())
@@ -447,16 +452,61 @@ def _load_merge(path: str, mine: dict, rows: list[dict], missing: dict | None = 
         raise SystemExit(f"error: --merge {path}: cannot read it and its _curves.json ({e})") from None
     cfg = {**(missing or {}), **rec.get("config", {})}
     cfg["dataset"] = Path(str(cfg.get("dataset"))).name  # the demo file by name (runs from other checkouts)
-    diff = [k for k, v in mine.items() if json.loads(json.dumps(cfg.get(k))) != json.loads(json.dumps(v))]
+    mine = dict(mine)
+    my_defaults = mine.pop("finetune_defaults", None)
+    diff = [k for k, v in mine.items() if _json(cfg.get(k)) != _json(v)]
+    labels = _merge_labels(cfg, my_defaults, variants or {}, {r["variant"] for r in rec["rows"]})
+    kept = [r for r in rec["rows"] if r["method"] == "sb3_ppo" or labels.get(r["variant"])]
+    if not any(r["method"] != "sb3_ppo" for r in kept) and any(r["method"] != "sb3_ppo" for r in rec["rows"]):
+        diff.append("finetune_defaults")  # none of its fine-tuning runs match a setting of this run
     if diff:
         raise SystemExit(f"error: --merge {path}: settings differ from this run's in {diff}; rerun instead")
+
+    def relabel(r: dict) -> dict:
+        return r if r["method"] == "sb3_ppo" else {**r, "variant": labels[r["variant"]]}
+
+    kept = [relabel(r) for r in kept]
+    keys = [(r["method"], r["variant"], r["seed"]) for r in kept]
     mine_keys = {(r["method"], r["variant"], r["seed"]) for r in rows}
-    clash = sorted({(r["method"], r["variant"], r["seed"]) for r in rec["rows"]} & mine_keys)
+    clash = sorted((set(keys) & mine_keys) | {k for k in keys if keys.count(k) > 1})
     if clash:
         raise SystemExit(f"error: --merge {path}: runs {clash} are in both; merge only other methods or seeds")
-    return {"rows": rec["rows"], "runs": runs, "methods": sorted({r["method"] for r in rec["rows"]}),
+    kept_runs = [relabel({"variant": "default", **r}) for r in runs
+                 if r["method"] == "sb3_ppo" or labels.get(r.get("variant", "default"))]
+    renamed = {vn: to for vn, to in labels.items() if to and to != vn}
+    left = sorted(vn for vn, to in labels.items() if not to)
+    note = "".join([f" Its variant '{vn}' ran with this run's '{to}' settings and is listed as '{to}'."
+                    for vn, to in sorted(renamed.items())]
+                   + ([f" Its variants {left} ran with settings that are none of this run's and are left out."] if left else []))
+    return {"rows": kept, "runs": kept_runs, "methods": sorted({r["method"] for r in kept}),
             "command": rec.get("command"), "machine": rec.get("machine"), "date": rec.get("date"),
-            "wall_s": rec.get("wall_s")}
+            "wall_s": rec.get("wall_s"), "relabel_note": note}
+
+
+def _json(v):
+    return json.loads(json.dumps(v))
+
+
+def _merge_labels(cfg: dict, my_defaults: dict | None, my_variants: dict, names: set[str]) -> dict:
+    """Earlier variant name -> its name in this run (``None``: settings this run neither has nor can name)."""
+    theirs, their_variants = cfg.get("finetune_defaults"), cfg.get("variants") or {}
+    if theirs is None or my_defaults is None:  # unrecorded: only an exact match of both (old behavior)
+        return {vn: vn if _json(theirs) == _json(my_defaults) else None for vn in names}
+    out = {}
+    for vn in names:
+        if vn != "default" and vn not in their_variants:
+            out[vn] = vn if _json(theirs) == _json(my_defaults) and vn not in my_variants else None
+            continue
+        eff = _json({**theirs, **(their_variants.get(vn) or {} if vn != "default" else {})})
+        if eff == _json(my_defaults):
+            out[vn] = "default"
+        elif vn in my_variants and eff == _json({**my_defaults, **(my_variants[vn] or {})}):
+            out[vn] = vn
+        elif _json(theirs) == _json(my_defaults) and vn not in my_variants:
+            out[vn] = vn  # a variant this run does not try, on the same defaults
+        else:
+            out[vn] = None
+    return out
 
 
 def torch_device_name() -> str:

@@ -70,3 +70,30 @@ def test_a_variant_that_changes_the_iteration_size_keeps_its_evaluation_points()
     # twice the env steps per iteration: half the iterations between points, about as many points
     assert eval_interval({**hopper, "n_steps": 500}, 1_000_000, 4, 10) == 3
     assert eval_interval(hopper, 1000, 4, 10) == 1
+
+
+def test_merge_lists_a_variant_made_default_as_default_and_leaves_out_other_settings(tmp_path):
+    """A setting tried as a variant and then made the task's default: its earlier runs join as this run's
+    default; the earlier default runs (now other settings) are left out, never listed under the new name."""
+    old_defaults, sparse = {"clip_coef": 0.05}, {"terminate_on_success": True}
+    mine = {"task": "pick_place", "env_steps": 100, "finetune_defaults": {**old_defaults, **sparse}}
+    rows = [{"method": m, "variant": v, "seed": 0} for m in ("reflow", "gaussian") for v in ("default", "sparse")]
+    path = _write(tmp_path, {"task": "pick_place", "env_steps": 100, "finetune_defaults": old_defaults,
+                             "variants": {"sparse": sparse}}, rows)
+    curves = [{**r, "curve": []} for r in rows]
+    (tmp_path / "finetune_x_curves.json").write_text(json.dumps(curves))
+    hisig = {"sigma_max": 0.4}
+    out = _load_merge(path, mine, [{"method": "reflow", "variant": "hisig", "seed": 0}], None, {"hisig": hisig})
+    assert sorted((r["method"], r["variant"]) for r in out["rows"]) == [("gaussian", "default"), ("reflow", "default")]
+    assert sorted((r["method"], r["variant"]) for r in out["runs"]) == [("gaussian", "default"), ("reflow", "default")]
+    assert "'sparse' ran with this run's 'default'" in out["relabel_note"] and "['default'] ran with settings that are none" in out["relabel_note"]
+    # the earlier sparse runs are this run's default: running the default again clashes
+    with pytest.raises(SystemExit, match="in both"):
+        _load_merge(path, mine, [{"method": "reflow", "variant": "default", "seed": 0}], None, {"default": {}})
+    # a same-named variant with other values is not merged under that name
+    mine_other = {**mine, "finetune_defaults": {"clip_coef": 0.1}}
+    with pytest.raises(SystemExit, match="finetune_defaults"):
+        _load_merge(path, mine_other, [], None, {"sparse": {"terminate_on_success": False}})
+    # on equal defaults every earlier variant joins under its own name, as before
+    same = _load_merge(path, {**mine, "finetune_defaults": old_defaults}, [], None, {"hisig": hisig})
+    assert sorted({r["variant"] for r in same["rows"]}) == ["default", "sparse"] and same["relabel_note"] == ""
