@@ -49,6 +49,9 @@ SECTIONS = [
     ("basketball_300k_sparse/finetune_metaworld_basketball-v3", "Online fine-tuning on Meta-World basketball, "
      "300k env steps, 5 seeds, the Meta-World defaults with the sparse success reward: ReFlow and the Gaussian "
      "(wall times: newcomer.sh shared the 2 cores for the first 16 of 31 minutes)"),
+    ("basketball_300k_hisig/finetune_metaworld_basketball-v3", "Online fine-tuning on Meta-World basketball, "
+     "300k env steps, 5 seeds: ReFlow with noise bounds [0.2, 0.4] (now the Meta-World default) beside the sparse "
+     "defaults of the time (merged; the two runs ran on different CPUs, so wall times differ)"),
     ("mw_screen", "Meta-World tasks screened for fine-tuning: BC success from 20 noisy scripted demos (held-out "
                   "env seeds)"),
     ("robosuite", "robosuite Lift and Can: scripted-expert demos, BC, then ReinFlow fine-tuning (success before "

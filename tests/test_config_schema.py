@@ -27,7 +27,7 @@ def test_task_defaults_win_over_the_schema_and_the_command_line_over_both():
     assert _compose("task=mujoco", "task.env=HalfCheetah-v5", "stage=finetune").stage.clip_coef == default
     assert _compose("task=hopper_medium", "stage=finetune", "stage.clip_coef=0.3").stage.clip_coef == 0.3
     pipe = _compose("task=pick_place", "stage=pipeline")
-    assert pipe.stage.finetune.sigma_max == 0.30 and pipe.stage.pretrain.grad_steps == 3000
+    assert pipe.stage.finetune.sigma_max == 0.4 and pipe.stage.pretrain.grad_steps == 3000
     assert pipe.stage.finetune.gamma == FinetuneStage().gamma
     # Meta-World trains on the sparse success reward, ending episodes at success; other families keep theirs
     for task in (("task=pick_place",), ("task=metaworld", "task.env=metaworld/reach-v3")):
