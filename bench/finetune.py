@@ -167,6 +167,59 @@ def _finetune(args):
             "wall_s": time.perf_counter() - t0, "eval_s": eval_s[0], "env_steps": agent.env_steps}
 
 
+def code_version() -> str:
+    """The commit and a hash of uncommitted changes to tracked files: a saved run is reused only by the same code."""
+    import hashlib
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        diff = subprocess.run(["git", "diff", "HEAD", "--", ".", ":(exclude)bench/results", ":(exclude)*.md"],
+                              cwd=root, capture_output=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+" + hashlib.sha256(diff).hexdigest()[:12] if diff else "")
+
+
+def _run_path(job, runs_dir: Path, code: str) -> Path:
+    """Where a fine-tuning run is saved: named by method, variant and seed, keyed by everything that decides it
+    (settings, budget, task, the pretrained weights' bytes, the code version)."""
+    import hashlib
+
+    method, variant, overrides, seed, task, ckpt, env_steps = job
+    weights = hashlib.sha256()
+    for f in sorted(Path(ckpt).glob("*.safetensors")):
+        weights.update(f.read_bytes())
+    key = json.dumps({"method": method, "overrides": overrides, "seed": seed, "task": task, "env_steps": env_steps,
+                      "task_defaults": _task_finetune_defaults(task), "weights": weights.hexdigest(), "code": code},
+                     sort_keys=True, default=str)
+    return runs_dir / f"{method}-{variant}-seed{seed}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+
+
+def _finetune_saved(args):
+    """One fine-tuning run, saved as soon as it ends; a rerun of the same command reuses it (printed either way),
+    so a long benchmark that is stopped or fails late keeps its finished runs."""
+    job, runs_dir, code, reuse = args
+    path = _run_path(job, Path(runs_dir), code)
+    method, variant, _, seed = job[:4]
+    if reuse and path.exists():
+        run = {**json.loads(path.read_text()), "reused": True}
+        print(f"[bench.finetune] {method}/{variant} seed {seed}: reused {path}", flush=True)
+        return run
+    run = _finetune(job)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(run))
+    os.replace(tmp, path)  # a run killed while writing leaves no half file behind
+    last = run["curve"][-1]
+    score = f"success {last['success']:.3f}" if last.get("success") is not None else f"return {last['return']:.1f}"
+    print(f"[bench.finetune] {method}/{variant} seed {seed}: final {score} at {run['env_steps']} env steps, "
+          f"{run['wall_s']:.0f} s; saved {path}", flush=True)
+    return run
+
+
 def _evaluate_sb3(model, task: str, n_episodes: int, eval_seed: int, num_envs: int) -> float:
     """SB3 model on the same evaluation episodes as ReinFlowPPO.evaluate: ``num_envs`` envs reset with
     ``eval_seed``, env i running ``(n + i) // M`` episodes (the one rule), deterministic actions."""
@@ -263,7 +316,11 @@ def main(argv=None):
                    help="run only the --variant settings (e.g. when the default's runs exist from another command)")
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2)))
     p.add_argument("--out", default=None, help="results folder (default bench/results)")
-    p.add_argument("--work", default="/tmp/flowpolicy_bench", help="folder for pretraining checkpoints")
+    p.add_argument("--work", default="/tmp/flowpolicy_bench",
+                   help="folder for pretraining checkpoints and finished fine-tuning runs (runs/): rerunning the same "
+                        "command with the same code reuses the runs it finished")
+    p.add_argument("--no-reuse", action="store_true",
+                   help="rerun every fine-tuning run, even those saved under --work by the same command")
     p.add_argument("--pretrain-steps", type=int, default=None, help="override the budget's BC gradient steps")
     p.add_argument("--exec-horizon", type=int, default=None,
                    help="actions executed per predicted chunk (Te, 1..Ta; default: the task's); scale the task's "
@@ -349,10 +406,13 @@ def main(argv=None):
             if "sb3_ppo" in args.methods else None
         # runs with env worker processes (async_envs) cannot start inside a pool worker: they run here, after
         # the pool's runs, alone on the machine (their speed is what they are for)
-        in_pool = [j for j in jobs if not j[2].get("async_envs")]
-        async_ft = pool.map_async(_finetune, in_pool)
+        code = code_version()
+        saved = [(j, str(work / "runs"), code, not args.no_reuse) for j in jobs]
+        in_pool = [a for a in saved if not a[0][2].get("async_envs")]
+        async_ft = pool.map_async(_finetune_saved, in_pool, chunksize=1)
         runs = async_ft.get() + (async_sb3.get() if async_sb3 else [])
-    runs += [_finetune(j) for j in jobs if j[2].get("async_envs")]
+    runs += [_finetune_saved(a) for a in saved if a[0][2].get("async_envs")]
+    n_reused = sum(bool(r.pop("reused", False)) for r in runs)
     has_success = t["env"].startswith(("metaworld", "robosuite"))
     score = "success" if has_success else "return"
     rows = []
@@ -422,6 +482,9 @@ def main(argv=None):
              "wall time of a run per 100k env steps, evaluations included; train_s_per_100k: the same without "
              "the evaluations (training rollouts and updates only).\n")
     extra += merged_note
+    if n_reused:
+        extra += (f"\n{n_reused} of {len(jobs)} fine-tuning runs were reused from an earlier invocation of this command "
+                  f"with the same code (saved under {work / 'runs'}); their wall times are from that invocation.\n")
     async_vs = [vn for vn, vo in variants if vo.get("async_envs")]
     if async_vs:
         gpu = torch_device_name()

@@ -97,3 +97,67 @@ def test_merge_lists_a_variant_made_default_as_default_and_leaves_out_other_sett
     # on equal defaults every earlier variant joins under its own name, as before
     same = _load_merge(path, {**mine, "finetune_defaults": old_defaults}, [], None, {"hisig": hisig})
     assert sorted({r["variant"] for r in same["rows"]}) == ["default", "sparse"] and same["relabel_note"] == ""
+
+
+def test_finished_runs_are_saved_at_once_and_reused_only_by_the_same_command(tmp_path, monkeypatch, capsys):
+    import bench.finetune as bf
+
+    calls = []
+
+    def fake(job):
+        calls.append(job)
+        return {"method": job[0], "variant": job[1], "seed": job[3], "diagnostics": [], "wall_s": 2.0,
+                "eval_s": 0.0, "env_steps": 1600, "curve": [{"env_steps": 1600, "return": 1.0, "success": 0.5}]}
+
+    monkeypatch.setattr(bf, "_finetune", fake)
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "model.safetensors").write_bytes(b"weights 1")
+    runs = str(tmp_path / "runs")
+    job = ("reflow", "default", {"clip_coef": 0.05}, 0, "pick_place", str(ckpt), 1600)
+    first = bf._finetune_saved((job, runs, "commit1", True))
+    assert "saved" in capsys.readouterr().out and len(list((tmp_path / "runs").glob("*.json"))) == 1
+    again = bf._finetune_saved((job, runs, "commit1", True))
+    assert len(calls) == 1 and again.pop("reused") is True and again == first
+    assert "reused" in capsys.readouterr().out
+    # whatever decides the run makes a new one: its settings, the pretrained weights, the code; --no-reuse reruns
+    bf._finetune_saved(((*job[:2], {"clip_coef": 0.1}, *job[3:]), runs, "commit1", True))
+    bf._finetune_saved((job, runs, "commit2", True))
+    bf._finetune_saved((job, runs, "commit2", False))
+    (ckpt / "model.safetensors").write_bytes(b"weights 2")
+    bf._finetune_saved((job, runs, "commit1", True))
+    assert len(calls) == 5
+
+    def killed(job):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bf, "_finetune", killed)
+    with pytest.raises(KeyboardInterrupt):
+        bf._finetune_saved(((*job[:3], 7, *job[4:]), runs, "commit1", True))
+    assert not list((tmp_path / "runs").glob("*seed7*"))  # a run that did not finish leaves nothing behind
+
+
+def test_code_version_names_the_commit_and_uncommitted_changes():
+    from bench.finetune import code_version
+
+    v = code_version()
+    assert v == "unknown" or len(v.split("+")[0]) == 40
+
+
+def test_rerunning_a_benchmark_command_reuses_its_finished_runs(tmp_path):
+    from bench.finetune import main
+
+    cmd = ["--task", "pick_place", "--env-steps", "32", "--pretrain-steps", "10", "--seeds", "0",
+           "--methods", "gaussian", "--skip-default", "--variant",
+           "tiny:n_steps=8,num_envs=2,eval_num_envs=2,minibatch_size=16,update_epochs=1,critic_warmup_iters=0",
+           "--eval-episodes", "2", "--eval-points", "1", "--workers", "1", "--out", str(tmp_path / "out"),
+           "--work", str(tmp_path / "work")]
+    main(cmd)
+    saved = list((tmp_path / "work" / "pick_place" / "runs").glob("gaussian-tiny-seed0-*.json"))
+    first = json.loads((tmp_path / "out" / "finetune_pick_place.json").read_text())
+    assert len(saved) == 1 and "reused" not in (tmp_path / "out" / "finetune_pick_place.md").read_text()
+    main(cmd)
+    md = (tmp_path / "out" / "finetune_pick_place.md").read_text()
+    assert "1 of 1 fine-tuning runs were reused" in md
+    again = json.loads((tmp_path / "out" / "finetune_pick_place.json").read_text())
+    assert again["rows"] == first["rows"]
