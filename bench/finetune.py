@@ -190,7 +190,7 @@ def _run_path(job, runs_dir: Path, code: str) -> Path:
 
     method, variant, overrides, seed, task, ckpt, env_steps = job
     weights = hashlib.sha256()
-    for f in sorted(Path(ckpt).glob("*.safetensors")):
+    for f in sorted(Path(ckpt).rglob("*.safetensors")):  # the weights and their EMA
         weights.update(f.read_bytes())
     key = json.dumps({"method": method, "overrides": overrides, "seed": seed, "task": task, "env_steps": env_steps,
                       "task_defaults": _task_finetune_defaults(task), "weights": weights.hexdigest(), "code": code},
