@@ -192,6 +192,11 @@ def _run_path(job, runs_dir: Path, code: str) -> Path:
     weights = hashlib.sha256()
     for f in sorted(Path(ckpt).rglob("*.safetensors")):  # the weights and their EMA
         weights.update(f.read_bytes())
+    if (Path(ckpt) / "config.yaml").exists():  # and what the weights mean: the policy, its dims and horizons (Te)
+        import yaml
+
+        meta = yaml.safe_load((Path(ckpt) / "config.yaml").read_text()) or {}
+        weights.update(json.dumps({k: meta.get(k) for k in ("policy", "dims", "horizons")}, sort_keys=True).encode())
     key = json.dumps({"method": method, "overrides": overrides, "seed": seed, "task": task, "env_steps": env_steps,
                       "task_defaults": _task_finetune_defaults(task), "weights": weights.hexdigest(), "code": code},
                      sort_keys=True, default=str)

@@ -126,7 +126,9 @@ def test_finished_runs_are_saved_at_once_and_reused_only_by_the_same_command(tmp
     bf._finetune_saved((job, runs, "commit2", False))
     (ckpt / "model.safetensors").write_bytes(b"weights 2")
     bf._finetune_saved((job, runs, "commit1", True))
-    assert len(calls) == 5
+    (ckpt / "config.yaml").write_text("horizons: {exec_horizon: 4}\n")  # same weights pretrained for another Te
+    bf._finetune_saved((job, runs, "commit1", True))
+    assert len(calls) == 6
 
     def killed(job):
         raise KeyboardInterrupt
