@@ -37,9 +37,9 @@ SECTIONS = [
     ("peg_insert_300k_sparse/finetune_metaworld_peg-insert-side-v3", "Online fine-tuning on Meta-World "
      "peg-insert-side, 300k env steps, 5 seeds: the sparse success reward with episodes ended at success "
      "(now the Meta-World default), beside the earlier dense-reward defaults (merged; the two runs ran on different CPUs, so wall times differ)"),
-    ("pick_place_300k_hisig/RECOVERED", "Online fine-tuning on Meta-World pick-place, 300k env steps, 5 seeds: "
-     "ReFlow with noise bounds [0.2, 0.4] beside the sparse defaults (merged; tables recovered from the run's "
-     "printed Markdown, its JSON, curves and plot lost; wall times not comparable: two runs shared the cores)"),
+    ("pick_place_300k_hisig/finetune_pick_place", "Online fine-tuning on Meta-World pick-place, 300k env steps, "
+     "5 seeds: ReFlow with noise bounds [0.2, 0.4] (now the Meta-World default) beside the sparse defaults of the "
+     "time (merged; the two runs ran on different CPUs, so wall times differ)"),
     ("peg_insert_300k_hisig/RECOVERED", "Online fine-tuning on Meta-World peg-insert-side, 300k env steps, 5 "
      "seeds: ReFlow with noise bounds [0.2, 0.4] beside the sparse defaults (merged; tables recovered from the "
      "run's printed Markdown, its JSON, curves and plot lost; wall times not comparable: two runs shared the cores)"),
