@@ -40,9 +40,9 @@ SECTIONS = [
     ("pick_place_300k_hisig/finetune_pick_place", "Online fine-tuning on Meta-World pick-place, 300k env steps, "
      "5 seeds: ReFlow with noise bounds [0.2, 0.4] (now the Meta-World default) beside the sparse defaults of the "
      "time (merged; the two runs ran on different CPUs, so wall times differ)"),
-    ("peg_insert_300k_hisig/RECOVERED", "Online fine-tuning on Meta-World peg-insert-side, 300k env steps, 5 "
-     "seeds: ReFlow with noise bounds [0.2, 0.4] beside the sparse defaults (merged; tables recovered from the "
-     "run's printed Markdown, its JSON, curves and plot lost; wall times not comparable: two runs shared the cores)"),
+    ("peg_insert_300k_hisig/finetune_metaworld_peg-insert-side-v3", "Online fine-tuning on Meta-World "
+     "peg-insert-side, 300k env steps, 5 seeds: ReFlow with noise bounds [0.2, 0.4] (now the Meta-World default) "
+     "beside the sparse defaults of the time (merged; the two runs ran on different CPUs, so wall times differ)"),
     ("basketball_300k/finetune_metaworld_basketball-v3", "Online fine-tuning on Meta-World basketball, 300k "
      "env steps, 5 seeds, the Meta-World defaults before the sparse reward (clip 0.05, dense reward): ReFlow and "
      "the Gaussian"),
