@@ -35,7 +35,9 @@ baseline Flow-DPO is compared against).
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +67,38 @@ from .evaluate import evaluate_policy_steps, write_eval
 from .policies import extra_modules, policy_config, policy_from_checkpoint
 from .tasks import demos_for
 from .tblog import Logger
+
+# --- online rounds ------------------------------------------------------------------------------------------
+
+
+def align_rounds(policy: FlowPolicy, cfg: AlignConfig, env_name: str, max_episode_steps: int | None,
+                 dataset: str | None = None, logger: Logger | None = None, first: tuple | None = None,
+                 on_round: Callable[[int, FlowPolicy, dict], None] | None = None
+                 ) -> tuple[FlowPolicy, list[dict[str, Any]]]:
+    """``cfg.rounds`` rounds of: preference data from the current policy, then alignment of that policy (its
+    own frozen copy is DPO's reference in the round).
+
+    Round r (from 0) collects on start states ``rollout_seed + r * num_start_states + i``, so no two rounds
+    share a start state, and trains with seed ``seed + r``. ``first`` is round 0's (trajectories, pairs,
+    description) when the caller has collected it already. ``on_round(r, policy, record)`` runs after every
+    round (r from 1). Returns the last policy and one record per round: its data description, the training
+    info and the loss history. A round stopped by Ctrl-C ends the loop (its record has ``stopped_at``).
+    """
+    current, records = policy, []
+    for r in range(int(cfg.rounds)):
+        rcfg = dataclasses.replace(cfg, rollout_seed=cfg.rollout_seed + r * cfg.num_start_states, seed=cfg.seed + r)
+        if r == 0 and first is not None:
+            trajs, pairs, desc = first
+        else:
+            trajs, pairs, desc = preference_data(current, rcfg, env_name, max_episode_steps, dataset)
+        current, info = align_policy(current, trajs, pairs, rcfg, logger)
+        records.append({"round": r + 1, "preference_data": desc, **info})
+        if on_round is not None:
+            on_round(r + 1, current, records[-1])
+        if "stopped_at" in info:
+            break
+    return current, records
+
 
 # --- the stage ----------------------------------------------------------------------------------------------
 
@@ -118,7 +152,10 @@ def run_align_stage(cfg, run_dir: str | Path, checkpoint: str) -> dict[str, Any]
     try:
         t0 = time.perf_counter()
         with StopOnInterrupt("alignment"):
-            aligned, info = align_policy(policy, trajs, pairs, acfg, logger)
+            aligned, records = align_rounds(policy, acfg, env_name, max_steps, dataset, logger,
+                                            first=(trajs, pairs, data_desc))
+        info = records[-1]
+        steps_done = acfg.grad_steps * (len(records) - 1) + info.get("stopped_at", acfg.grad_steps)
         train_s = time.perf_counter() - t0
     finally:
         logger.close()
@@ -127,25 +164,36 @@ def run_align_stage(cfg, run_dir: str | Path, checkpoint: str) -> dict[str, Any]
         spec["default_steps"] = aligned.default_steps = int(acfg.denoise_steps)
     cfg_out = {**policy_config(aligned, spec), "stage": "align", "aligned_from": str(ck["path"]),
                "align": acfg.to_dict(), "preference_data": data_desc}
+    if acfg.rounds > 1:
+        cfg_out["preference_data_rounds"] = [rec["preference_data"] for rec in records]
     if "stopped_at" in info:  # Ctrl-C: save the policy as aligned so far, once, and stop
-        n = info["stopped_at"]
+        n = steps_done
         path = save_checkpoint(run_dir / "checkpoints", n, {**cfg_out, "stopped_at_step": n}, aligned,
                                ck["env_meta"], {"step": n}, extra_modules(aligned), tags=("last",))
-        atomic_write_json(run_dir / "align_history.json", info["history"], indent=None)
+        atomic_write_json(run_dir / "align_history.json", _history(records), indent=None)
         raise TrainingInterrupted(f"stopped at step {n}; saved {path}")
     label = f"{policy.kind} ({acfg.method})"
     after = evaluate(aligned, env_name, acfg, max_steps, label) if evaluated else []
-    path = save_checkpoint(run_dir / "checkpoints", acfg.grad_steps, cfg_out, aligned, ck["env_meta"],
-                           {"step": acfg.grad_steps}, extra_modules(aligned), tags=("last",))
+    path = save_checkpoint(run_dir / "checkpoints", steps_done, cfg_out, aligned, ck["env_meta"],
+                           {"step": steps_done}, extra_modules(aligned), tags=("last",))
     md = []
     if before:
         md.append(write_eval(before, run_dir, "eval_before"))
         md.append(write_eval(after, run_dir, "eval_after"))
     summary = {"method": acfg.method, "checkpoint": str(path), "pretrained": str(ck["path"]), "env": env_name,
-               "preference_data": data_desc, "train": {k: v for k, v in info.items() if k != "history"},
+               "preference_data": data_desc,
+               "train": {k: v for k, v in info.items() if k not in ("history", "preference_data", "round")},
+               "rounds": [{k: v for k, v in rec.items() if k != "history"} for rec in records],
                "train_s": train_s, "eval_before": before, "eval_after": after,
                "wall_s": time.perf_counter() - t_start, "config": acfg.to_dict()}
     atomic_write_json(run_dir / "align.json", summary, default=str)
-    atomic_write_json(run_dir / "align_history.json", info["history"], indent=None)
+    atomic_write_json(run_dir / "align_history.json", _history(records), indent=None)
     summary["markdown"] = "\n\n".join(md)
     return summary
+
+
+def _history(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The loss histories of all rounds, one list; each record says its round (a single round: as before)."""
+    if len(records) == 1:
+        return records[0]["history"]
+    return [{"round": rec["round"], **h} for rec in records for h in rec["history"]]

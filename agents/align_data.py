@@ -48,6 +48,9 @@ class AlignConfig:
     branch_chunks: int | None = None  # chunks each copy runs on after the branch (None: to the episode's end)
     branch_span: float = 1.0          # branch points spread over this leading fraction of the reference episode
     denoise_steps: int | None = None  # K, for rollouts and evaluation (None: the policy's default)
+    # online rounds (source=rollouts|branches): each round collects fresh pairs from the current policy, on new
+    # start states (rollout_seed + round * num_start_states + i), and aligns it with itself as DPO's reference
+    rounds: int = 1
     # losses
     beta: float = 2000.0              # Flow-DPO beta, on the per-dimension mean squared velocity error
     beta_schedule: str = "constant"   # constant | diffusion_dpo (beta t^2 in our convention)
@@ -98,6 +101,11 @@ class AlignConfig:
             raise ValueError(f"align pairing must be one of {PAIRINGS}, got {self.pairing!r}")
         if self.source == "labels" and not self.labels:
             raise ValueError("source=labels needs labels=<path to a JSON or CSV file of pairs>")
+        if int(self.rounds) < 1:
+            raise ValueError(f"align rounds must be >= 1, got {self.rounds}")
+        if int(self.rounds) > 1 and self.source not in ("rollouts", "branches"):
+            raise ValueError(f"align rounds={self.rounds} collects new pairs from the policy each round: use "
+                             f"source=rollouts|branches (source={self.source} gives the same pairs every round)")
         for name in ("num_start_states", "grad_steps", "batch_pairs", "batch_size", "chunks_per_pair",
                      "rollout_envs", "eval_num_envs", "branch_points"):
             if int(getattr(self, name)) < 1:

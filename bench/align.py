@@ -97,9 +97,12 @@ def _label(method: str, beta: float, schedule: str) -> str:
 
 def policy_part(b: dict, seed: int, workdir: Path, betas: list[float], schedules: list[str], states: int,
                 pairing: str, pairs_from: str = "rollouts", branch_points: int = 4,
-                prefer: str = "return", branch_span: float = 1.0) -> tuple[list[dict], dict]:
+                prefer: str = "return", branch_span: float = 1.0, rounds: int = 1,
+                methods: tuple[str, ...] = ("dpo", "rwr", "sft")) -> tuple[list[dict], dict]:
     """Pretrain, collect same-start-state rollouts (or same-state branches), align every variant, evaluate all
-    on the same episodes."""
+    on the same episodes. With ``rounds`` > 1 each variant runs online rounds (agents.align.align_rounds): round
+    1 shares the pretrained policy's pairs, every later round collects new pairs on new start states from the
+    variant's current policy; every round's policy is evaluated on the same episodes, and the row is the last."""
     from agents.align import AlignConfig, align_policy, collect_rollouts, preference_pairs
     from agents.align_branches import collect_branches, success_pairs
     from agents.align_metrics import observation_sample, policy_drift
@@ -117,25 +120,39 @@ def policy_part(b: dict, seed: int, workdir: Path, betas: list[float], schedules
                         progress=False, tensorboard=False)
     policy, _ = policy_from_checkpoint(Pretrainer(pc).run()["checkpoint"])
     pretrain_s = time.perf_counter() - t0
-    # start states and evaluation episodes differ between seeds (far apart from each other)
+    # start states and evaluation episodes differ between seeds (far apart from each other); round r uses the
+    # start states after round r - 1's
+    if rounds * states > 10_000:
+        raise SystemExit(f"--rounds {rounds} x --states {states} start states would reach the next seed's")
     cfg = AlignConfig(num_start_states=states, rollouts_per_state=4, min_return_gap=b["min_return_gap"], denoise_steps=K,
                       grad_steps=b["align_steps"], lr=3e-5, beta=POLICY_BETA, seed=seed, progress=False,
                       pairing=pairing, rollout_seed=10_000 * seed, eval_seed=100_000 + 10_000 * seed)
-    t0 = time.perf_counter()
     if pairs_from == "branches":
-        trajs = collect_branches(policy, ENV, cfg.num_start_states, cfg.rollouts_per_state, branch_points, None, K,
-                                 cfg.rollout_seed, b["max_episode_steps"], cfg.rollout_envs, branch_span)
         where = (f"same restored state ({branch_points} branch points over the first {branch_span:g} of an episode "
                  "per start state, continuation to the end)")
     else:
-        trajs = collect_rollouts(policy, ENV, cfg.num_start_states, cfg.rollouts_per_state, K, cfg.rollout_seed,
-                                 b["max_episode_steps"], cfg.rollout_envs)
         where = "same start state"
-    pairs = success_pairs(trajs) if prefer == "success" else preference_pairs(trajs, cfg.min_return_gap, cfg.pairing)
-    collect_s = time.perf_counter() - t0
+
+    def collect(p, r: int):
+        """(trajectories, pairs, seconds) from policy p on round r's start states."""
+        t = time.perf_counter()
+        rs = cfg.rollout_seed + r * states
+        if pairs_from == "branches":
+            trajs = collect_branches(p, ENV, states, cfg.rollouts_per_state, branch_points, None, K, rs,
+                                     b["max_episode_steps"], cfg.rollout_envs, branch_span)
+        else:
+            trajs = collect_rollouts(p, ENV, states, cfg.rollouts_per_state, K, rs, b["max_episode_steps"],
+                                     cfg.rollout_envs)
+        pairs = success_pairs(trajs) if prefer == "success" else preference_pairs(trajs, cfg.min_return_gap,
+                                                                                   cfg.pairing)
+        return trajs, pairs, time.perf_counter() - t
+
+    trajs, pairs, collect_s = collect(policy, 0)
     drift_obs = observation_sample(torch.cat([t.obs for t in trajs]), b["drift_obs"], seed)
     source = (f"success, {where}" if prefer == "success"
               else f"return, {where} ({pairing}, gap > {cfg.min_return_gap:g})")
+    if rounds > 1:
+        source += f", {rounds} online rounds of {states} new start states"
 
     def evaluate(p) -> dict:
         r = rollout_episodes(p, ENV, b["eval_episodes"], K, num_envs=b["eval_envs"], seed=cfg.eval_seed,
@@ -159,30 +176,41 @@ def policy_part(b: dict, seed: int, workdir: Path, betas: list[float], schedules
     rows = [{**common, "method": "pretrained (BC)", "variant": "base", "samples_seen": 0, "drift": 0.0,
              "d_success": 0.0, "d_return": 0.0, "train_s": round(pretrain_s, 1), **base}]
     for method, beta, schedule in _variants(betas, schedules, POLICY_BETA):
-        if method in ("dpo", "sft") and not pairs:
-            continue  # no pair in this data set (tiny budgets): nothing to train on
+        if method not in methods or (method in ("dpo", "sft") and not pairs):
+            continue  # not asked for, or no pair in this data set (tiny budgets): nothing to train on
         acfg = dataclasses.replace(cfg, method=method, beta=beta if method == "dpo" else cfg.beta,
                                    beta_schedule=schedule)
-        t0 = time.perf_counter()
-        aligned, info = align_policy(policy, trajs, pairs, acfg)
-        train_s = time.perf_counter() - t0
-        ev = evaluate(aligned)
-        if ev["_keys"] != base["_keys"]:
-            raise RuntimeError("evaluations of the base and the aligned policy ran different episodes")
+        current, data, train_s, per_round = policy, (trajs, pairs), 0.0, []
+        for r in range(rounds):
+            extra_s = 0.0
+            if r > 0:
+                t_, p_, extra_s = collect(current, r)
+                data = (t_, p_)
+                if not p_ and method in ("dpo", "sft"):
+                    break  # the current policy's copies never disagreed: no pair to learn from
+            t0 = time.perf_counter()
+            current, info = align_policy(current, data[0], data[1], dataclasses.replace(acfg, seed=seed + r))
+            train_s += time.perf_counter() - t0 + extra_s
+            ev = evaluate(current)
+            if ev["_keys"] != base["_keys"]:
+                raise RuntimeError("evaluations of the base and the aligned policy ran different episodes")
+            per_round.append({"round": r + 1, "pairs": len(data[1]), "collect_s": round(extra_s, 1),
+                              "success_rate": ev["success_rate"], "return_mean": ev["return_mean"],
+                              "rollout_success": float(np.mean([bool(t.success) for t in data[0]]))})
         bb, cc = discordant(base["successes"], ev["successes"])
         seen = (acfg.grad_steps * acfg.batch_pairs * acfg.chunks_per_pair * 2 if method == "dpo"
-                else acfg.grad_steps * acfg.batch_size)
+                else acfg.grad_steps * acfg.batch_size) * len(per_round)
         rows.append({**common, "method": _label(method, beta, schedule), "variant": method,
                      "beta": beta if method == "dpo" else None, "beta_schedule": schedule, "samples_seen": seen,
                      **ev, "d_success": ev["success_rate"] - base["success_rate"],
                      "d_return": ev["return_mean"] - base["return_mean"], "b": bb, "c": cc,
                      "p_mcnemar": mcnemar_exact(bb, cc),
-                     "drift": policy_drift(aligned, policy, drift_obs, K, seed=seed),
-                     "train_s": round(train_s, 1), "final_train_metrics": info["final"]})
+                     "drift": policy_drift(current, policy, drift_obs, K, seed=seed),
+                     "train_s": round(train_s, 1), "final_train_metrics": info["final"], "rounds": per_round})
     for r in rows:
         r.pop("_keys"), r.pop("_ret")
     meta = {"pretrain_s": round(pretrain_s, 1), "rollouts": len(trajs), "start_states": cfg.num_start_states,
-            "pairs_from": pairs_from, "prefer": prefer,
+            "pairs_from": pairs_from, "prefer": prefer, "rounds": rounds,
             "pairs": len(pairs), "pairing": pairing, "pref_source": source, "collect_s": round(collect_s, 1),
             "rollout_return_mean": float(np.mean([t.ret for t in trajs])),
             "rollout_success": float(np.mean([t.success for t in trajs])),
@@ -542,6 +570,11 @@ def main(argv=None) -> Path:
                    help="with --pairs-from branches: branch points spread over this leading fraction of an episode")
     p.add_argument("--prefer", choices=["return", "success"], default="return",
                    help="pick-place preference: higher return (gap 50), or success over failure")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="pick-place online rounds: each later round collects new pairs from the variant's current "
+                        "policy on new start states and aligns it again (agents.align.align_rounds)")
+    p.add_argument("--methods", nargs="+", choices=["dpo", "rwr", "sft"], default=["dpo", "rwr", "sft"],
+                   help="pick-place methods to align (default all)")
     p.add_argument("--skip-policy", action="store_true", help="only the digits part")
     p.add_argument("--skip-images", action="store_true", help="only the pick-place part")
     p.add_argument("--name", default="align", help="result files bench/results/<name>.{json,md,png}")
@@ -560,6 +593,10 @@ def main(argv=None) -> Path:
     config: dict = {"budget": args.budget, **b, "seeds": args.seeds, "threads": 1, "betas": args.betas,
                     "policy_betas": args.policy_betas, "beta_schedules": args.beta_schedules,
                     "pairing": args.pairing, "pairs_from": args.pairs_from, "prefer": args.prefer}
+    if args.rounds < 1:
+        raise SystemExit(f"--rounds must be >= 1, got {args.rounds}")
+    if args.rounds > 1 or sorted(args.methods) != ["dpo", "rwr", "sft"]:
+        config["rounds"], config["methods"] = args.rounds, sorted(args.methods)
     if args.pairs_from == "branches":
         config["branch_points"], config["branch_span"] = args.branch_points, args.branch_span
     policy_rows, image_rows, samples = [], [], {}
@@ -570,7 +607,7 @@ def main(argv=None) -> Path:
             with tempfile.TemporaryDirectory() as tmp:
                 rows, meta = policy_part(b, seed, Path(tmp), args.policy_betas, args.beta_schedules, b["states"],
                                          args.pairing, args.pairs_from, args.branch_points, args.prefer,
-                                         args.branch_span)
+                                         args.branch_span, args.rounds, tuple(args.methods))
             policy_rows += rows
             metas.append({"seed": seed, **meta})
         config["pick_place"] = {"per_seed": metas, "wall_s": round(time.perf_counter() - t0, 1)}
@@ -587,7 +624,7 @@ def main(argv=None) -> Path:
     for path in args.merge:
         old = json.loads(Path(path).read_text())
         for key in ("budget", "states", "betas", "policy_betas", "beta_schedules", "pairing", "pairs_from", "prefer",
-                    "branch_points", "branch_span"):
+                    "branch_points", "branch_span", "rounds", "methods"):
             if old["config"].get(key) != config.get(key):
                 raise SystemExit(f"--merge {path}: {key}={old['config'].get(key)!r} differs from this run's "
                                  f"{config.get(key)!r}")
