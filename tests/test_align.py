@@ -391,6 +391,34 @@ def test_alignment_rollouts_and_evaluation_run_the_same_episodes(tiny_checkpoint
 # --- pairs from the same restored state (source=branches) ---------------------------------------------------
 
 
+def test_online_rounds_align_the_current_policy_on_new_start_states(monkeypatch):
+    """Round r collects from the policy round r - 1 produced, on start states no earlier round used, and aligns
+    that policy (its own reference) with seed + r; a caller's round-0 data is used as given."""
+    import agents.align as al
+
+    calls = []
+
+    def data(policy, cfg, env_name, max_steps, dataset):
+        calls.append(("data", policy, cfg.rollout_seed))
+        return [f"traj of {policy}"], [(0, 0)], {"from": policy}
+
+    def align(policy, trajs, pairs, cfg, logger=None):
+        calls.append(("align", policy, trajs[0], cfg.seed))
+        return policy + "+", {"final": {}, "history": [{"train/loss": 1.0}]}
+
+    monkeypatch.setattr(al, "preference_data", data)
+    monkeypatch.setattr(al, "align_policy", align)
+    cfg = al.AlignConfig(source="branches", rounds=3, num_start_states=8, rollout_seed=100, seed=7)
+    seen = []
+    out, records = al.align_rounds("p", cfg, "env", 10, first=(["given"], [(0, 0)], {"from": "caller"}),
+                                   on_round=lambda r, pol, rec: seen.append((r, pol)))
+    assert out == "p+++" and seen == [(1, "p+"), (2, "p++"), (3, "p+++")]
+    assert calls == [("align", "p", "given", 7),
+                     ("data", "p+", 108), ("align", "p+", "traj of p+", 8),
+                     ("data", "p++", 116), ("align", "p++", "traj of p++", 9)]
+    assert [r["preference_data"] for r in records] == [{"from": "caller"}, {"from": "p+"}, {"from": "p++"}]
+
+
 def test_branch_pairs_share_their_state_exactly_and_rank_the_copies_by_what_followed(tiny_checkpoint):
     """Copies of one branch point see the very same observation (restored by replay), sample different chunks,
     and carry the return / success of their own continuation; the collection is seeded."""
@@ -449,6 +477,7 @@ def test_branch_replay_that_does_not_restore_the_state_stops_with_one_clear_erro
 
 def test_run_align_stage_trains_on_same_state_pairs(tiny_checkpoint, tmp_path):
     from agents.align import run_align_stage
+    from agents.checkpoint import load_checkpoint
 
     ckpt, _ = tiny_checkpoint
     cfg = _compose("stage=align", f"checkpoint={ckpt}", "task.max_episode_steps=20", "logger=none",
@@ -456,13 +485,19 @@ def test_run_align_stage_trains_on_same_state_pairs(tiny_checkpoint, tmp_path):
                    "stage.rollouts_per_state=3", "stage.branch_points=2", "stage.branch_chunks=4",
                    "stage.branch_span=0.5",
                    "stage.rollout_envs=6", "stage.min_return_gap=0", "stage.pairing=all", "stage.grad_steps=2",
-                   "stage.batch_pairs=2", "stage.eval_episodes=0")
+                   "stage.batch_pairs=2", "stage.eval_episodes=0", "stage.rounds=2")
     out = run_align_stage(cfg, tmp_path, cfg.checkpoint)
     data = out["preference_data"]
     assert data["source"] == "branches" and data["trajectories"] == 2 * 2 * 3 and data["pairs"] >= 1
+    # two online rounds: the second collected its own pairs; the checkpoint counts both rounds' steps
+    assert [r["round"] for r in out["rounds"]] == [1, 2] and out["rounds"][0]["preference_data"] == data
+    assert out["rounds"][1]["preference_data"]["trajectories"] == 2 * 2 * 3
+    saved = load_checkpoint(out["checkpoint"])["config"]
+    assert saved["step"] == 2 * 2 and len(saved["preference_data_rounds"]) == 2
     for override, match in (("stage.prefer=success", None), ("stage.branch_chunks=0", "branch_chunks"),
                             ("stage.branch_span=1.5", "branch_span"),
-                            ("stage.prefer=judge", "prefer")):
+                            ("stage.prefer=judge", "prefer"), ("stage.rounds=0", "rounds must be"),
+                            ("stage.rounds=2", "rounds=2 collects new pairs")):
         cfg = _compose("stage=align", f"checkpoint={ckpt}", "logger=none", "stage.source=dataset", override)
         if match is None:
             match = "prefer=success"

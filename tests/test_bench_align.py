@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 
+import pytest
 import torch
 
 
@@ -119,9 +120,20 @@ def test_bench_align_same_state_branch_pairs_name_their_source(tmp_path):
 
     out = main(["--budget", "tiny", "--seeds", "0", "--policy-betas", "2000", "--states", "2", "--pairing", "all",
                 "--pairs-from", "branches", "--branch-points", "2", "--skip-images", "--out", str(tmp_path),
-                "--name", "b"])
+                "--name", "b", "--rounds", "2", "--methods", "dpo", "sft"])
     rec = json.loads(out.read_text())
     meta = rec["config"]["pick_place"]["per_seed"][0]
     assert meta["pairs_from"] == "branches" and meta["rollouts"] == 2 * 2 * 4
-    assert "same restored state" in meta["pref_source"]
+    assert "same restored state" in meta["pref_source"] and "2 online rounds" in meta["pref_source"]
     assert "branch points" in (tmp_path / "b.md").read_text()
+    # --methods: only DPO and SFT; --rounds 2: each evaluated after both rounds, twice the samples of one round
+    rows = {r["variant"]: r for r in rec["per_seed"]}
+    assert sorted(rows) == ["base", "dpo", "sft"]
+    for v in ("dpo", "sft"):
+        assert [x["round"] for x in rows[v]["rounds"]] == [1, 2] and rows[v]["rounds"][1]["collect_s"] > 0
+        assert rows[v]["success_rate"] == rows[v]["rounds"][-1]["success_rate"]
+    assert rows["dpo"]["samples_seen"] == 2 * 3 * 32 * 4 * 2  # tiny: 3 steps a round
+    with pytest.raises(SystemExit, match="rounds"):
+        main(["--budget", "tiny", "--seeds", "1", "--policy-betas", "2000", "--states", "2", "--pairing", "all",
+              "--pairs-from", "branches", "--branch-points", "2", "--skip-images", "--out", str(tmp_path),
+              "--name", "c", "--merge", str(out)])
