@@ -203,26 +203,46 @@ def _run_path(job, runs_dir: Path, code: str) -> Path:
     return runs_dir / f"{method}-{variant}-seed{seed}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
 
-def _finetune_saved(args):
-    """One fine-tuning run, saved as soon as it ends; a rerun of the same command reuses it (printed either way),
-    so a long benchmark that is stopped or fails late keeps its finished runs."""
-    job, runs_dir, code, reuse = args
-    path = _run_path(job, Path(runs_dir), code)
-    method, variant, _, seed = job[:4]
+def _saved(path: Path, label: str, run_fn, reuse: bool) -> dict:
+    """``run_fn()`` saved to ``path`` as soon as it ends (atomic write), or the saved run when ``reuse`` and it
+    exists; one log line either way."""
     if reuse and path.exists():
         run = {**json.loads(path.read_text()), "reused": True}
-        print(f"[bench.finetune] {method}/{variant} seed {seed}: reused {path}", flush=True)
+        print(f"[bench.finetune] {label}: reused {path}", flush=True)
         return run
-    run = _finetune(job)
+    run = run_fn()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(run))
     os.replace(tmp, path)  # a run killed while writing leaves no half file behind
     last = run["curve"][-1]
     score = f"success {last['success']:.3f}" if last.get("success") is not None else f"return {last['return']:.1f}"
-    print(f"[bench.finetune] {method}/{variant} seed {seed}: final {score} at {run['env_steps']} env steps, "
-          f"{run['wall_s']:.0f} s; saved {path}", flush=True)
+    print(f"[bench.finetune] {label}: final {score} at {run['env_steps']} env steps, {run['wall_s']:.0f} s; "
+          f"saved {path}", flush=True)
     return run
+
+
+def _finetune_saved(args):
+    """One fine-tuning run, saved as soon as it ends; a rerun of the same command reuses it (printed either way),
+    so a long benchmark that is stopped or fails late keeps its finished runs."""
+    job, runs_dir, code, reuse = args
+    method, variant, _, seed = job[:4]
+    return _saved(_run_path(job, Path(runs_dir), code), f"{method}/{variant} seed {seed}", lambda: _finetune(job),
+                  reuse)
+
+
+def _sb3_saved(args):
+    """One SB3 PPO run, saved and reused like the fine-tuning runs; keyed by its arguments (seed, task, budget,
+    evaluation), stable-baselines3's version and the code version."""
+    import hashlib
+
+    import stable_baselines3
+
+    sb3_args, runs_dir, code, reuse = args
+    key = json.dumps({"args": list(sb3_args), "task_defaults": _task_finetune_defaults(sb3_args[1]),
+                      "sb3": stable_baselines3.__version__, "code": code}, sort_keys=True, default=str)
+    path = Path(runs_dir) / f"sb3_ppo-default-seed{sb3_args[0]}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    return _saved(path, f"sb3_ppo seed {sb3_args[0]}", lambda: _sb3_ppo(sb3_args), reuse)
 
 
 def _evaluate_sb3(model, task: str, n_episodes: int, eval_seed: int, num_envs: int) -> float:
@@ -406,12 +426,13 @@ def main(argv=None):
                          **ALGO_METHODS.get(m, (m, {}))[1], **vo},
                  s, args.task, ckpts[ALGO_METHODS.get(m, (m,))[0]], budget["env_steps"])
                 for m in ft_methods for vn, vo in variants for s in args.seeds]
-        async_sb3 = pool.map_async(_sb3_ppo, [(s, args.task, budget["env_steps"], eval_every_steps,
-                                               args.eval_episodes, eval_seed, eval_num_envs) for s in args.seeds]) \
+        code = code_version()
+        async_sb3 = pool.map_async(_sb3_saved, [((s, args.task, budget["env_steps"], eval_every_steps,
+                                                  args.eval_episodes, eval_seed, eval_num_envs),
+                                                 str(work / "runs"), code, not args.no_reuse) for s in args.seeds]) \
             if "sb3_ppo" in args.methods else None
         # runs with env worker processes (async_envs) cannot start inside a pool worker: they run here, after
         # the pool's runs, alone on the machine (their speed is what they are for)
-        code = code_version()
         saved = [(j, str(work / "runs"), code, not args.no_reuse) for j in jobs]
         in_pool = [a for a in saved if not a[0][2].get("async_envs")]
         async_ft = pool.map_async(_finetune_saved, in_pool, chunksize=1)
@@ -488,7 +509,7 @@ def main(argv=None):
              "the evaluations (training rollouts and updates only).\n")
     extra += merged_note
     if n_reused:
-        extra += (f"\n{n_reused} of {len(jobs)} fine-tuning runs were reused from an earlier invocation of this command "
+        extra += (f"\n{n_reused} of {len(runs)} runs were reused from an earlier invocation of this command "
                   f"with the same code (saved under {work / 'runs'}); their wall times are from that invocation.\n")
     async_vs = [vn for vn, vo in variants if vo.get("async_envs")]
     if async_vs:

@@ -139,6 +139,29 @@ def test_finished_runs_are_saved_at_once_and_reused_only_by_the_same_command(tmp
     assert not list((tmp_path / "runs").glob("*seed7*"))  # a run that did not finish leaves nothing behind
 
 
+def test_sb3_runs_are_saved_and_reused_like_the_fine_tuning_runs(tmp_path, monkeypatch):
+    import bench.finetune as bf
+
+    calls = []
+
+    def fake(args):
+        calls.append(args)
+        return {"method": "sb3_ppo", "variant": "default", "seed": args[0], "wall_s": 1.0, "eval_s": 0.0,
+                "env_steps": 2048, "curve": [{"env_steps": 2048, "return": 5.0, "success": None}]}
+
+    monkeypatch.setattr(bf, "_sb3_ppo", fake)
+    runs = str(tmp_path / "runs")
+    a = (0, "hopper_medium", 2048, 1024, 5, 100_000, 4)
+    first = bf._sb3_saved((a, runs, "commit1", True))
+    again = bf._sb3_saved((a, runs, "commit1", True))
+    assert len(calls) == 1 and again.pop("reused") is True and again == first
+    assert [p.name.split("-")[:3] for p in (tmp_path / "runs").glob("*.json")] == [["sb3_ppo", "default", "seed0"]]
+    bf._sb3_saved(((0, "hopper_medium", 2048, 1024, 10, 100_000, 4), runs, "commit1", True))  # other evaluation
+    bf._sb3_saved((a, runs, "commit2", True))
+    bf._sb3_saved((a, runs, "commit1", False))
+    assert len(calls) == 4
+
+
 def test_code_version_names_the_commit_and_uncommitted_changes():
     from bench.finetune import code_version
 
@@ -160,6 +183,6 @@ def test_rerunning_a_benchmark_command_reuses_its_finished_runs(tmp_path):
     assert len(saved) == 1 and "reused" not in (tmp_path / "out" / "finetune_pick_place.md").read_text()
     main(cmd)
     md = (tmp_path / "out" / "finetune_pick_place.md").read_text()
-    assert "1 of 1 fine-tuning runs were reused" in md
+    assert "1 of 1 runs were reused" in md
     again = json.loads((tmp_path / "out" / "finetune_pick_place.json").read_text())
     assert again["rows"] == first["rows"]
