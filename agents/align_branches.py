@@ -57,10 +57,15 @@ class _Runner:
             e.close()
 
     def run(self, seeds: list[int], prefixes: list[list[np.ndarray]], horizon: int | None, steps: int | None,
-            gen: torch.Generator, expect: list[np.ndarray] | None = None) -> list[dict]:
+            gen: torch.Generator, expect: list[np.ndarray] | None = None,
+            noise_keys: list[int] | None = None) -> list[dict]:
         """Env i: reset with ``seeds[i]``, replay ``prefixes[i]`` (executed actions), then act for ``horizon``
         chunks (None: to the end). Returns per env the observation histories, chunks and executed actions of
-        the policy's part, its return and whether it succeeded."""
+        the policy's part, its return and whether it succeeded.
+
+        ``noise_keys``: after its first chunk, env i draws the flow's initial noise of its t-th chunk from a
+        generator seeded by (``noise_keys[i]``, t), so envs with the same key share every later chunk's noise
+        (common random numbers); the first chunk's noise comes from ``gen`` and differs."""
         n = len(seeds)
         obs, alive = [], np.ones(n, bool)
         for i in range(n):
@@ -81,7 +86,13 @@ class _Runner:
         while alive.any() and (horizon is None or t < horizon):
             idx = np.flatnonzero(alive)
             batch = np.stack([obs[i] for i in idx])
-            chunks = self.policy.predict_action_chunk(batch, steps=steps, generator=gen).cpu().numpy()
+            if noise_keys is None or t == 0:
+                chunks = self.policy.predict_action_chunk(batch, steps=steps, generator=gen)
+            else:
+                x0 = torch.cat([self.policy.flow.noise(1, "cpu", torch.Generator().manual_seed(
+                    int(noise_keys[i]) * 100_003 + t)) for i in idx]).to(self.policy.device)
+                chunks = self.policy.predict_action_chunk(batch, steps=steps, x0=x0 * self.policy.init_noise_scale)
+            chunks = chunks.cpu().numpy()
             for j, i in enumerate(idx):
                 a = chunks[j, : self.policy.exec_horizon]
                 a = np.clip(a[0] if self.policy.exec_horizon == 1 else a, self.low, self.high).astype(self.dtype)
@@ -102,9 +113,12 @@ class _Runner:
 def collect_branches(policy: FlowPolicy, env_name: str, num_start_states: int, branches: int, branch_points: int,
                      branch_chunks: int | None = None, steps: int | None = None, seed: int = 0,
                      max_episode_steps: int | None = None, num_envs: int = 16,
-                     branch_span: float = 1.0) -> list[Trajectory]:
+                     branch_span: float = 1.0, shared_noise: bool = False) -> list[Trajectory]:
     """``branches`` one-chunk trajectories at each of ``branch_points`` restored states of each start state,
     spread evenly over the leading ``branch_span`` fraction of its reference episode (chunk 0 first).
+
+    ``shared_noise``: the copies of a branch point draw the same flow noise for every chunk after their own
+    (common random numbers), so a difference in what followed comes from the branch chunk, less from later noise.
 
     Returns the branch chunks as :class:`Trajectory` objects (``group`` = branch point, numbered from 0),
     each with the return and success from that chunk on.
@@ -131,8 +145,9 @@ def collect_branches(policy: FlowPolicy, env_name: str, num_start_states: int, b
         for first in range(0, len(tasks), per_batch):
             batch = tasks[first: first + per_batch]
             rows = [(s, c) for s, c in batch for _ in range(branches)]
+            keys = [seed * 1_000 + (first + k // branches) for k in range(len(rows))] if shared_noise else None
             res = runner.run([seed + s for s, _ in rows], [refs[s]["executed"][:c] for s, c in rows], branch_chunks,
-                             steps, gen, expect=[refs[s]["hist"][c] for s, c in rows])
+                             steps, gen, expect=[refs[s]["hist"][c] for s, c in rows], noise_keys=keys)
             for k, ((s, c), r) in enumerate(zip(rows, res)):
                 out.append(Trajectory(torch.as_tensor(np.stack(r["hist"][:1])), torch.as_tensor(r["chunks"][0][None]),
                                       r["ret"], r["success"], first + k // branches,
@@ -161,7 +176,7 @@ def preference_data(policy: FlowPolicy, cfg: AlignConfig, env_name: str, max_epi
     elif cfg.source == "branches":
         trajs = collect_branches(policy, env_name, cfg.num_start_states, cfg.rollouts_per_state, cfg.branch_points,
                                  cfg.branch_chunks, cfg.denoise_steps, cfg.rollout_seed, max_episode_steps,
-                                 cfg.rollout_envs, cfg.branch_span)
+                                 cfg.rollout_envs, cfg.branch_span, cfg.branch_noise == "shared")
     else:
         if not dataset:
             raise ValueError(f"source={cfg.source} needs a demo file (stage.dataset=...)")

@@ -47,6 +47,7 @@ class AlignConfig:
     branch_points: int = 4            # restored states per start state, spread over its reference episode
     branch_chunks: int | None = None  # chunks each copy runs on after the branch (None: to the episode's end)
     branch_span: float = 1.0          # branch points spread over this leading fraction of the reference episode
+    branch_noise: str = "independent"  # shared: the copies of a branch point share all later chunks' flow noise
     denoise_steps: int | None = None  # K, for rollouts and evaluation (None: the policy's default)
     # online rounds (source=rollouts|branches): each round collects fresh pairs from the current policy, on new
     # start states (rollout_seed + round * num_start_states + i), and aligns it with itself as DPO's reference
@@ -97,6 +98,8 @@ class AlignConfig:
             raise ValueError(f"align branch_chunks must be >= 1 or null, got {self.branch_chunks}")
         if not 0.0 < float(self.branch_span) <= 1.0:
             raise ValueError(f"align branch_span must be in (0, 1], got {self.branch_span}")
+        if self.branch_noise not in ("independent", "shared"):
+            raise ValueError(f"align branch_noise must be independent or shared, got {self.branch_noise!r}")
         if self.pairing not in PAIRINGS:
             raise ValueError(f"align pairing must be one of {PAIRINGS}, got {self.pairing!r}")
         if self.source == "labels" and not self.labels:

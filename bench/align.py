@@ -98,7 +98,8 @@ def _label(method: str, beta: float, schedule: str) -> str:
 def policy_part(b: dict, seed: int, workdir: Path, betas: list[float], schedules: list[str], states: int,
                 pairing: str, pairs_from: str = "rollouts", branch_points: int = 4,
                 prefer: str = "return", branch_span: float = 1.0, rounds: int = 1,
-                methods: tuple[str, ...] = ("dpo", "rwr", "sft")) -> tuple[list[dict], dict]:
+                methods: tuple[str, ...] = ("dpo", "rwr", "sft"),
+                branch_noise: str = "independent") -> tuple[list[dict], dict]:
     """Pretrain, collect same-start-state rollouts (or same-state branches), align every variant, evaluate all
     on the same episodes. With ``rounds`` > 1 each variant runs online rounds (agents.align.align_rounds): round
     1 shares the pretrained policy's pairs, every later round collects new pairs on new start states from the
@@ -129,7 +130,8 @@ def policy_part(b: dict, seed: int, workdir: Path, betas: list[float], schedules
                       pairing=pairing, rollout_seed=10_000 * seed, eval_seed=100_000 + 10_000 * seed)
     if pairs_from == "branches":
         where = (f"same restored state ({branch_points} branch points over the first {branch_span:g} of an episode "
-                 "per start state, continuation to the end)")
+                 "per start state, continuation to the end"
+                 + (", the copies sharing every later chunk's noise)" if branch_noise == "shared" else ")"))
     else:
         where = "same start state"
 
@@ -139,7 +141,7 @@ def policy_part(b: dict, seed: int, workdir: Path, betas: list[float], schedules
         rs = cfg.rollout_seed + r * states
         if pairs_from == "branches":
             trajs = collect_branches(p, ENV, states, cfg.rollouts_per_state, branch_points, None, K, rs,
-                                     b["max_episode_steps"], cfg.rollout_envs, branch_span)
+                                     b["max_episode_steps"], cfg.rollout_envs, branch_span, branch_noise == "shared")
         else:
             trajs = collect_rollouts(p, ENV, states, cfg.rollouts_per_state, K, rs, b["max_episode_steps"],
                                      cfg.rollout_envs)
@@ -568,6 +570,9 @@ def main(argv=None) -> Path:
     p.add_argument("--branch-points", type=int, default=4, help="with --pairs-from branches: per start state")
     p.add_argument("--branch-span", type=float, default=1.0,
                    help="with --pairs-from branches: branch points spread over this leading fraction of an episode")
+    p.add_argument("--branch-noise", choices=["independent", "shared"], default="independent",
+                   help="with --pairs-from branches: shared = the copies of a branch point share every later chunk's "
+                        "flow noise (common random numbers), so what followed differs by the branch chunk")
     p.add_argument("--prefer", choices=["return", "success"], default="return",
                    help="pick-place preference: higher return (gap 50), or success over failure")
     p.add_argument("--rounds", type=int, default=1,
@@ -599,6 +604,8 @@ def main(argv=None) -> Path:
         config["rounds"], config["methods"] = args.rounds, sorted(args.methods)
     if args.pairs_from == "branches":
         config["branch_points"], config["branch_span"] = args.branch_points, args.branch_span
+        if args.branch_noise != "independent":
+            config["branch_noise"] = args.branch_noise
     policy_rows, image_rows, samples = [], [], {}
     if not args.skip_policy:
         t0 = time.perf_counter()
@@ -607,7 +614,7 @@ def main(argv=None) -> Path:
             with tempfile.TemporaryDirectory() as tmp:
                 rows, meta = policy_part(b, seed, Path(tmp), args.policy_betas, args.beta_schedules, b["states"],
                                          args.pairing, args.pairs_from, args.branch_points, args.prefer,
-                                         args.branch_span, args.rounds, tuple(args.methods))
+                                         args.branch_span, args.rounds, tuple(args.methods), args.branch_noise)
             policy_rows += rows
             metas.append({"seed": seed, **meta})
         config["pick_place"] = {"per_seed": metas, "wall_s": round(time.perf_counter() - t0, 1)}
@@ -624,7 +631,7 @@ def main(argv=None) -> Path:
     for path in args.merge:
         old = json.loads(Path(path).read_text())
         for key in ("budget", "states", "betas", "policy_betas", "beta_schedules", "pairing", "pairs_from", "prefer",
-                    "branch_points", "branch_span", "rounds", "methods"):
+                    "branch_points", "branch_span", "rounds", "methods", "branch_noise"):
             if old["config"].get(key) != config.get(key):
                 raise SystemExit(f"--merge {path}: {key}={old['config'].get(key)!r} differs from this run's "
                                  f"{config.get(key)!r}")
