@@ -456,6 +456,32 @@ def test_branch_pairs_share_their_state_exactly_and_rank_the_copies_by_what_foll
     assert success_pairs(succ) == [(0, 1), (0, 3)]  # within a group, success over failure, whatever the return
 
 
+def test_shared_branch_noise_gives_the_copies_the_same_noise_after_their_own_chunk(tiny_checkpoint):
+    """branch_noise=shared (common random numbers): copies of one branch point draw their first chunk's noise
+    independently and share every later chunk's; other branch points get other noise."""
+    from agents.align_branches import collect_branches
+    from agents.policies import policy_from_checkpoint
+
+    policy, _ = policy_from_checkpoint(tiny_checkpoint[0])
+    calls = []
+    act = policy.predict_action_chunk
+
+    def spy(obs, steps=None, **kw):
+        calls.append(kw.get("x0"))
+        return act(obs, steps=steps, **kw)
+
+    policy.predict_action_chunk = spy
+    kw = dict(num_start_states=2, branches=2, branch_points=1, steps=2, seed=5, max_episode_steps=30, num_envs=4)
+    trajs = collect_branches(policy, ENV, **kw, shared_noise=True)
+    full = [x0 for x0 in calls if x0 is not None and x0.shape[0] == 4]  # rows: state 0 x2, state 1 x2
+    assert full and all(torch.equal(x[0], x[1]) and torch.equal(x[2], x[3]) and not torch.equal(x[0], x[2])
+                        for x in full)
+    assert not torch.equal(trajs[0].actions, trajs[1].actions)  # the branch chunks themselves differ
+    calls.clear()
+    collect_branches(policy, ENV, **kw)
+    assert calls and all(x0 is None for x0 in calls)  # independent (default): the shared generator only
+
+
 def test_branch_replay_that_does_not_restore_the_state_stops_with_one_clear_error(tiny_checkpoint, monkeypatch):
     import gymnasium as gym
     import numpy as np
@@ -497,6 +523,7 @@ def test_run_align_stage_trains_on_same_state_pairs(tiny_checkpoint, tmp_path):
     for override, match in (("stage.prefer=success", None), ("stage.branch_chunks=0", "branch_chunks"),
                             ("stage.branch_span=1.5", "branch_span"),
                             ("stage.prefer=judge", "prefer"), ("stage.rounds=0", "rounds must be"),
+                            ("stage.branch_noise=common", "branch_noise"),
                             ("stage.rounds=2", "rounds=2 collects new pairs")):
         cfg = _compose("stage=align", f"checkpoint={ckpt}", "logger=none", "stage.source=dataset", override)
         if match is None:
