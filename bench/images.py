@@ -261,9 +261,9 @@ def _setup(budget_name: str, draws_arg, seeds: list[int], cache: str, progress: 
 
 
 def _seed_worker(job):
-    budget_name, draws_arg, seeds, cache, progress, no_peer, seed, wall = job
+    budget_name, draws_arg, seeds, cache, progress, no_peer, seed, wall, peer_only = job
     torch.set_num_threads(1)
-    ctx = {**_setup(budget_name, draws_arg, seeds, cache, progress), "wall": wall}
+    ctx = {**_setup(budget_name, draws_arg, seeds, cache, progress), "wall": wall, "peer_only": peer_only}
     rfp = None if no_peer else import_peer()[0]
     return _train_and_score_seed(ctx, seed, rfp)
 
@@ -303,17 +303,19 @@ def _train_and_score_seed(ctx: dict, seed: int, rfp) -> tuple[list[dict], list, 
 
     peer_params = {}
     progress = bool(stage.progress)
-    torch.manual_seed(seed)
-    rf1 = train_base("1rf", "rf", train, stage, "cpu", progress=progress)
-    record(rf1, budget["rf_steps"], seed)
-    rf2 = train_reflow(rf1, stage, seed, progress=progress)
-    record(rf2, budget["reflow_steps"], seed)
-    students = train_distilled(rf2, stage, seed, progress=progress)
-    for student in students:
-        record(student, budget["reflow_steps"], seed, straight=False)
-    torch.manual_seed(seed)
-    shortcut = train_base("shortcut", "shortcut", train, stage, "cpu", progress=progress)
-    record(shortcut, budget["shortcut_steps"], seed, straight=False)
+    students = []
+    if not ctx.get("peer_only"):  # --peer-only: our rows come from an earlier run (--merge)
+        torch.manual_seed(seed)
+        rf1 = train_base("1rf", "rf", train, stage, "cpu", progress=progress)
+        record(rf1, budget["rf_steps"], seed)
+        rf2 = train_reflow(rf1, stage, seed, progress=progress)
+        record(rf2, budget["reflow_steps"], seed)
+        students = train_distilled(rf2, stage, seed, progress=progress)
+        for student in students:
+            record(student, budget["reflow_steps"], seed, straight=False)
+        torch.manual_seed(seed)
+        shortcut = train_base("shortcut", "shortcut", train, stage, "cpu", progress=progress)
+        record(shortcut, budget["shortcut_steps"], seed, straight=False)
     if rfp is not None:
         torch.manual_seed(seed)
         peer = PeerModel(rfp, shape, stage)
@@ -329,7 +331,7 @@ def _train_and_score_seed(ctx: dict, seed: int, rfp) -> tuple[list[dict], list, 
         own = PeerOwnModel(rfp, shape, budget.get("peer_unet", OWN_UNET))
         own.train(train.images, int(stage.grad_steps), int(stage.batch_size))
         record(own, budget["rf_steps"], seed, impl="rectified-flow-pytorch", straight=False)
-        peer_params = {"peer_own": own.num_params(), "ours": sum(p.numel() for p in rf1.flow.net.parameters())}
+        peer_params = {"peer_own": own.num_params(), "ours": sum(p.numel() for p in peer.ema.model.net.parameters())}
     return raw, strips, [s.name for s in students], peer_params
 
 
@@ -343,6 +345,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--cache", default=str(ROOT / "data" / "classifiers"),
                         help="where the trained feature network is cached")
     parser.add_argument("--no-peer", action="store_true", help="skip rectified-flow-pytorch")
+    parser.add_argument("--peer-only", action="store_true",
+                        help="train and score only the peer's rows and take ours from --merge (an earlier run of "
+                             "this budget, seeds and draws without the peer)")
+    parser.add_argument("--merge", default=None,
+                        help="with --peer-only: the earlier images JSON whose rows of our models are kept")
     parser.add_argument("--progress", action="store_true", help="tqdm bars while training")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--workers", type=int, default=1,
@@ -357,6 +364,16 @@ def main(argv: list[str] | None = None) -> dict:
     draws = int(args.draws or budget["draws"])
     if draws < 2:
         raise SystemExit("--draws must be at least 2 (an interval needs replicates)")
+    earlier = None
+    if args.peer_only or args.merge:
+        if not (args.peer_only and args.merge and not args.no_peer):
+            raise SystemExit("--peer-only and --merge go together (and without --no-peer): the peer's rows from "
+                             "this run, ours from the merged one")
+        earlier = json.loads(Path(args.merge).read_text())
+        mine = {"budget": args.budget, "seeds": seeds, "draws": draws}
+        theirs = {k: earlier["config"].get(k) for k in mine}
+        if theirs != mine:
+            raise SystemExit(f"--merge {args.merge}: its {theirs} differ from this run's {mine}")
     ctx = _setup(args.budget, args.draws, seeds, args.cache, args.progress)
     stage, data, train, held, n, encoder, einfo, judge, noises = (
         ctx[k] for k in ("stage", "data", "train", "held", "n", "encoder", "einfo", "judge", "noises"))
@@ -378,15 +395,17 @@ def main(argv: list[str] | None = None) -> dict:
     strips.insert(0, ("held-out real", held.images[judge.split(0)["other"][:16]]))
 
     rfp, peer_note = (None, "skipped (--no-peer)") if args.no_peer else import_peer()
-    ctx["wall"] = wall
+    if args.peer_only and rfp is None:
+        raise SystemExit(f"--peer-only: the peer is {peer_note}")
+    ctx["wall"], ctx["peer_only"] = wall, bool(args.peer_only)
     workers = max(1, min(int(args.workers), len(seeds)))
     if workers == 1:
         outs = [_train_and_score_seed(ctx, seed, rfp) for seed in seeds]
     else:  # one process per training seed; each rebuilds the same judge and noises (same results as serial)
         import multiprocessing as mp
 
-        jobs = [(args.budget, args.draws, seeds, args.cache, args.progress, args.no_peer, seed, wall)
-                for seed in seeds]
+        jobs = [(args.budget, args.draws, seeds, args.cache, args.progress, args.no_peer, seed, wall,
+                 bool(args.peer_only)) for seed in seeds]
         with mp.get_context("spawn").Pool(workers) as pool:
             outs = pool.map(_seed_worker, jobs)
     students, peer_params = [], {}
@@ -395,6 +414,15 @@ def main(argv: list[str] | None = None) -> dict:
         strips.extend(seed_strips)
         students, peer_params = names or students, params or peer_params
 
+    if earlier is not None:  # ours from the merged run; the judge must be the same, draw for draw
+        old_real = {(e["model"], e["draw"]): e["fd"] for e in earlier["draws"] if e["model"] in ("data", "train_copy")}
+        new_real = {(e["model"], e["draw"]): e["fd"] for e in raw if e["model"] in ("data", "train_copy")}
+        if old_real.keys() != new_real.keys() or any(abs(old_real[k] - new_real[k]) > 1e-6 for k in new_real):
+            raise SystemExit(f"--merge {args.merge}: its real-image scores differ from this run's (another "
+                             "held-out split, feature network or noise): the rows would not be comparable")
+        raw += [e for e in earlier["draws"] if e["impl"] == "flowpolicy"]
+        students = sorted({e["model"] for e in raw if "_distill_" in e["model"]})
+        peer_note += f"; our rows merged from `{earlier['command']}` ({earlier['date']}, {earlier['wall_s']:.0f} s)"
     rows = aggregate(raw)
 
     def row(model, k):

@@ -52,3 +52,25 @@ def test_own_peer_trains_with_its_trainer_and_samples_from_its_ema(tmp_path, mon
     x = peer.generate(torch.randn(5, *SHAPE), 4)
     assert x.shape == (5, *SHAPE) and torch.isfinite(x).all()
     assert list(tmp_path.iterdir()) == []  # its checkpoints and sample grids went to a temp dir
+
+
+def test_peer_only_run_merges_our_rows_from_an_earlier_run_with_the_same_judge(tmp_path):
+    """--peer-only trains only the peer's rows and keeps ours from --merge, draw for draw; a merge of another
+    budget, seed set or draw count, or without --peer-only, stops with one line."""
+    from bench.images import main as bench_images
+
+    common = ["--budget", "tiny", "--seeds", "0", "--cache", str(tmp_path / "c"), "--threads", "1"]
+    ours = bench_images([*common, "--no-peer", "--out", str(tmp_path / "ours")])
+    merged = bench_images([*common, "--peer-only", "--merge", str(tmp_path / "ours" / "images-tiny.json"),
+                           "--out", str(tmp_path / "both")])
+    impls = {e["impl"] for e in merged["draws"]}
+    assert impls == {"-", "flowpolicy", "rectified-flow-pytorch"}
+    key = ("model", "steps", "seed", "draw", "fd", "fd_excess", "coverage")
+    mine = [[e[k] for k in key] for e in ours["draws"] if e["impl"] == "flowpolicy"]
+    assert [[e[k] for k in key] for e in merged["draws"] if e["impl"] == "flowpolicy"] == mine
+    assert "merged from" in merged["summary"]["peer"] and merged["summary"]["best_one_step"]["model"]
+    for bad, match in ((["--seeds", "1"], "differ"), (["--no-peer"], "go together")):
+        args = [*common, "--peer-only", "--merge", str(tmp_path / "ours" / "images-tiny.json"), *bad,
+                "--out", str(tmp_path / "bad")]
+        with pytest.raises(SystemExit, match=match):
+            bench_images(args)
