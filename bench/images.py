@@ -260,6 +260,16 @@ def _setup(budget_name: str, draws_arg, seeds: list[int], cache: str, progress: 
             "draws": draws}
 
 
+def _check_merge(earlier: dict, raw: list[dict], path) -> None:
+    """Refuse to merge rows scored by another judge: the real-image scores of every draw must agree."""
+    real = ("data", "train_copy")
+    old_real = {(e["model"], e["draw"]): e["fd"] for e in earlier["draws"] if e["model"] in real}
+    new_real = {(e["model"], e["draw"]): e["fd"] for e in raw if e["model"] in real}
+    if old_real.keys() != new_real.keys() or any(abs(old_real[k] - new_real[k]) > 1e-6 for k in new_real):
+        raise SystemExit(f"--merge {path}: its real-image scores differ from this run's (another held-out "
+                         "split, feature network, noise or torch build): the rows would not be comparable")
+
+
 def _seed_worker(job):
     budget_name, draws_arg, seeds, cache, progress, no_peer, seed, wall, peer_only = job
     torch.set_num_threads(1)
@@ -393,6 +403,8 @@ def main(argv: list[str] | None = None) -> dict:
         if d == 0:
             strips.append(("training images", copies[:16]))
     strips.insert(0, ("held-out real", held.images[judge.split(0)["other"][:16]]))
+    if earlier is not None:  # before any training: the merged run's judge must be this one, draw for draw
+        _check_merge(earlier, raw, args.merge)
 
     rfp, peer_note = (None, "skipped (--no-peer)") if args.no_peer else import_peer()
     if args.peer_only and rfp is None:
@@ -414,12 +426,7 @@ def main(argv: list[str] | None = None) -> dict:
         strips.extend(seed_strips)
         students, peer_params = names or students, params or peer_params
 
-    if earlier is not None:  # ours from the merged run; the judge must be the same, draw for draw
-        old_real = {(e["model"], e["draw"]): e["fd"] for e in earlier["draws"] if e["model"] in ("data", "train_copy")}
-        new_real = {(e["model"], e["draw"]): e["fd"] for e in raw if e["model"] in ("data", "train_copy")}
-        if old_real.keys() != new_real.keys() or any(abs(old_real[k] - new_real[k]) > 1e-6 for k in new_real):
-            raise SystemExit(f"--merge {args.merge}: its real-image scores differ from this run's (another "
-                             "held-out split, feature network or noise): the rows would not be comparable")
+    if earlier is not None:  # ours from the merged run (its judge was checked before training)
         raw += [e for e in earlier["draws"] if e["impl"] == "flowpolicy"]
         students = sorted({e["model"] for e in raw if "_distill_" in e["model"]})
         peer_note += f"; our rows merged from `{earlier['command']}` ({earlier['date']}, {earlier['wall_s']:.0f} s)"
