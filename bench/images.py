@@ -69,7 +69,7 @@ BUDGETS = {
                        "distill": {"grad_steps": 3000},
                        "eval": {"straightness_samples": 500, "straightness_steps": 32}},
              "seeds": [0, 1, 2], "draws": 5, "samples": None, "encoder_steps": 1500,
-             "rf_steps": [1, 2, 4, 8, 100], "reflow_steps": [1, 2], "shortcut_steps": [1, 4, 128]},
+             "rf_steps": [1, 2, 4, 8, 100], "reflow_steps": [1, 2, 4], "shortcut_steps": [1, 4, 128]},
 }
 HELDOUT_FRACTION = 0.4   # of each class; nothing trains on it
 SPLIT_SEED = 0           # the train / held-out split (the same for every training seed)
