@@ -234,13 +234,27 @@ def _plot(rows: list[dict], strips: list[tuple[str, torch.Tensor]], path: Path) 
     plt.close(fig)
 
 
+def _stage(budget: dict, progress: bool = False):
+    stage = OmegaConf.merge(OmegaConf.structured(ImageStage), OmegaConf.create(budget["stage"]))
+    stage.progress = progress
+    return stage
+
+
+def _run_config(budget_name: str, seeds: list[int], draws: int) -> dict:
+    """What makes two runs' rows comparable: the budget's settings (the stage's and the step counts scored)
+    with this run's seeds and draws (recorded in the result's config, compared by --merge)."""
+    budget = BUDGETS[budget_name]
+    stage = OmegaConf.to_container(_stage(budget), resolve=True)
+    return {**{k: v for k, v in budget.items() if k != "stage"}, "budget": budget_name, "seeds": seeds,
+            "draws": draws, "stage": stage}
+
+
 def _setup(budget_name: str, draws_arg, seeds: list[int], cache: str, progress: bool):
     """What every training seed's run shares: the stage, the held-out split, the judge and the noise draws
     (deterministic, so that worker processes rebuild exactly what the parent has)."""
     budget = BUDGETS[budget_name]
     draws = int(draws_arg or budget["draws"])
-    stage = OmegaConf.merge(OmegaConf.structured(ImageStage), OmegaConf.create(budget["stage"]))
-    stage.progress = progress
+    stage = _stage(budget, progress)
     data = load_digits()
     train, held = heldout_split(data, HELDOUT_FRACTION, SPLIT_SEED)
     n = int(budget["samples"] or len(held) // 2)
@@ -380,10 +394,20 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit("--peer-only and --merge go together (and without --no-peer): the peer's rows from "
                              "this run, ours from the merged one")
         earlier = json.loads(Path(args.merge).read_text())
-        mine = {"budget": args.budget, "seeds": seeds, "draws": draws}
+        mine = _run_config(args.budget, seeds, draws)
+        mine["stage"].pop("progress")
         theirs = {k: earlier["config"].get(k) for k in mine}
-        if theirs != mine:
-            raise SystemExit(f"--merge {args.merge}: its {theirs} differ from this run's {mine}")
+        if isinstance(theirs["stage"], dict):
+            theirs["stage"].pop("progress", None)
+        differ = sorted(k for k in mine if theirs[k] != mine[k])
+        if differ:
+            def show(cfg, k):
+                if k == "stage" and isinstance(cfg[k], dict):  # only the stage settings that differ
+                    return "stage " + str({s: cfg[k].get(s) for s in sorted(set(mine[k]) | set(theirs[k] or {}))
+                                           if mine[k].get(s) != (theirs[k] or {}).get(s)})
+                return f"{k}={cfg[k]}"
+            raise SystemExit(f"--merge {args.merge}: its {', '.join(show(theirs, k) for k in differ)} differ "
+                             f"from this run's {', '.join(show(mine, k) for k in differ)}")
     ctx = _setup(args.budget, args.draws, seeds, args.cache, args.progress)
     stage, data, train, held, n, encoder, einfo, judge, noises = (
         ctx[k] for k in ("stage", "data", "train", "held", "n", "encoder", "einfo", "judge", "noises"))
@@ -476,9 +500,8 @@ def main(argv: list[str] | None = None) -> dict:
                     "torch_threads": torch.get_num_threads()},
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "wall_s": time.perf_counter() - wall,
-        "config": {"budget": args.budget, "dataset": data.name, "samples_per_score": n, "seeds": seeds,
-                   "draws": draws, "stage": OmegaConf.to_container(stage, resolve=True),
-                   **{k: v for k, v in budget.items() if k != "stage"}},
+        "config": {"dataset": data.name, "samples_per_score": n, **_run_config(args.budget, seeds, draws),
+                   "stage": OmegaConf.to_container(stage, resolve=True)},
         "rows": rows,
         "summary": summary,
         "draws": raw,

@@ -437,3 +437,39 @@ def test_image_bench_writes_floor_intervals_and_coverage(tmp_path):
                         "--cache", str(tmp_path / "c"), "--workers", "2"])
     key = ("model", "steps", "seed", "draw", "fd", "fd_excess", "precision", "coverage", "nn_ratio")
     assert [[e[k] for k in key] for e in par["draws"]] == [[e[k] for k in key] for e in result["draws"]]
+
+
+def test_image_bench_merge_is_refused_before_training_unless_every_setting_and_the_judge_match(tmp_path,
+                                                                                              monkeypatch):
+    """--peer-only --merge keeps our rows only from a run of the same budget settings (stage and step counts
+    scored), seeds, draws and judge; anything else stops with one line before a model trains (no peer needed)."""
+    import bench.images as bi
+
+    common = ["--budget", "tiny", "--seeds", "0", "1", "--cache", str(tmp_path / "c"), "--threads", "1"]
+    ours = bench_images([*common, "--no-peer", "--out", str(tmp_path / "ours")])
+    assert ours["config"]["seeds"] == [0, 1] and ours["config"]["reflow_steps"] == BUDGETS["tiny"]["reflow_steps"]
+    path = str(tmp_path / "ours" / "images-tiny.json")
+
+    def no_training(*a, **k):
+        raise AssertionError("trained before the merge was checked")
+
+    monkeypatch.setattr(bi, "_train_and_score_seed", no_training)
+    for extra, match in ((["--seeds", "0"], "seeds=\\[0, 1\\] differ from this run's seeds=\\[0\\]"),
+                         (["--draws", "3"], "draws=2"), (["--no-peer"], "go together")):
+        with pytest.raises(SystemExit, match=match):
+            bench_images([*common, "--peer-only", "--merge", path, *extra, "--out", str(tmp_path / "bad")])
+    monkeypatch.setitem(bi.BUDGETS["tiny"], "reflow_steps", [1, 2])          # a row set the merged run lacks
+    with pytest.raises(SystemExit, match="reflow_steps=\\[1\\] differ"):
+        bench_images([*common, "--peer-only", "--merge", path, "--out", str(tmp_path / "bad")])
+    monkeypatch.setitem(bi.BUDGETS["tiny"], "reflow_steps", [1])
+    monkeypatch.setitem(bi.BUDGETS["tiny"], "stage", {**bi.BUDGETS["tiny"]["stage"], "grad_steps": 11})
+    with pytest.raises(SystemExit, match="stage {'grad_steps': 10}"):
+        bench_images([*common, "--peer-only", "--merge", path, "--out", str(tmp_path / "bad")])
+    monkeypatch.setitem(bi.BUDGETS["tiny"], "stage", {**bi.BUDGETS["tiny"]["stage"], "grad_steps": 10})
+    # another judge (here: one tampered real-image score) is refused after scoring the real images only
+    tampered = json.loads((tmp_path / "ours" / "images-tiny.json").read_text())
+    next(e for e in tampered["draws"] if e["model"] == "data")["fd"] += 1.0
+    (tmp_path / "tampered.json").write_text(json.dumps(tampered))
+    with pytest.raises(SystemExit, match="real-image scores differ"):
+        bench_images([*common, "--peer-only", "--merge", str(tmp_path / "tampered.json"), "--out",
+                      str(tmp_path / "bad")])

@@ -1,8 +1,6 @@
 """rectified-flow-pytorch as the image benchmark's peer (bench/images_peer.py). Skipped unless the package is
 installed (``pip install -e ".[peers]"``)."""
 
-import json
-
 import pytest
 import torch
 
@@ -56,10 +54,9 @@ def test_own_peer_trains_with_its_trainer_and_samples_from_its_ema(tmp_path, mon
     assert list(tmp_path.iterdir()) == []  # its checkpoints and sample grids went to a temp dir
 
 
-def test_peer_only_run_merges_our_rows_from_an_earlier_run_with_the_same_judge(tmp_path, monkeypatch):
+def test_peer_only_run_merges_our_rows_from_an_earlier_run_with_the_same_judge(tmp_path):
     """--peer-only trains only the peer's rows and keeps ours from --merge, draw for draw; a merge of another
-    budget, seed set or draw count, without --peer-only, or scored by another judge stops with one line (the
-    judge before any training)."""
+    budget, seed set, draw count or judge is refused (tests/test_images.py, which needs no peer)."""
     from bench.images import main as bench_images
 
     common = ["--budget", "tiny", "--seeds", "0", "--cache", str(tmp_path / "c"), "--threads", "1"]
@@ -72,21 +69,4 @@ def test_peer_only_run_merges_our_rows_from_an_earlier_run_with_the_same_judge(t
     mine = [[e[k] for k in key] for e in ours["draws"] if e["impl"] == "flowpolicy"]
     assert [[e[k] for k in key] for e in merged["draws"] if e["impl"] == "flowpolicy"] == mine
     assert "merged from" in merged["summary"]["peer"] and merged["summary"]["best_one_step"]["model"]
-    for bad, match in ((["--seeds", "1"], "differ"), (["--no-peer"], "go together")):
-        args = [*common, "--peer-only", "--merge", str(tmp_path / "ours" / "images-tiny.json"), *bad,
-                "--out", str(tmp_path / "bad")]
-        with pytest.raises(SystemExit, match=match):
-            bench_images(args)
-    # another judge (here: one tampered real-image score) is refused before any model trains
-    tampered = json.loads((tmp_path / "ours" / "images-tiny.json").read_text())
-    next(e for e in tampered["draws"] if e["model"] == "data")["fd"] += 1.0
-    (tmp_path / "tampered.json").write_text(json.dumps(tampered))
-    import bench.images as bi
 
-    def no_training(*a, **k):
-        raise AssertionError("trained before the merge was checked")
-
-    monkeypatch.setattr(bi, "_train_and_score_seed", no_training)
-    with pytest.raises(SystemExit, match="real-image scores differ"):
-        bench_images([*common, "--peer-only", "--merge", str(tmp_path / "tampered.json"), "--out",
-                      str(tmp_path / "bad2")])
