@@ -62,6 +62,7 @@ from .checkpoint import (
     atomic_write_json,
     save_checkpoint,
     seed_everything,
+    stop_requested,
 )
 from .evaluate import evaluate_policy_steps, write_eval
 from .policies import extra_modules, policy_config, policy_from_checkpoint
@@ -82,7 +83,10 @@ def align_rounds(policy: FlowPolicy, cfg: AlignConfig, env_name: str, max_episod
     share a start state, and trains with seed ``seed + r``. ``first`` is round 0's (trajectories, pairs,
     description) when the caller has collected it already. ``on_round(r, policy, record)`` runs after every
     round (r from 1). Returns the last policy and one record per round: its data description, the training
-    info and the loss history. A round stopped by Ctrl-C ends the loop (its record has ``stopped_at``).
+    info and the loss history. A round stopped by Ctrl-C ends the loop (its record has ``stopped_at``; a
+    Ctrl-C between rounds marks the last finished round so). A later round whose policy gives no pair for
+    dpo/sft ends the loop before training: the last record says so under ``ended``. Scalars of round r are
+    logged at steps ``r * grad_steps + i``.
     """
     current, records = policy, []
     for r in range(int(cfg.rounds)):
@@ -90,8 +94,16 @@ def align_rounds(policy: FlowPolicy, cfg: AlignConfig, env_name: str, max_episod
         if r == 0 and first is not None:
             trajs, pairs, desc = first
         else:
+            if r > 0 and stop_requested():  # Ctrl-C between rounds: the stage saves the earlier rounds' policy
+                records[-1]["stopped_at"] = int(cfg.grad_steps)
+                break
             trajs, pairs, desc = preference_data(current, rcfg, env_name, max_episode_steps, dataset)
-        current, info = align_policy(current, trajs, pairs, rcfg, logger)
+            if r > 0 and not pairs and cfg.method in ("dpo", "sft"):
+                # every copy of the current policy agreed (e.g. all succeeded): no pair left to learn from
+                records[-1]["ended"] = f"round {r + 1} found no preference pairs ({desc})"
+                print(f"align: round {r + 1} found no preference pairs; the policy of round {r} is the result")
+                break
+        current, info = align_policy(current, trajs, pairs, rcfg, logger, step_offset=r * int(cfg.grad_steps))
         records.append({"round": r + 1, "preference_data": desc, **info})
         if on_round is not None:
             on_round(r + 1, current, records[-1])

@@ -124,6 +124,12 @@ class AlignConfig:
             raise ValueError(f"align denoise_steps must be >= 1, got {self.denoise_steps}")
         if self.eval_episodes < 0:
             raise ValueError(f"eval_episodes must be >= 0, got {self.eval_episodes}")
+        lo, hi = int(self.rollout_seed), int(self.rollout_seed) + int(self.rounds) * int(self.num_start_states)
+        elo, ehi = int(self.eval_seed), int(self.eval_seed) + int(self.eval_episodes)
+        if self.source in ("rollouts", "branches") and lo < ehi and elo < hi:
+            raise ValueError(f"align start states (env seeds {lo}-{hi - 1}) overlap the evaluation episodes "
+                             f"(env seeds {elo}-{ehi - 1}): move rollout_seed or eval_seed so that the "
+                             "evaluation stays held out")
 
 
 @dataclass

@@ -65,7 +65,7 @@ def trajectory_weights(trajs: list[Trajectory], beta: float | None,
 
 
 def align_policy(policy: FlowPolicy, trajs: list[Trajectory], pairs: list[tuple[int, int]], cfg: AlignConfig,
-                 logger: Logger | None = None) -> tuple[FlowPolicy, dict[str, Any]]:
+                 logger: Logger | None = None, step_offset: int = 0) -> tuple[FlowPolicy, dict[str, Any]]:
     """Fine-tune a copy of ``policy`` by ``cfg.method``; the original stays untouched and is DPO's reference.
 
     Returns (aligned policy in eval mode, info with the loss history and data sizes).
@@ -126,7 +126,8 @@ def align_policy(policy: FlowPolicy, trajs: list[Trajectory], pairs: list[tuple[
                                  "lower lr or beta"),
         ShortcutTarget(aligned.flow),
         history,
-        LogScalars(logger, lambda s: history.records[-1], every(10, cfg.grad_steps, first=True), at=lambda s: s.index),
+        LogScalars(logger, lambda s: history.records[-1], every(10, cfg.grad_steps, first=True),
+                   at=lambda s: step_offset + s.index),
         ProgressBar(cfg.grad_steps, f"align {cfg.method}", disable=not cfg.progress, postfix_every=20),
         StopOnCtrlC(),  # Ctrl-C: stop after this step; the stage saves what was aligned so far
     ])

@@ -122,9 +122,7 @@ def policy_part(b: dict, seed: int, workdir: Path, betas: list[float], schedules
     policy, _ = policy_from_checkpoint(Pretrainer(pc).run()["checkpoint"])
     pretrain_s = time.perf_counter() - t0
     # start states and evaluation episodes differ between seeds (far apart from each other); round r uses the
-    # start states after round r - 1's
-    if rounds * states > 10_000:
-        raise SystemExit(f"--rounds {rounds} x --states {states} start states would reach the next seed's")
+    # start states after round r - 1's (main checks that rounds x states stays below the next seed's)
     cfg = AlignConfig(num_start_states=states, rollouts_per_state=4, min_return_gap=b["min_return_gap"], denoise_steps=K,
                       grad_steps=b["align_steps"], lr=3e-5, beta=POLICY_BETA, seed=seed, progress=False,
                       pairing=pairing, rollout_seed=10_000 * seed, eval_seed=100_000 + 10_000 * seed)
@@ -606,6 +604,20 @@ def main(argv=None) -> Path:
         config["branch_points"], config["branch_span"] = args.branch_points, args.branch_span
         if args.branch_noise != "independent":
             config["branch_noise"] = args.branch_noise
+    if not args.skip_policy and args.rounds * b["states"] > 10_000:
+        raise SystemExit(f"--rounds {args.rounds} x --states {b['states']} start states would reach the next "
+                         "seed's (at most 10000)")
+    # every --merge is checked before anything trains: a refused merge must not cost the whole run
+    earlier = [(path, json.loads(Path(path).read_text())) for path in args.merge]
+    for path, old in earlier:
+        for key in ("budget", "states", "betas", "policy_betas", "beta_schedules", "pairing", "pairs_from", "prefer",
+                    "branch_points", "branch_span", "rounds", "methods", "branch_noise"):
+            if old["config"].get(key) != config.get(key):
+                raise SystemExit(f"--merge {path}: {key}={old['config'].get(key)!r} differs from this run's "
+                                 f"{config.get(key)!r}")
+        clash = set(old["config"]["seeds"]) & set(args.seeds)
+        if clash:
+            raise SystemExit(f"--merge {path}: seeds {sorted(clash)} are also run here")
     policy_rows, image_rows, samples = [], [], {}
     if not args.skip_policy:
         t0 = time.perf_counter()
@@ -628,16 +640,7 @@ def main(argv=None) -> Path:
             samples = samples or s
         config["digits"] = {"per_seed": metas, "wall_s": round(time.perf_counter() - t0, 1)}
     merged = []
-    for path in args.merge:
-        old = json.loads(Path(path).read_text())
-        for key in ("budget", "states", "betas", "policy_betas", "beta_schedules", "pairing", "pairs_from", "prefer",
-                    "branch_points", "branch_span", "rounds", "methods", "branch_noise"):
-            if old["config"].get(key) != config.get(key):
-                raise SystemExit(f"--merge {path}: {key}={old['config'].get(key)!r} differs from this run's "
-                                 f"{config.get(key)!r}")
-        clash = set(old["config"]["seeds"]) & set(args.seeds)
-        if clash:
-            raise SystemExit(f"--merge {path}: seeds {sorted(clash)} are also run here")
+    for _path, old in earlier:
         for domain, rows in (("pick_place", policy_rows), ("digits", image_rows)):
             if domain in config and domain in old["config"]:
                 config[domain]["per_seed"] = old["config"][domain]["per_seed"] + config[domain]["per_seed"]

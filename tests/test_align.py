@@ -402,21 +402,49 @@ def test_online_rounds_align_the_current_policy_on_new_start_states(monkeypatch)
         calls.append(("data", policy, cfg.rollout_seed))
         return [f"traj of {policy}"], [(0, 0)], {"from": policy}
 
-    def align(policy, trajs, pairs, cfg, logger=None):
-        calls.append(("align", policy, trajs[0], cfg.seed))
+    def align(policy, trajs, pairs, cfg, logger=None, step_offset=0):
+        calls.append(("align", policy, trajs[0], cfg.seed, step_offset))
         return policy + "+", {"final": {}, "history": [{"train/loss": 1.0}]}
 
     monkeypatch.setattr(al, "preference_data", data)
     monkeypatch.setattr(al, "align_policy", align)
-    cfg = al.AlignConfig(source="branches", rounds=3, num_start_states=8, rollout_seed=100, seed=7)
+    cfg = al.AlignConfig(source="branches", rounds=3, num_start_states=8, rollout_seed=100, seed=7, grad_steps=50)
     seen = []
     out, records = al.align_rounds("p", cfg, "env", 10, first=(["given"], [(0, 0)], {"from": "caller"}),
                                    on_round=lambda r, pol, rec: seen.append((r, pol)))
     assert out == "p+++" and seen == [(1, "p+"), (2, "p++"), (3, "p+++")]
-    assert calls == [("align", "p", "given", 7),
-                     ("data", "p+", 108), ("align", "p+", "traj of p+", 8),
-                     ("data", "p++", 116), ("align", "p++", "traj of p++", 9)]
+    assert calls == [("align", "p", "given", 7, 0),      # round r logs its scalars from step r * grad_steps
+                     ("data", "p+", 108), ("align", "p+", "traj of p+", 8, 50),
+                     ("data", "p++", 116), ("align", "p++", "traj of p++", 9, 100)]
     assert [r["preference_data"] for r in records] == [{"from": "caller"}, {"from": "p+"}, {"from": "p++"}]
+
+
+def test_online_rounds_end_early_without_pairs_or_on_ctrl_c_and_keep_the_rounds_done(monkeypatch, capsys):
+    """A later round whose policy gives no pair (e.g. every copy succeeds) ends the rounds with the last
+    aligned policy instead of failing; a Ctrl-C between rounds marks the last round done as stopped (so the
+    stage saves it); neither trains again."""
+    import agents.align as al
+
+    trained = []
+
+    def align(policy, trajs, pairs, cfg, logger=None, step_offset=0):
+        trained.append(policy)
+        return policy + "+", {"final": {}, "history": []}
+
+    monkeypatch.setattr(al, "align_policy", align)
+    monkeypatch.setattr(al, "preference_data", lambda policy, *a: (["t"], [], {"pairs": 0}))
+    cfg = al.AlignConfig(source="branches", rounds=3, grad_steps=20)
+    out, records = al.align_rounds("p", cfg, "env", 10, first=(["g"], [(0, 0)], {"pairs": 1}))
+    assert out == "p+" and trained == ["p"] and len(records) == 1 and "stopped_at" not in records[0]
+    assert "round 2 found no preference pairs" in records[0]["ended"] and "round 2" in capsys.readouterr().out
+    # RWR learns from the trajectories themselves: no pair is needed to go on
+    out, _ = al.align_rounds("p", al.AlignConfig(source="branches", rounds=2, method="rwr"), "env", 10,
+                             first=(["g"], [], {}))
+    assert out == "p++"
+    trained.clear()
+    monkeypatch.setattr(al, "stop_requested", lambda: True)
+    out, records = al.align_rounds("p", cfg, "env", 10, first=(["g"], [(0, 0)], {"pairs": 1}))
+    assert out == "p+" and trained == ["p"] and records[-1]["stopped_at"] == 20
 
 
 def test_branch_pairs_share_their_state_exactly_and_rank_the_copies_by_what_followed(tiny_checkpoint):
@@ -477,6 +505,7 @@ def test_shared_branch_noise_gives_the_copies_the_same_noise_after_their_own_chu
     assert full and all(torch.equal(x[0], x[1]) and torch.equal(x[2], x[3]) and not torch.equal(x[0], x[2])
                         for x in full)
     assert not torch.equal(trajs[0].actions, trajs[1].actions)  # the branch chunks themselves differ
+    assert len(full) >= 2 and not torch.equal(full[0][0], full[1][0])  # each later chunk has its own noise
     calls.clear()
     collect_branches(policy, ENV, **kw)
     assert calls and all(x0 is None for x0 in calls)  # independent (default): the shared generator only
@@ -530,3 +559,11 @@ def test_run_align_stage_trains_on_same_state_pairs(tiny_checkpoint, tmp_path):
             match = "prefer=success"
         with pytest.raises(ValueError, match=match):
             run_align_stage(cfg, tmp_path / "bad", cfg.checkpoint)
+    # start states (over all rounds) must stay clear of the evaluation episodes' env seeds
+    from agents.align_data import AlignConfig
+
+    with pytest.raises(ValueError, match="overlap the evaluation episodes"):
+        AlignConfig(source="branches", rollout_seed=99_990, num_start_states=8, rounds=2, eval_seed=100_000,
+                    eval_episodes=10).validate()
+    AlignConfig(source="branches", rollout_seed=99_990, num_start_states=5, rounds=2, eval_seed=100_000,
+                eval_episodes=10).validate()  # seeds 99,990-99,999: just clear

@@ -115,7 +115,7 @@ def test_bench_align_tiny_run_reports_drift_equal_samples_and_paired_tests(tmp_p
     assert all(r["seeds"] == 2 for r in rec2["rows"]) and "merged from" in (tmp_path / "t2.md").read_text()
 
 
-def test_bench_align_same_state_branch_pairs_name_their_source(tmp_path):
+def test_bench_align_same_state_branch_pairs_name_their_source(tmp_path, monkeypatch):
     from bench.align import main
 
     out = main(["--budget", "tiny", "--seeds", "0", "--policy-betas", "2000", "--states", "2", "--pairing", "all",
@@ -133,7 +133,17 @@ def test_bench_align_same_state_branch_pairs_name_their_source(tmp_path):
         assert [x["round"] for x in rows[v]["rounds"]] == [1, 2] and rows[v]["rounds"][1]["collect_s"] > 0
         assert rows[v]["success_rate"] == rows[v]["rounds"][-1]["success_rate"]
     assert rows["dpo"]["samples_seen"] == 2 * 3 * 32 * 4 * 2  # tiny: 3 steps a round
+    # a merge of another setting, or too many start states, is refused before anything trains
+    import bench.align as ba
+
+    def no_training(*a, **k):
+        raise AssertionError("trained before the settings were checked")
+
+    monkeypatch.setattr(ba, "policy_part", no_training)
     with pytest.raises(SystemExit, match="rounds"):
         main(["--budget", "tiny", "--seeds", "1", "--policy-betas", "2000", "--states", "2", "--pairing", "all",
               "--pairs-from", "branches", "--branch-points", "2", "--skip-images", "--out", str(tmp_path),
               "--name", "c", "--merge", str(out)])
+    with pytest.raises(SystemExit, match="would reach the next seed's"):
+        main(["--budget", "tiny", "--seeds", "1", "--states", "2", "--rounds", "5001", "--skip-images",
+              "--out", str(tmp_path), "--name", "d"])
