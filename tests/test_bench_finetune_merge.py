@@ -1,6 +1,7 @@
 """bench.finetune --merge: an earlier run's rows join only when its settings equal this run's."""
 
 import json
+import os
 
 import pytest
 
@@ -162,11 +163,38 @@ def test_sb3_runs_are_saved_and_reused_like_the_fine_tuning_runs(tmp_path, monke
     assert len(calls) == 4
 
 
-def test_code_version_names_the_commit_and_uncommitted_changes():
+def test_code_version_names_the_commit_and_uncommitted_changes(tmp_path):
+    """Saved runs are keyed by it: any change to the source, committed or not, tracked or new, gives another
+    version; outside git (an unpacked copy) the source files' contents decide it; prose does not."""
+    import shutil
+    import subprocess
+
     from bench.finetune import code_version
 
     v = code_version()
-    assert v == "unknown" or len(v.split("+")[0]) == 40
+    assert v.startswith("files:") or len(v.split("+")[0]) == 40
+    (tmp_path / "agents").mkdir()
+    (tmp_path / "agents" / "a.py").write_text("x = 1\n")
+    (tmp_path / "README.md").write_text("notes\n")
+    plain = code_version(tmp_path)  # not a git checkout
+    assert plain.startswith("files:")
+    (tmp_path / "README.md").write_text("other notes\n")
+    assert code_version(tmp_path) == plain
+    (tmp_path / "agents" / "a.py").write_text("x = 2\n")
+    assert code_version(tmp_path) != plain
+    if shutil.which("git") is None:
+        return
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t", "PATH": os.environ["PATH"], "HOME": str(tmp_path)}
+    for cmd in (["init", "-q"], ["add", "."], ["commit", "-qm", "c"]):
+        subprocess.run(["git", *cmd], cwd=tmp_path, check=True, env=env)
+    clean = code_version(tmp_path)
+    assert len(clean) == 40
+    (tmp_path / "agents" / "b.py").write_text("y = 1\n")  # a new module, not yet added to git
+    untracked = code_version(tmp_path)
+    assert untracked.startswith(clean + "+")
+    (tmp_path / "agents" / "a.py").write_text("x = 3\n")
+    assert code_version(tmp_path) not in (clean, untracked)
 
 
 def test_rerunning_a_benchmark_command_reuses_its_finished_runs(tmp_path):
