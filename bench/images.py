@@ -153,6 +153,75 @@ def paired_target(raw: list[dict], one_step: str, reference: tuple[str, int], fa
     return {"model": one_step, "diff": mean, "diff_lo": lo, "diff_hi": hi, "over": over, "verdict": verdict}
 
 
+def peer_comparison(raw: list[dict], peer: str = "peer_own") -> list[dict]:
+    """At every step count the peer was scored at: our best model there (lowest mean FD − floor) against the
+    peer, as the paired difference ours − peer (the same noise and splits in each draw) with its interval
+    (over the training seeds' means, or over the draws of one seed) and a verdict."""
+    ours = sorted({e["model"] for e in raw if e["impl"] == "flowpolicy"})
+
+    def at(model, k):
+        return {(e["seed"], e["draw"]): e for e in raw if e["model"] == model and e["steps"] == k}
+
+    out = []
+    for k in sorted({e["steps"] for e in raw if e["model"] == peer}):
+        scored = {m: at(m, k) for m in ours if at(m, k)}
+        if not scored:
+            continue
+        best = min(scored, key=lambda m: float(np.mean([e["fd_excess"] for e in scored[m].values()])))
+        a, b = scored[best], at(peer, k)
+        entries = [{"seed": s, "draw": d, "diff": a[(s, d)]["fd_excess"] - b[(s, d)]["fd_excess"]}
+                   for s, d in a if (s, d) in b]
+        if not entries:
+            continue
+        values, over = replicates(entries, "diff")
+        mean, lo, hi = t_interval(values)
+        verdict = ("ours lower" if hi < 0 else "peer lower" if lo > 0 else "matched (the interval holds 0)"
+                   ) if math.isfinite(lo) else "no interval"
+        nfe = {m: next(iter(x.values())).get("nfe_per_step", 1) * k for m, x in ((best, a), (peer, b))}
+        out.append({"steps": k, "ours": best, "ours_nfe": nfe[best], "peer_nfe": nfe[peer], "diff": mean,
+                    "diff_lo": lo, "diff_hi": hi, "over": over, "pairs": len(entries), "verdict": verdict})
+    return out
+
+
+def _peer_markdown(comparison: list[dict], rows: list[dict]) -> str:
+    if not comparison:
+        return ""
+    row = {(r["model"], r["steps"]): r for r in rows}
+    lines = ["\n\n**Ours against the peer end to end**, at equal sampling steps (our best model at each step count; "
+             "FD − floor; the difference is paired draw by draw, same noise and splits):\n",
+             "| steps | ours: model | ours: FD − floor | NFE | peer: FD − floor | NFE | ours − peer | verdict |",
+             "|---|---|---|---|---|---|---|---|"]
+    for c in comparison:
+        o, p = row[(c["ours"], c["steps"])], row[("peer_own", c["steps"])]
+        lines.append(f"| {c['steps']} | {o['method']} | {_ci(o, 'fd_excess', '.1f')} | {c['ours_nfe']} | "
+                     f"{_ci(p, 'fd_excess', '.1f')} | {c['peer_nfe']} | {c['diff']:.1f} [{c['diff_lo']:.1f}, "
+                     f"{c['diff_hi']:.1f}] | {c['verdict']} |")
+    return "\n".join(lines) + "\n"
+
+
+def add_peer_table(path: Path) -> dict:
+    """The comparison of :func:`peer_comparison` for a finished run: into its JSON's summary and, once, at the
+    end of the Markdown beside it; printed. Nothing is trained or rescored."""
+    if not path.is_file():
+        raise SystemExit(f"--add-peer-table {path}: no such file")
+    result = json.loads(path.read_text())
+    comparison = peer_comparison(result["draws"])
+    if not comparison:
+        raise SystemExit(f"--add-peer-table {path}: the run has no peer rows to compare with")
+    result["summary"]["vs_peer"] = comparison
+    text = _peer_markdown(comparison, result["rows"])
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
+        json.dump(result, f, indent=2)
+    os.replace(f.name, path)
+    md = path.with_suffix(".md")
+    if md.is_file():
+        old = md.read_text()
+        cut = old.find("\n\n**Ours against the peer end to end**")
+        md.write_text((old if cut < 0 else old[:cut]).rstrip("\n") + text)
+    print(text)
+    return result
+
+
 # --- the benchmark --------------------------------------------------------------------------------------
 
 
@@ -374,12 +443,17 @@ def main(argv: list[str] | None = None) -> dict:
                              "this budget, seeds and draws without the peer)")
     parser.add_argument("--merge", default=None,
                         help="with --peer-only: the earlier images JSON whose rows of our models are kept")
+    parser.add_argument("--add-peer-table", default=None, metavar="JSON",
+                        help="train nothing: add the ours-against-the-peer comparison to a finished run's JSON "
+                             "summary and Markdown (for runs made before the benchmark computed it)")
     parser.add_argument("--progress", action="store_true", help="tqdm bars while training")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--workers", type=int, default=1,
                         help="train the seeds in this many processes at once (one torch thread each; the same "
                              "results as one process with --threads 1)")
     args = parser.parse_args(argv)
+    if args.add_peer_table:
+        return add_peer_table(Path(args.add_peer_table))
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     wall = time.perf_counter()
@@ -486,6 +560,7 @@ def main(argv: list[str] | None = None) -> dict:
         "encoder": einfo,
         "peer": peer_note,
         "peer_params": peer_params,
+        "vs_peer": peer_comparison(raw),
     }
     out = Path(args.out)
     # the full budget's files feed the README; a quick check must not overwrite them
@@ -543,6 +618,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"{t['diff']:.1f} [{t['diff_lo']:.1f}, {t['diff_hi']:.1f}]: {t['verdict']}. Peer: {peer_note}. "
         f"Budget {args.budget}.\n")
     table = _markdown(rows)
+    notes = notes.rstrip("\n") + _peer_markdown(summary["vs_peer"], rows) if summary["vs_peer"] else notes
     with tempfile.NamedTemporaryFile("w", dir=out, delete=False, suffix=".tmp") as f:
         json.dump(result, f, indent=2)
     os.replace(f.name, out / f"{stem}.json")

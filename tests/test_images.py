@@ -473,3 +473,45 @@ def test_image_bench_merge_is_refused_before_training_unless_every_setting_and_t
     with pytest.raises(SystemExit, match="real-image scores differ"):
         bench_images([*common, "--peer-only", "--merge", str(tmp_path / "tampered.json"), "--out",
                       str(tmp_path / "bad")])
+
+
+def test_peer_comparison_pairs_draws_and_picks_our_best_model_at_each_step_count(tmp_path):
+    """ours − peer is paired by (seed, draw) and uses our lowest-excess model at each step count; the verdict
+    follows the interval; --add-peer-table writes it into a finished run's JSON and Markdown once."""
+    from bench.images import aggregate, peer_comparison
+
+    raw = []
+    for seed in (0, 1, 2):
+        for d in range(3):
+            draw = seed * 3 + d
+            common = draw * 0.5  # the shared noise moves every model alike within a draw
+            for model, impl, k, x, nfe in (("a", "flowpolicy", 1, 10.0, 1), ("b", "flowpolicy", 1, 30.0, 1),
+                                           ("a", "flowpolicy", 2, 20.0, 1), ("a", "flowpolicy", 4, 40.0, 1),
+                                           ("peer_own", "rectified-flow-pytorch", 1, 20.0, 2),
+                                           ("peer_own", "rectified-flow-pytorch", 2, 20.0, 2),
+                                           ("peer_own", "rectified-flow-pytorch", 4, 10.0, 2)):
+                wobble = 0.3 * (seed - 1) if k == 2 else 0.1 * seed
+                raw.append({"model": model, "method": model, "impl": impl, "steps": k, "seed": seed, "draw": draw,
+                            "nfe_per_step": nfe, "fd": x + common, "floor": 0.0, "fd_excess": x + common
+                            + (wobble if model == "a" else 0.0)})
+    comp = {c["steps"]: c for c in peer_comparison(raw)}
+    assert comp[1]["ours"] == "a" and comp[1]["diff"] < 0 and comp[1]["verdict"] == "ours lower"
+    assert (comp[1]["ours_nfe"], comp[1]["peer_nfe"], comp[1]["over"], comp[1]["pairs"]) == (1, 2, "seeds", 9)
+    assert comp[2]["verdict"].startswith("matched") and comp[2]["diff_lo"] < 0 < comp[2]["diff_hi"]
+    assert comp[4]["verdict"] == "peer lower"
+    # a finished run without the table: added to its summary and, once, to its Markdown
+    for e in raw:
+        e.update({k: 0.0 for k in ("precision", "recall", "density", "coverage", "nn_ratio", "copy_rate")})
+    path = tmp_path / "images.json"
+    path.write_text(json.dumps({"draws": raw, "rows": aggregate(raw), "summary": {}}))
+    (tmp_path / "images.md").write_text("# images\n\ntable\n")
+    for _ in range(2):
+        bench_images(["--add-peer-table", str(path)])
+    assert [c["verdict"] for c in json.loads(path.read_text())["summary"]["vs_peer"]][0] == "ours lower"
+    md = (tmp_path / "images.md").read_text()
+    assert md.startswith("# images\n\ntable") and md.count("Ours against the peer") == 1 and "| 4 |" in md
+    with pytest.raises(SystemExit, match="no such file"):
+        bench_images(["--add-peer-table", str(tmp_path / "missing.json")])
+    path.write_text(json.dumps({"draws": [e for e in raw if e["model"] != "peer_own"], "rows": [], "summary": {}}))
+    with pytest.raises(SystemExit, match="no peer rows"):
+        bench_images(["--add-peer-table", str(path)])

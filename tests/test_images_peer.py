@@ -69,4 +69,7 @@ def test_peer_only_run_merges_our_rows_from_an_earlier_run_with_the_same_judge(t
     mine = [[e[k] for k in key] for e in ours["draws"] if e["impl"] == "flowpolicy"]
     assert [[e[k] for k in key] for e in merged["draws"] if e["impl"] == "flowpolicy"] == mine
     assert "merged from" in merged["summary"]["peer"] and merged["summary"]["best_one_step"]["model"]
+    # the head-to-head table at every step count the peer ran (tiny: 1 and 4), in the JSON and the Markdown
+    assert [c["steps"] for c in merged["summary"]["vs_peer"]] == [1, 4]
+    assert "Ours against the peer" in (tmp_path / "both" / "images-tiny.md").read_text()
 
