@@ -264,6 +264,14 @@ def _markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _short(label: str) -> str:
+    """The peer rows' labels, short enough for the figure (the Markdown keeps the long ones)."""
+    for long, short in ((LABELS["peer_1rf"], "peer's loss + Euler on our U-Net"),
+                        (LABELS["peer_own"], "rectified-flow-pytorch end to end")):
+        label = label.replace(long, short)
+    return label
+
+
 def _plot(rows: list[dict], strips: list[tuple[str, torch.Tensor]], path: Path) -> None:
     import matplotlib
 
@@ -273,7 +281,7 @@ def _plot(rows: list[dict], strips: list[tuple[str, torch.Tensor]], path: Path) 
     plot_h, gap, strip_h = 3.4, 0.8, 0.42  # inches
     height = 0.4 + plot_h + gap + strip_h * len(strips) + 0.1
     fig = plt.figure(figsize=(8, height))
-    ax = fig.add_axes((0.12, 1 - (0.4 + plot_h) / height, 0.85, plot_h / height))
+    ax = fig.add_axes((0.1, 1 - (0.4 + plot_h) / height, 0.5, plot_h / height))  # the legend goes right of it
     grid = fig.add_gridspec(len(strips), 1, hspace=0.25, left=0.3, right=0.97,
                             top=1 - (0.4 + plot_h + gap) / height, bottom=0.1 / height)
     for model in dict.fromkeys(r["model"] for r in rows if r["steps"] > 0):
@@ -283,20 +291,20 @@ def _plot(rows: list[dict], strips: list[tuple[str, torch.Tensor]], path: Path) 
         lo = np.array([r["fd_excess_lo"] for r in rs])
         hi = np.array([r["fd_excess_hi"] for r in rs])
         err = np.nan_to_num(np.stack([y - lo, hi - y]))
-        ax.errorbar(x, y, yerr=err, marker="o", ms=3, capsize=2, label=rs[0]["method"])
+        ax.errorbar(x, y, yerr=err, marker="o", ms=3, capsize=2, label=_short(rs[0]["method"]))
     ax.axhline(0.0, color="k", lw=0.8, ls="--", label="the floor (real vs real)")
     ax.set_xscale("log", base=2)
     ax.set_yscale("symlog", linthresh=10)
     ax.set_xlabel("sampling steps (Euler; the end-to-end peer: midpoint, 2 evaluations each)")
     ax.set_ylabel("FD − floor (95% interval)", fontsize=8)
-    ax.legend(fontsize=6, loc="upper right")
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     for i, (label, imgs) in enumerate(strips):
         a = fig.add_subplot(grid[i])
         a.imshow(image_grid([imgs], scale=1), cmap="gray", vmin=0, vmax=255, interpolation="nearest",
                  aspect="auto")
         a.set_xticks([])
         a.set_yticks([])
-        a.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=7)
+        a.set_ylabel(_short(label), rotation=0, ha="right", va="center", fontsize=7)
     fig.suptitle("digits: FD above the held-out floor; samples from the same noise (model @ Euler steps)",
                  fontsize=9)
     fig.savefig(path, dpi=110)
