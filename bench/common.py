@@ -12,6 +12,55 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+SOURCE_DIRS = ("flowpolicy", "agents", "envs", "bench", "configs")
+SOURCE_SUFFIXES = (".py", ".yaml")
+
+
+def _source_hash(root: Path, files) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(files):
+        h.update(str(f).encode() + b"\0" + (root / f).read_bytes() + b"\0")
+    return h.hexdigest()[:12]
+
+
+def code_version(root: Path | None = None) -> str:
+    """What a saved run is keyed by, so that it is reused only by the same code: the commit, plus a hash of
+    uncommitted changes to tracked files and of untracked source files; outside a git checkout (an unpacked
+    copy, a wheel), a hash of every source file (.py, .yaml) of the project's packages and train.py."""
+    import hashlib
+    import subprocess
+
+    root = Path(root or Path(__file__).resolve().parents[1])
+    try:
+        def git(*args) -> bytes:
+            return subprocess.run(["git", *args], cwd=root, capture_output=True, check=True).stdout
+
+        head = git("rev-parse", "HEAD").decode().strip()
+        diff = git("diff", "HEAD", "--", ".", ":(exclude)bench/results", ":(exclude)*.md")
+        untracked = [f for f in git("ls-files", "--others", "--exclude-standard").decode().splitlines()
+                     if f.endswith(SOURCE_SUFFIXES) and not f.startswith("bench/results")]
+    except (OSError, subprocess.CalledProcessError):
+        files = [f.relative_to(root) for d in SOURCE_DIRS for f in (root / d).rglob("*")
+                 if f.suffix in SOURCE_SUFFIXES and f.is_file() and "results" not in f.relative_to(root).parts]
+        files += [Path("train.py")] if (root / "train.py").is_file() else []
+        return "files:" + _source_hash(root, files)
+    extra = diff + (_source_hash(root, untracked).encode() if untracked else b"")
+    return head + ("+" + hashlib.sha256(extra).hexdigest()[:12] if extra else "")
+
+
+def write_json_atomic(path: Path, obj) -> Path:
+    """``obj`` as JSON at ``path`` (creating its folder), written to a temporary file first: a process killed
+    while writing leaves the old file or none, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, default=float))
+    os.replace(tmp, path)
+    return path
+
+
 def machine() -> str:
     """A one-line description of where the numbers were measured."""
     cpu = platform.processor() or platform.machine()

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.common import code_version, write_json_atomic  # noqa: F401 (code_version: used by tests too)
+
 BUDGETS = {
     # env steps of fine-tuning, BC gradient steps
     "small": {"env_steps": 40_000, "pretrain_steps": 1500},
@@ -167,44 +169,6 @@ def _finetune(args):
             "wall_s": time.perf_counter() - t0, "eval_s": eval_s[0], "env_steps": agent.env_steps}
 
 
-SOURCE_DIRS = ("flowpolicy", "agents", "envs", "bench", "configs")
-SOURCE_SUFFIXES = (".py", ".yaml")
-
-
-def _source_hash(root: Path, files) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    for f in sorted(files):
-        h.update(str(f).encode() + b"\0" + (root / f).read_bytes() + b"\0")
-    return h.hexdigest()[:12]
-
-
-def code_version(root: Path | None = None) -> str:
-    """What a saved run is keyed by, so that it is reused only by the same code: the commit, plus a hash of
-    uncommitted changes to tracked files and of untracked source files; outside a git checkout (an unpacked
-    copy, a wheel), a hash of every source file (.py, .yaml) of the project's packages and train.py."""
-    import hashlib
-    import subprocess
-
-    root = Path(root or Path(__file__).resolve().parents[1])
-    try:
-        def git(*args) -> bytes:
-            return subprocess.run(["git", *args], cwd=root, capture_output=True, check=True).stdout
-
-        head = git("rev-parse", "HEAD").decode().strip()
-        diff = git("diff", "HEAD", "--", ".", ":(exclude)bench/results", ":(exclude)*.md")
-        untracked = [f for f in git("ls-files", "--others", "--exclude-standard").decode().splitlines()
-                     if f.endswith(SOURCE_SUFFIXES) and not f.startswith("bench/results")]
-    except (OSError, subprocess.CalledProcessError):
-        files = [f.relative_to(root) for d in SOURCE_DIRS for f in (root / d).rglob("*")
-                 if f.suffix in SOURCE_SUFFIXES and f.is_file() and "results" not in f.relative_to(root).parts]
-        files += [Path("train.py")] if (root / "train.py").is_file() else []
-        return "files:" + _source_hash(root, files)
-    extra = diff + (_source_hash(root, untracked).encode() if untracked else b"")
-    return head + ("+" + hashlib.sha256(extra).hexdigest()[:12] if extra else "")
-
-
 def _run_path(job, runs_dir: Path, code: str) -> Path:
     """Where a fine-tuning run is saved: named by method, variant and seed, keyed by everything that decides it
     (settings, budget, task, the pretrained weights' bytes, the code version)."""
@@ -233,10 +197,7 @@ def _saved(path: Path, label: str, run_fn, reuse: bool) -> dict:
         print(f"[bench.finetune] {label}: reused {path}", flush=True)
         return run
     run = run_fn()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(run))
-    os.replace(tmp, path)  # a run killed while writing leaves no half file behind
+    write_json_atomic(path, run)  # a run killed while writing leaves no half file behind
     last = run["curve"][-1]
     score = f"success {last['success']:.3f}" if last.get("success") is not None else f"return {last['return']:.1f}"
     print(f"[bench.finetune] {label}: final {score} at {run['env_steps']} env steps, {run['wall_s']:.0f} s; "

@@ -47,6 +47,7 @@ from agents.config_schema import ImageStage
 from agents.images.data import load_digits
 from agents.images.evaluation import HeldOutJudge, accuracy_on, heldout_split, load_or_train_encoder
 from agents.images.trainer import eval_noise, evaluate, image_grid, train_base, train_distilled, train_reflow
+from bench.common import code_version, write_json_atomic
 from bench.images_peer import OWN_UNET, PeerModel, PeerOwnModel, import_peer
 from flowpolicy import RectifiedFlow
 
@@ -362,11 +363,53 @@ def _check_merge(earlier: dict, raw: list[dict], path) -> None:
 
 
 def _seed_worker(job):
-    budget_name, draws_arg, seeds, cache, progress, no_peer, seed, wall, peer_only = job
+    budget_name, draws_arg, seeds, cache, progress, no_peer, seed, wall, peer_only, path, reuse = job
     torch.set_num_threads(1)
-    ctx = {**_setup(budget_name, draws_arg, seeds, cache, progress), "wall": wall, "peer_only": peer_only}
-    rfp = None if no_peer else import_peer()[0]
-    return _train_and_score_seed(ctx, seed, rfp)
+
+    def run():
+        ctx = {**_setup(budget_name, draws_arg, seeds, cache, progress), "wall": wall, "peer_only": peer_only}
+        return _train_and_score_seed(ctx, seed, None if no_peer else import_peer()[0])
+
+    return _seed_saved(Path(path), seed, run, reuse)
+
+
+def _peer_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("rectified-flow-pytorch")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _seed_key(run_config: dict, judge_rows: list[dict], mode: str, peer_version: str | None) -> str:
+    """What decides one training seed's rows: the budget's settings with the run's seeds and draws (a seed's
+    draws depend on its place in ``--seeds``), the judge (its real-image scores, which differ with another
+    split, feature network or CPU), which models are trained (``mode``), the peer's version, torch's and the
+    code's."""
+    import hashlib
+
+    judge = hashlib.sha256(json.dumps([[e["model"], e["draw"], round(float(e["fd"]), 6)] for e in judge_rows])
+                           .encode()).hexdigest()
+    key = {"config": run_config, "judge": judge, "mode": mode, "peer": peer_version, "torch": torch.__version__,
+           "code": code_version()}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _seed_saved(path: Path, seed: int, run_fn, reuse: bool):
+    """One training seed's (rows, strips, students, peer sizes): the saved ones when ``reuse`` and they exist,
+    else ``run_fn()``, saved the moment it ends. A benchmark stopped or failed after some seeds keeps them:
+    the same command again trains only the rest."""
+    if reuse and path.exists():
+        saved = json.loads(path.read_text())
+        print(f"[bench.images] seed {seed}: reused {path}", flush=True)
+        strips = [(label, torch.tensor(x, dtype=torch.float32)) for label, x in saved["strips"]]
+        return saved["raw"], strips, saved["students"], saved["peer_params"]
+    raw, strips, students, peer_params = run_fn()
+    write_json_atomic(path, {"seed": seed, "raw": raw, "strips": [[label, x.tolist()] for label, x in strips],
+                             "students": students, "peer_params": peer_params})
+    print(f"[bench.images] seed {seed}: saved {path}", flush=True)
+    return raw, strips, students, peer_params
 
 
 def _train_and_score_seed(ctx: dict, seed: int, rfp) -> tuple[list[dict], list, list[str], dict]:
@@ -454,6 +497,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--add-peer-table", default=None, metavar="JSON",
                         help="train nothing: add the ours-against-the-peer comparison to a finished run's JSON "
                              "summary and Markdown (for runs made before the benchmark computed it)")
+    parser.add_argument("--work", default="/tmp/flowpolicy_bench",
+                        help="folder for finished training seeds (images/runs/): rerunning the same command with "
+                             "the same code reuses the seeds it finished")
+    parser.add_argument("--no-reuse", action="store_true",
+                        help="retrain every seed, even those saved under --work by the same command")
     parser.add_argument("--progress", action="store_true", help="tqdm bars while training")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--workers", type=int, default=1,
@@ -475,6 +523,12 @@ def main(argv: list[str] | None = None) -> dict:
         if not (args.peer_only and args.merge and not args.no_peer):
             raise SystemExit("--peer-only and --merge go together (and without --no-peer): the peer's rows from "
                              "this run, ours from the merged one")
+        if not Path(args.merge).is_file():
+            raise SystemExit(f"--merge {args.merge}: no such file")
+        stem = "images" if args.budget == "full" else f"images-{args.budget}"
+        if (Path(args.out) / f"{stem}.json").resolve() == Path(args.merge).resolve():
+            raise SystemExit(f"--merge {args.merge} is the file this run would write: pass another --out, so "
+                             "that the merged run stays as it is")
         earlier = json.loads(Path(args.merge).read_text())
         mine = _run_config(args.budget, seeds, draws)
         mine["stage"].pop("progress")
@@ -516,16 +570,23 @@ def main(argv: list[str] | None = None) -> dict:
     if args.peer_only and rfp is None:
         raise SystemExit(f"--peer-only: the peer is {peer_note}")
     ctx["wall"], ctx["peer_only"] = wall, bool(args.peer_only)
+    mode = "peer" if args.peer_only else ("ours" if rfp is None else "ours+peer")
+    key = _seed_key(_run_config(args.budget, seeds, draws), raw, mode, _peer_version() if rfp is not None else None)
+    runs = Path(args.work) / "images" / "runs"
+    paths = {seed: runs / f"{args.budget}-{mode}-seed{seed}-{key}.json" for seed in seeds}
+    reuse = not args.no_reuse
+    n_reused = sum(reuse and paths[s].exists() for s in seeds)
     workers = max(1, min(int(args.workers), len(seeds)))
     if workers == 1:
-        outs = [_train_and_score_seed(ctx, seed, rfp) for seed in seeds]
+        outs = [_seed_saved(paths[seed], seed, lambda seed=seed: _train_and_score_seed(ctx, seed, rfp), reuse)
+                for seed in seeds]
     else:  # one process per training seed; each rebuilds the same judge and noises (same results as serial)
         import multiprocessing as mp
 
         jobs = [(args.budget, args.draws, seeds, args.cache, args.progress, args.no_peer, seed, wall,
-                 bool(args.peer_only)) for seed in seeds]
+                 bool(args.peer_only), str(paths[seed]), reuse) for seed in seeds]
         with mp.get_context("spawn").Pool(workers) as pool:
-            outs = pool.map(_seed_worker, jobs)
+            outs = pool.map(_seed_worker, jobs, chunksize=1)
     students, peer_params = [], {}
     for seed_raw, seed_strips, names, params in outs:
         raw.extend(seed_raw)
@@ -583,6 +644,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "torch_threads": torch.get_num_threads()},
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "wall_s": time.perf_counter() - wall,
+        "reused_seeds": n_reused,
         "config": {"dataset": data.name, "samples_per_score": n, **_run_config(args.budget, seeds, draws),
                    "stage": OmegaConf.to_container(stage, resolve=True)},
         "rows": rows,
@@ -594,7 +656,9 @@ def main(argv: list[str] | None = None) -> dict:
     ref_row, best_row = row(*reference), row(best, 1)
     header = (f"# images\n\n`{result['command']}` on {result['machine']['platform']} ({os.cpu_count()} "
               f"CPUs, {torch.get_num_threads()} torch threads), torch {torch.__version__}, {result['date']}, "
-              f"wall time {result['wall_s']:.1f} s.\n\n")
+              f"wall time {result['wall_s']:.1f} s"
+              + (f" ({n_reused} of {len(seeds)} training seeds reused from an earlier invocation of this "
+                 "command; their models' training s are from that one)" if n_reused else "") + ".\n\n")
     interval = (f"Student-t 95% over the means of {len(seeds)} training seeds (each its own {draws} draws of "
                 f"noise and splits; the two real rows over their {total} draws)"
                 if over == "seeds" else

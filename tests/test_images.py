@@ -413,7 +413,7 @@ def test_bench_intervals_use_seed_means_and_the_target_is_paired():
 def test_image_bench_writes_floor_intervals_and_coverage(tmp_path):
     out = tmp_path / "results"
     result = bench_images(["--budget", "tiny", "--no-peer", "--seeds", "0", "1", "--out", str(out),
-                           "--cache", str(tmp_path / "c"), "--threads", "1"])
+                           "--cache", str(tmp_path / "c"), "--threads", "1", "--work", str(tmp_path / "w")])
     rows = {(r["model"], r["steps"]): r for r in result["rows"]}
     assert {("data", 0), ("train_copy", 0), ("1rf", 4), ("2rf_distill_k1", 1), ("shortcut", 1)} <= set(rows)
     for r in rows.values():
@@ -434,7 +434,8 @@ def test_image_bench_writes_floor_intervals_and_coverage(tmp_path):
         assert im.size[0] > 100
     # the seeds trained in parallel processes (one thread each) give the same scores, draw for draw
     par = bench_images(["--budget", "tiny", "--no-peer", "--seeds", "0", "1", "--out", str(tmp_path / "par"),
-                        "--cache", str(tmp_path / "c"), "--workers", "2"])
+                        "--cache", str(tmp_path / "c"), "--workers", "2", "--work", str(tmp_path / "w2")])
+    assert par["reused_seeds"] == 0
     key = ("model", "steps", "seed", "draw", "fd", "fd_excess", "precision", "coverage", "nn_ratio")
     assert [[e[k] for k in key] for e in par["draws"]] == [[e[k] for k in key] for e in result["draws"]]
 
@@ -445,7 +446,8 @@ def test_image_bench_merge_is_refused_before_training_unless_every_setting_and_t
     scored), seeds, draws and judge; anything else stops with one line before a model trains (no peer needed)."""
     import bench.images as bi
 
-    common = ["--budget", "tiny", "--seeds", "0", "1", "--cache", str(tmp_path / "c"), "--threads", "1"]
+    common = ["--budget", "tiny", "--seeds", "0", "1", "--cache", str(tmp_path / "c"), "--threads", "1",
+              "--work", str(tmp_path / "w")]
     ours = bench_images([*common, "--no-peer", "--out", str(tmp_path / "ours")])
     assert ours["config"]["seeds"] == [0, 1] and ours["config"]["reflow_steps"] == BUDGETS["tiny"]["reflow_steps"]
     path = str(tmp_path / "ours" / "images-tiny.json")
@@ -458,6 +460,10 @@ def test_image_bench_merge_is_refused_before_training_unless_every_setting_and_t
                          (["--draws", "3"], "draws=2"), (["--no-peer"], "go together")):
         with pytest.raises(SystemExit, match=match):
             bench_images([*common, "--peer-only", "--merge", path, *extra, "--out", str(tmp_path / "bad")])
+    with pytest.raises(SystemExit, match="is the file this run would write"):  # the merged run is never overwritten
+        bench_images([*common, "--peer-only", "--merge", path, "--out", str(tmp_path / "ours")])
+    with pytest.raises(SystemExit, match="no such file"):
+        bench_images([*common, "--peer-only", "--merge", str(tmp_path / "nope.json"), "--out", str(tmp_path / "bad")])
     monkeypatch.setitem(bi.BUDGETS["tiny"], "reflow_steps", [1, 2])          # a row set the merged run lacks
     with pytest.raises(SystemExit, match="reflow_steps=\\[1\\] differ"):
         bench_images([*common, "--peer-only", "--merge", path, "--out", str(tmp_path / "bad")])
@@ -473,6 +479,53 @@ def test_image_bench_merge_is_refused_before_training_unless_every_setting_and_t
     with pytest.raises(SystemExit, match="real-image scores differ"):
         bench_images([*common, "--peer-only", "--merge", str(tmp_path / "tampered.json"), "--out",
                       str(tmp_path / "bad")])
+
+
+def test_image_bench_saves_each_seed_so_a_stopped_run_trains_only_the_rest(tmp_path, monkeypatch, capsys):
+    """Every training seed is saved the moment it is scored: after a failure on the second seed, the same
+    command trains only that seed and gives the rows of one uninterrupted run; changed settings or --no-reuse
+    train again."""
+    import bench.images as bi
+
+    real = bi._train_and_score_seed
+    trained = []
+
+    def fail_on_seed_1(ctx, seed, rfp):
+        trained.append(seed)
+        if seed == 1:
+            raise RuntimeError("stopped")
+        return real(ctx, seed, rfp)
+
+    common = ["--budget", "tiny", "--no-peer", "--seeds", "0", "1", "--cache", str(tmp_path / "c"), "--threads",
+              "1", "--out", str(tmp_path / "o")]
+    monkeypatch.setattr(bi, "_train_and_score_seed", fail_on_seed_1)
+    with pytest.raises(RuntimeError, match="stopped"):
+        bench_images([*common, "--work", str(tmp_path / "w")])
+    saved = sorted(p.name for p in (tmp_path / "w" / "images" / "runs").iterdir())
+    assert len(saved) == 1 and saved[0].startswith("tiny-ours-seed0-")
+
+    def count(ctx, seed, rfp):
+        trained.append(seed)
+        return real(ctx, seed, rfp)
+
+    trained.clear()
+    monkeypatch.setattr(bi, "_train_and_score_seed", count)
+    resumed = bench_images([*common, "--work", str(tmp_path / "w")])
+    assert trained == [1] and resumed["reused_seeds"] == 1 and "seed 0: reused" in capsys.readouterr().out
+    assert "1 of 2 training seeds reused" in (tmp_path / "o" / "images-tiny.md").read_text()
+    whole = bench_images([*common, "--work", str(tmp_path / "fresh")])
+    key = ("model", "steps", "seed", "draw", "fd", "fd_excess", "precision", "coverage", "nn_ratio")
+    assert [[e[k] for k in key] for e in resumed["draws"]] == [[e[k] for k in key] for e in whole["draws"]]
+
+    def no_training(*a, **k):
+        raise AssertionError("trained")
+
+    monkeypatch.setattr(bi, "_train_and_score_seed", no_training)
+    again = bench_images([*common, "--work", str(tmp_path / "w")])  # both seeds saved: nothing trains
+    assert again["reused_seeds"] == 2 and again["rows"] == resumed["rows"]
+    for extra in (["--no-reuse"], ["--draws", "3"]):  # asked to, or other settings (their own draws): train
+        with pytest.raises(AssertionError, match="trained"):
+            bench_images([*common, "--work", str(tmp_path / "w"), *extra])
 
 
 def test_peer_comparison_pairs_draws_and_picks_our_best_model_at_each_step_count(tmp_path):

@@ -59,7 +59,8 @@ def test_peer_only_run_merges_our_rows_from_an_earlier_run_with_the_same_judge(t
     budget, seed set, draw count or judge is refused (tests/test_images.py, which needs no peer)."""
     from bench.images import main as bench_images
 
-    common = ["--budget", "tiny", "--seeds", "0", "--cache", str(tmp_path / "c"), "--threads", "1"]
+    common = ["--budget", "tiny", "--seeds", "0", "--cache", str(tmp_path / "c"), "--threads", "1", "--work",
+              str(tmp_path / "w")]
     ours = bench_images([*common, "--no-peer", "--out", str(tmp_path / "ours")])
     merged = bench_images([*common, "--peer-only", "--merge", str(tmp_path / "ours" / "images-tiny.json"),
                            "--out", str(tmp_path / "both")])
