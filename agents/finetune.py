@@ -154,9 +154,9 @@ class ReinFlowPPO(PPOUpdate):
         shape = tuple(envs.single_action_space.shape)
         ta, da = self.policy.action_horizon, self.policy.act_dim
         if len(shape) == 1 and shape[0] == da and ta >= 1:
-            if ta != 1:
-                raise ValueError(f"env takes single actions {shape} but the policy predicts chunks of Ta={ta}; "
-                                 "build the env with action_horizon > 1 (envs.factory.make_vec_env)")
+            if ta != 1 and getattr(self.policy, "exec_horizon", ta) != 1:  # Te = 1 (receding horizon) fits
+                raise ValueError(f"env takes single actions {shape} but the policy executes chunks of Te="
+                                 f"{self.policy.exec_horizon}; build the env with action_horizon=Te (make_vec_env)")
             return 1, shape
         if len(shape) == 2 and shape[1] == da and 1 <= shape[0] <= ta:
             return shape[0], shape

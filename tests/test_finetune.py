@@ -55,9 +55,9 @@ def make_envs(n: int, mode=gym.vector.AutoresetMode.NEXT_STEP, ta: int = TA) -> 
     return gym.vector.SyncVectorEnv([lambda: ActionChunk(PointReach(), ta) for _ in range(n)], autoreset_mode=mode)
 
 
-def make_policy(kind: str = "reflow", seed: int = 0, hidden: int = 32):
+def make_policy(kind: str = "reflow", seed: int = 0, hidden: int = 32, exec_horizon: int | None = None):
     torch.manual_seed(seed)
-    stats = dict(obs_stats=([-2, -2], [2, 2]), action_stats=([-1, -1], [1, 1]))
+    stats = dict(obs_stats=([-2, -2], [2, 2]), action_stats=([-1, -1], [1, 1]), exec_horizon=exec_horizon)
     if kind == "gaussian":
         return GaussianPolicy(2, 2, 1, TA, hidden=hidden, **stats)
     net = MLPVelocity((TA, 2), cond_dim=2, hidden=hidden, depth=2, emb_dim=16, step_input=kind == "shortcut")
@@ -92,6 +92,19 @@ def test_importance_ratio_is_one_at_the_first_minibatch_of_every_update(kind, st
     for m in metrics:
         assert m["train/ratio_first_minibatch"] <= 1e-6
     assert metrics[-1]["train/approx_kl"] > 0  # the actor did move after the critic warm-up
+
+
+@pytest.mark.parametrize("kind", ["reflow", "gaussian"])
+def test_a_policy_that_executes_one_action_per_chunk_fine_tunes_on_single_action_envs(kind):
+    """Te = 1 (receding horizon: predict Ta = 4, execute the first): the env takes single actions, every chunk
+    step is one env step, and the log-prob counts the executed action only. Te = 2 on such envs is refused."""
+    envs = gym.vector.SyncVectorEnv([PointReach for _ in range(4)])
+    agent = ReinFlowPPO(make_policy(kind, exec_horizon=1), envs, None, small_cfg())
+    assert (agent.env_chunk, agent.actor.logprob_count) == (1, 2)
+    metrics = run(agent, 2)
+    assert agent.env_steps == 2 * 8 * 4 and all(m["train/ratio_first_minibatch"] <= 1e-6 for m in metrics)
+    with pytest.raises(ValueError, match="executes chunks of Te=2"):
+        ReinFlowPPO(make_policy(kind, exec_horizon=2), gym.vector.SyncVectorEnv([PointReach]), None, small_cfg())
 
 
 def test_resume_mid_finetuning_gives_the_same_parameters_as_not_stopping():
