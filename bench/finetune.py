@@ -23,6 +23,7 @@ import json
 import math
 import multiprocessing as mp
 import os
+import re
 import time
 from pathlib import Path
 
@@ -110,6 +111,12 @@ DIAG_KEYS = ("train/approx_kl", "train/kl_per_dim", "train/clipfrac", "train/log
              "train/value_loss", "train/actor_updated", "train/epochs", "train/two_pass", "train/carry_frac")
 
 
+def _finetune_settings(task: str, method: str, seed: int, overrides: dict) -> dict:
+    """The fine-tuning settings of one run: the task's defaults, the method's K, the seed, then ``overrides``
+    (evaluation, the method's algorithm, the variant's settings)."""
+    return {**_task_finetune_defaults(task), "denoise_steps": K_FOR[method], "seed": seed, **overrides}
+
+
 def _finetune(args):
     method, variant, overrides, seed, task, ckpt, env_steps = args
     import torch
@@ -120,8 +127,7 @@ def _finetune(args):
     from envs.factory import make_vec_env
 
     t = task_spec(task)
-    fc = {**_task_finetune_defaults(task), "denoise_steps": K_FOR[method], "seed": seed, **overrides}
-    cfg = FinetuneConfig.from_dict(fc)
+    cfg = FinetuneConfig.from_dict(_finetune_settings(task, method, seed, overrides))
     policy, _ = policy_from_checkpoint(ckpt)
     envs = make_vec_env(t["env"], cfg.num_envs, seed=1000 * seed, asynchronous=cfg.async_envs,
                         action_horizon=policy.exec_horizon,
@@ -292,14 +298,37 @@ def _sb3_ppo(args):
             "wall_s": time.perf_counter() - t0, "eval_s": eval_s[0], "env_steps": int(model.num_timesteps)}
 
 
+VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
+
+
 def _parse_variant(text: str) -> tuple[str, dict]:
+    """``name:key=value,...`` -> (name, settings); ValueError (the reason, one line) for text of another form.
+    The values are read as YAML (numbers, true/false, null, strings); the settings are checked by
+    :func:`_check_variant`."""
     import yaml
 
-    name, _, kv = text.partition(":")
+    name, colon, kv = text.partition(":")
+    if not colon:
+        raise ValueError("expected name:key=value,... (no ':' after the name)")
+    if not VARIANT_NAME.fullmatch(name):
+        raise ValueError(f"the name {name!r} must be letters, digits and _.+- (it names the run files)")
+    if name == "default":
+        raise ValueError("'default' is the name of the runs with the task's settings; name the variant otherwise")
     over = {}
-    for item in filter(None, kv.split(",")):
-        k, _, v = item.partition("=")
-        val = yaml.safe_load(v)
+    items = kv.split(",")
+    if not kv or not all(items):
+        raise ValueError("expected name:key=value,... (an empty setting)")
+    for item in items:
+        k, eq, v = item.partition("=")
+        k = k.strip()
+        if not eq or not k:
+            raise ValueError(f"{item!r} is not key=value")
+        if k in over:
+            raise ValueError(f"{k} is set twice")
+        try:
+            val = yaml.safe_load(v)
+        except yaml.YAMLError:
+            raise ValueError(f"{k}={v}: not a value") from None
         if isinstance(val, str):  # YAML 1.1 reads 1e-5 (no dot) as a string: a number is meant
             try:
                 val = float(val)
@@ -307,6 +336,57 @@ def _parse_variant(text: str) -> tuple[str, dict]:
                 pass
         over[k] = val
     return name, over
+
+
+def _type_ok(value, hint) -> bool:
+    import types
+    import typing
+
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_type_ok(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if typing.get_origin(hint) is tuple:
+        return isinstance(value, (list, tuple)) and all(_type_ok(x, int) for x in value)
+    return True
+
+
+def _check_variant(over: dict, settings: list[dict]) -> None:
+    """ValueError (one line) when a variant's settings ``over`` are not fine-tuning settings, or a value has
+    the wrong type, or a run's whole settings (``settings``: one per method, the variant's included) are
+    refused by :class:`agents.finetune.FinetuneConfig`'s checks; checked before anything trains."""
+    import dataclasses
+    import difflib
+    import typing
+
+    from agents.finetune import FinetuneConfig
+    from agents.renamed import hint
+
+    hints = typing.get_type_hints(FinetuneConfig)
+    written = {f.name: str(f.type) for f in dataclasses.fields(FinetuneConfig)}  # e.g. "float | None"
+    for k, v in over.items():
+        if k == "seed":
+            raise ValueError("the seed is not a variant's setting: use --seeds")
+        if k not in hints:
+            close = difflib.get_close_matches(k, list(written), n=1)
+            why = hint(k, "finetune") or (f" (did you mean {close[0]}?)" if close else "")
+            raise ValueError(f"unknown setting {k!r}{why}; the settings are FinetuneConfig's "
+                             "(agents/finetune_config.py)")
+        if not _type_ok(v, hints[k]):
+            raise ValueError(f"{k}={v!r}: expected {written[k]}")
+    for fc in settings:
+        try:
+            FinetuneConfig.from_dict(fc)
+        except (ValueError, TypeError) as e:
+            raise ValueError(str(e).removeprefix("FinetuneConfig: ")) from None
 
 
 def main(argv=None):
@@ -363,10 +443,6 @@ def main(argv=None):
             raise SystemExit(f"error: --exec-horizon must be in [1, {t['action_horizon']}] (the task's Ta), "
                              f"got {args.exec_horizon}")
         t = {**t, "exec_horizon": args.exec_horizon}
-    dataset = str(ensure_demos(t["env"], seed=0, progress=False, **t["demos"]))
-    from envs.hdf5 import read_demos
-
-    demo_returns = [ep.episode_return for ep in read_demos(dataset)]
     slug = args.task.replace("/", "_")  # metaworld/push-v3 -> metaworld_push-v3
     work = Path(args.work) / slug
     unknown = [m for m in args.methods if m not in POLICY_SPECS and m not in ALGO_METHODS and m != "sb3_ppo"]
@@ -375,8 +451,6 @@ def main(argv=None):
     kinds = sorted({m for m in args.methods if m in POLICY_SPECS}
                    | {ALGO_METHODS[m][0] for m in args.methods if m in ALGO_METHODS})
     ft_methods = [m for m in args.methods if m in POLICY_SPECS or m in ALGO_METHODS]
-    variants = ([] if args.skip_default and args.variant else [("default", {})]) + [_parse_variant(v) for v in
-                                                                                   args.variant]
     ft_defaults = _task_finetune_defaults(args.task)
     steps_per_iter = int(ft_defaults.get("n_steps", 256)) * int(ft_defaults.get("num_envs", 16)) * t["exec_horizon"]
     eval_every = eval_interval(ft_defaults, budget["env_steps"], t["exec_horizon"], args.eval_points)
@@ -385,6 +459,22 @@ def main(argv=None):
         eval_over["eval_stochastic"] = True
     if args.eval_seed is not None:
         eval_over["eval_seed"] = args.eval_seed
+    variants = [] if args.skip_default and args.variant else [("default", {})]
+    for text in args.variant:  # each as its runs would build it: the task's defaults + the variant's settings
+        try:
+            vn, vo = _parse_variant(text)
+            if vn in dict(variants):
+                raise ValueError(f"a variant named {vn!r} is given twice")
+            _check_variant(vo, [_finetune_settings(args.task, m, args.seeds[0],
+                                                   {**eval_over, **ALGO_METHODS.get(m, (m, {}))[1], **vo})
+                                for m in ft_methods or ["reflow"]])
+        except ValueError as e:
+            p.error(f"--variant {text!r}: {e}")
+        variants.append((vn, vo))
+    dataset = str(ensure_demos(t["env"], seed=0, progress=False, **t["demos"]))
+    from envs.hdf5 import read_demos
+
+    demo_returns = [ep.episode_return for ep in read_demos(dataset)]
     eval_every_steps = eval_every * steps_per_iter
     eval_seed = int(args.eval_seed if args.eval_seed is not None else ft_defaults.get("eval_seed", 100_000))
     eval_num_envs = int(ft_defaults.get("eval_num_envs", 8))

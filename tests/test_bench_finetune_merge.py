@@ -214,3 +214,65 @@ def test_rerunning_a_benchmark_command_reuses_its_finished_runs(tmp_path):
     assert "1 of 1 runs were reused" in md
     again = json.loads((tmp_path / "out" / "finetune_pick_place.json").read_text())
     assert again["rows"] == first["rows"]
+
+
+def _refused_before_anything_runs(monkeypatch, capsys, args, tmp_path):
+    """The one error line bench.finetune stops with (exit 2 or an ``error:`` SystemExit); fails if it got as
+    far as the demos (collected before pretraining and every run)."""
+    import envs.collect
+
+    def no_demos(*a, **k):
+        raise AssertionError("reached the demos: the arguments were not checked first")
+
+    monkeypatch.setattr(envs.collect, "ensure_demos", no_demos)
+    from bench.finetune import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--task", "pick_place", "--methods", "reflow", "--workers", "1", "--work", str(tmp_path / "w"),
+              "--out", str(tmp_path / "out"), *args])
+    if e.value.code == 2:  # argparse: the usage, then one "prog: error: ..." line
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert ": error: " in line
+    else:
+        line = str(e.value.code)
+        assert line.startswith("error: ") and "\n" not in line
+    return line
+
+
+@pytest.mark.parametrize("variant, why", [
+    ("lowsig:foo=1", "unknown setting 'foo'"),
+    ("lowsig:sigma_mn=0.1", "did you mean sigma_min"),
+    ("lowsig:steps=2", "renamed: denoise_steps"),
+    ("lowsig:sigma_min", "'sigma_min' is not key=value"),
+    ("lowsig:clip_coef=abc", "clip_coef='abc': expected float"),
+    ("lowsig:clip_coef=-1", "clip_coef must be > 0"),
+    ("lowsig:sigma_min=0.5", "sigma_min <= sigma_max"),  # against the task's sigma_max 0.4: the whole settings
+    ("lowsig:terminate_on_success=2", "expected bool"),
+    ("lowsig", "no ':' after the name"),
+    ("lowsig:", "an empty setting"),
+    ("default:clip_coef=0.1", "'default' is the name"),
+    ("a/b:clip_coef=0.1", "letters, digits"),
+    ("lowsig:seed=3", "--seeds"),
+])
+def test_a_bad_variant_is_refused_in_one_line_naming_it_before_anything_runs(variant, why, tmp_path, monkeypatch,
+                                                                            capsys):
+    line = _refused_before_anything_runs(monkeypatch, capsys, ["--variant", variant], tmp_path)
+    assert f"--variant {variant!r}" in line and why in line
+
+
+def test_good_variants_pass_the_check_and_a_repeated_name_does_not(tmp_path, monkeypatch, capsys):
+    import envs.collect
+    from bench.finetune import main
+
+    def demos(*a, **k):
+        raise RuntimeError("demos")
+
+    monkeypatch.setattr(envs.collect, "ensure_demos", demos)
+    good = ["lr1:actor_lr=1e-5,clip_coef=0.05,denoise_steps=2,lr_schedule=linear,async_envs=true",
+            "wide:clip_action=2.0,success_reward=null", "hisig:sigma_min=0.2,sigma_max=0.6,sigma_max_final=0.3"]
+    with pytest.raises(RuntimeError, match="demos"):  # checked, then on to the demos
+        main(["--task", "pick_place", "--methods", "reflow", "fpo", "--workers", "1", "--work", str(tmp_path / "w"),
+              "--out", str(tmp_path / "out"), *[a for v in good for a in ("--variant", v)]])
+    line = _refused_before_anything_runs(monkeypatch, capsys, ["--variant", "a:clip_coef=0.1", "--variant",
+                                                               "a:clip_coef=0.2"], tmp_path)
+    assert "'a' is given twice" in line
