@@ -61,6 +61,61 @@ def write_json_atomic(path: Path, obj) -> Path:
     return path
 
 
+def check_out_dir(path, option: str = "--out") -> Path:
+    """``path`` as a results folder, refused in one line when it, or a folder above it, is an existing file:
+    checked before anything runs, so that the results of a long run are not lost when they cannot be written."""
+    p = Path(path)
+    for q in (p, *p.parents):
+        if q.exists():
+            if not q.is_dir():
+                raise SystemExit(f"error: {option} {path}: {'it' if q == p else q} is a file, not a folder")
+            break
+    return p
+
+
+_JSON_KINDS = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number",
+               bool: "a boolean", type(None): "null"}
+
+
+def load_result(path, option: str, module: str, is_ours, required: tuple[str, ...] = ("config", "rows")) -> dict:
+    """The result JSON at ``path`` given by ``option`` (``--merge``, ``--add-peer-table``), refused in one line
+    when it is missing, not JSON, or not a result of ``module`` (``is_ours(record)`` false, e.g. its "name" is
+    another benchmark's, or one of ``required`` keys missing): a wrong file must not fail in a traceback, or
+    after the run."""
+    p = Path(path)
+    if not p.is_file():
+        raise SystemExit(f"error: {option} {path}: " + ("not a file" if p.exists() else "no such file"))
+    try:
+        rec = json.loads(p.read_text())
+    except (OSError, ValueError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError (a binary file)
+        why = (str(e).splitlines() or [type(e).__name__])[0]
+        raise SystemExit(f"error: {option} {path}: not a JSON file ({why})") from None
+    if isinstance(rec, dict) and is_ours(rec) and all(k in rec for k in required):
+        return rec
+    if not isinstance(rec, dict):
+        what = f"it holds {_JSON_KINDS.get(type(rec), type(rec).__name__)}"
+    elif not isinstance(rec.get("name"), str):
+        what = "it has no \"name\""
+    elif not is_ours(rec):
+        what = f"its name is {rec['name']!r}"
+    else:
+        what = f"it has no {[k for k in required if k not in rec]}"
+    raise SystemExit(f"error: {option} {path}: not a {module} result ({what})")
+
+
+def check_not_written(path, outputs, option: str = "--merge") -> None:
+    """Refuse an input file (``--merge``) that is one of the files this run writes (``outputs``): the run would
+    replace it, and the earlier results it merges would be lost if this run fails or is stopped."""
+    if any(Path(o).resolve() == Path(path).resolve() for o in outputs):
+        raise SystemExit(f"error: {option} {path} is the file this run would write: pass another --out, so that "
+                         "the merged run stays as it is")
+
+
+def is_module_result(rec: dict, module: str) -> bool:
+    """Whether ``rec`` was written by ``python -m <module>`` (its recorded command)."""
+    return isinstance(rec.get("name"), str) and str(rec.get("command", "")).split()[2:3] == [module]
+
+
 def machine() -> str:
     """A one-line description of where the numbers were measured."""
     cpu = platform.processor() or platform.machine()

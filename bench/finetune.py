@@ -428,13 +428,22 @@ def main(argv=None):
                    help="first env seed of the evaluation episodes (default: the task's, 100000); tune settings "
                         "with another one (and other training seeds) than the one whose numbers you report")
     args = p.parse_args(argv)
-    from bench.common import RESULTS, save_results
+    from bench.common import RESULTS, check_not_written, check_out_dir, load_result, save_results
     from envs.collect import ensure_demos
 
+    # every argument is checked here, before the demos, the pretraining or any run: a mistake found after hours
+    # of runs would cost them
+    for flag, value, low in (("--env-steps", args.env_steps, 1), ("--pretrain-steps", args.pretrain_steps, 1),
+                             ("--workers", args.workers, 1), ("--eval-episodes", args.eval_episodes, 1),
+                             ("--eval-points", args.eval_points, 1), ("--eval-seed", args.eval_seed, 0)):
+        if value is not None and value < low:
+            p.error(f"{flag} must be >= {low}, got {value}")
+    if min(args.seeds) < 0 or len(set(args.seeds)) < len(args.seeds):
+        p.error(f"--seeds must be distinct and >= 0 (they seed the envs), got {args.seeds}")
     budget = dict(BUDGETS[args.budget])
-    if args.env_steps:
+    if args.env_steps is not None:
         budget["env_steps"] = args.env_steps
-    if args.pretrain_steps:
+    if args.pretrain_steps is not None:
         budget["pretrain_steps"] = args.pretrain_steps
     t_start = time.perf_counter()
     t = task_spec(args.task)
@@ -471,6 +480,11 @@ def main(argv=None):
         except ValueError as e:
             p.error(f"--variant {text!r}: {e}")
         variants.append((vn, vo))
+    name = f"finetune_{slug}"
+    out = check_out_dir(args.out or RESULTS)
+    if args.merge:  # its kind and place here; its settings below, once the demos are known
+        load_result(args.merge, "--merge", "bench.finetune", lambda r: str(r.get("name")).startswith("finetune"))
+        check_not_written(args.merge, [out / f"{name}.json", out / f"{name}_curves.json"])
     dataset = str(ensure_demos(t["env"], seed=0, progress=False, **t["demos"]))
     from envs.hdf5 import read_demos
 
@@ -550,11 +564,10 @@ def main(argv=None):
                        f"{earlier['relabel_note']}\n")
     summary = _summarize(rows, score)
     wall = time.perf_counter() - t_start
-    name = f"finetune_{slug}"
     out_dir = Path(args.out) if args.out else None
-    Path(args.out or RESULTS).mkdir(parents=True, exist_ok=True)
-    (Path(args.out or RESULTS) / f"{name}_curves.json").write_text(json.dumps(runs, indent=1))
-    _plot(runs, Path(args.out or RESULTS) / f"{name}.png", args.task, has_success)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}_curves.json").write_text(json.dumps(runs, indent=1))
+    _plot(runs, out / f"{name}.png", args.task, has_success)
     cols = ["method", "variant", "seed", "env_steps", "initial_return", "final_return", "best_return",
             "final_over_best", "growth_pct", "final_vs_sb3_ppo", "wall_s_per_100k", "train_s_per_100k",
             "train_env_steps_per_s"]
@@ -606,12 +619,16 @@ def _load_merge(path: str, mine: dict, rows: list[dict], missing: dict | None = 
     settings are compared per variant (the task's defaults with the variant's overrides): an earlier variant
     that ran with this run's defaults is listed as ``default`` (e.g. a setting tried as a variant, then made
     the default), one that ran with a variant of this run's settings keeps its name, others are left out."""
+    from bench.common import load_result
+
     p = Path(path)
+    rec = load_result(p, "--merge", "bench.finetune", lambda r: str(r.get("name")).startswith("finetune"))
     try:
-        rec = json.loads(p.read_text())
         runs = json.loads(p.with_name(p.stem + "_curves.json").read_text())
     except (OSError, ValueError) as e:
-        raise SystemExit(f"error: --merge {path}: cannot read it and its _curves.json ({e})") from None
+        raise SystemExit(f"error: --merge {path}: cannot read its _curves.json beside it ({e})") from None
+    if not isinstance(runs, list):
+        raise SystemExit(f"error: --merge {path}: its _curves.json beside it is not a list of runs")
     cfg = {**(missing or {}), **rec.get("config", {})}
     cfg["dataset"] = Path(str(cfg.get("dataset"))).name  # the demo file by name (runs from other checkouts)
     mine = dict(mine)

@@ -10,7 +10,7 @@ from bench.finetune import _load_merge
 
 def _write(tmp_path, cfg, rows):
     p = tmp_path / "finetune_x.json"
-    p.write_text(json.dumps({"config": cfg, "rows": rows, "command": "python -m bench.finetune ...",
+    p.write_text(json.dumps({"name": "finetune_x", "config": cfg, "rows": rows, "command": "python -m bench.finetune ...",
                              "machine": "m", "date": "d", "wall_s": 1.0}))
     (tmp_path / "finetune_x_curves.json").write_text(json.dumps([{"method": "reflow", "seed": 0, "curve": []}]))
     return str(p)
@@ -29,8 +29,11 @@ def test_merge_checks_settings_and_clashes(tmp_path):
         _load_merge(path, {**mine, "env_steps": 200}, [])
     with pytest.raises(SystemExit, match="eval"):
         _load_merge(path, {**mine, "eval": {"eval_every": 3, "seed": 5}}, [])
-    with pytest.raises(SystemExit, match="cannot read"):
+    with pytest.raises(SystemExit, match="no such file"):
         _load_merge(str(tmp_path / "missing.json"), mine, [])
+    (tmp_path / "finetune_x_curves.json").unlink()
+    with pytest.raises(SystemExit, match="cannot read its _curves.json"):
+        _load_merge(path, mine, [])
 
 
 def test_variant_values_parse_as_numbers_yaml_would_leave_as_strings():
@@ -276,3 +279,52 @@ def test_good_variants_pass_the_check_and_a_repeated_name_does_not(tmp_path, mon
     line = _refused_before_anything_runs(monkeypatch, capsys, ["--variant", "a:clip_coef=0.1", "--variant",
                                                                "a:clip_coef=0.2"], tmp_path)
     assert "'a' is given twice" in line
+
+
+@pytest.mark.parametrize("args, why", [
+    (["--seeds", "-1"], "--seeds must be distinct and >= 0"),
+    (["--seeds", "0", "0"], "--seeds must be distinct"),
+    (["--workers", "0"], "--workers must be >= 1, got 0"),
+    (["--pretrain-steps", "-3"], "--pretrain-steps must be >= 1"),
+    (["--pretrain-steps", "0"], "--pretrain-steps must be >= 1, got 0"),  # 0 is not "the budget's"
+    (["--env-steps", "-5"], "--env-steps must be >= 1"),
+    (["--env-steps", "0"], "--env-steps must be >= 1, got 0"),
+    (["--eval-episodes", "0"], "--eval-episodes must be >= 1"),
+    (["--eval-points", "0"], "--eval-points must be >= 1"),
+    (["--eval-seed", "-1"], "--eval-seed must be >= 0"),
+])
+def test_bad_counts_and_seeds_are_refused_before_anything_runs(args, why, tmp_path, monkeypatch, capsys):
+    assert why in _refused_before_anything_runs(monkeypatch, capsys, args, tmp_path)
+
+
+def test_out_and_merge_files_are_checked_before_anything_runs_and_the_merged_file_is_never_rewritten(
+        tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from bench.common import RESULTS
+
+    (tmp_path / "afile").write_text("mine")
+    for out in ("afile", "afile/sub"):
+        line = _refused_before_anything_runs(monkeypatch, capsys, ["--out", str(tmp_path / out)], tmp_path)
+        assert "is a file, not a folder" in line
+    assert (tmp_path / "afile").read_text() == "mine"
+    (tmp_path / "text.json").write_text("not json")
+    (tmp_path / "empty.json").write_text("{}")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    for merge, why in ((RESULTS / "latency.json", "not a bench.finetune result (its name is 'latency')"),
+                       (tmp_path / "empty.json", "not a bench.finetune result"),
+                       (tmp_path / "list.json", "not a bench.finetune result (it holds an array)"),
+                       (RESULTS / "finetune_pick_place_curves.json", "not a bench.finetune result"),
+                       (tmp_path / "text.json", "not a JSON file"), (tmp_path / "nope.json", "no such file")):
+        line = _refused_before_anything_runs(monkeypatch, capsys, ["--merge", str(merge)], tmp_path)
+        assert f"--merge {merge}: {why}" in line
+    # --merge of the file this run would write (its --out is the merged file's folder): refused, left as it is
+    out = tmp_path / "out"
+    out.mkdir()
+    for f in ("finetune_pick_place.json", "finetune_pick_place_curves.json"):
+        shutil.copy(RESULTS / f, out / f)
+    before = (out / "finetune_pick_place.json").read_bytes()
+    line = _refused_before_anything_runs(monkeypatch, capsys, ["--merge", str(out / "finetune_pick_place.json")],
+                                         tmp_path)
+    assert "is the file this run would write" in line
+    assert (out / "finetune_pick_place.json").read_bytes() == before
