@@ -48,7 +48,15 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from bench.common import RESULTS, machine, markdown_table
+from bench.common import (
+    RESULTS,
+    check_not_written,
+    check_out_dir,
+    is_module_result,
+    load_result,
+    machine,
+    markdown_table,
+)
 from bench.stats import bootstrap_ci, discordant, holm, mcnemar_exact, wilson_interval
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -587,17 +595,28 @@ def main(argv=None) -> Path:
                    help="earlier bench.align JSONs with the same settings whose seeds are added to this run's "
                         "(e.g. a one-seed timing run); their commands are listed in the results")
     args = p.parse_args(argv)
+    # every argument is checked before anything trains: a mistake found after the first part would cost it
+    if args.skip_images and args.skip_policy:
+        p.error("--skip-images and --skip-policy together leave nothing to run (and would write empty results)")
+    if min(args.seeds) < 0 or len(set(args.seeds)) < len(args.seeds):
+        p.error(f"--seeds must be distinct and >= 0, got {args.seeds}")
+    for flag, value in (("--states", args.states), ("--rounds", args.rounds), ("--branch-points", args.branch_points)):
+        if value is not None and value < 1:
+            p.error(f"{flag} must be >= 1, got {value}")
+    if not 0.0 < args.branch_span <= 1.0:
+        p.error(f"--branch-span must be in (0, 1] (a fraction of an episode), got {args.branch_span}")
+    for flag, betas in (("--betas", args.betas), ("--policy-betas", args.policy_betas)):
+        if min(betas) <= 0:
+            p.error(f"{flag} must be > 0 (Flow-DPO's inverse temperature), got {betas}")
     torch.set_num_threads(1)
     b = dict(BUDGETS[args.budget])
-    if args.states:
+    if args.states is not None:
         b["states"] = args.states
-    out_dir = args.out or RESULTS
+    out_dir = check_out_dir(args.out or RESULTS)
     t_start = time.perf_counter()
     config: dict = {"budget": args.budget, **b, "seeds": args.seeds, "threads": 1, "betas": args.betas,
                     "policy_betas": args.policy_betas, "beta_schedules": args.beta_schedules,
                     "pairing": args.pairing, "pairs_from": args.pairs_from, "prefer": args.prefer}
-    if args.rounds < 1:
-        raise SystemExit(f"--rounds must be >= 1, got {args.rounds}")
     if args.rounds > 1 or sorted(args.methods) != ["dpo", "rwr", "sft"]:
         config["rounds"], config["methods"] = args.rounds, sorted(args.methods)
     if args.pairs_from == "branches":
@@ -608,8 +627,10 @@ def main(argv=None) -> Path:
         raise SystemExit(f"--rounds {args.rounds} x --states {b['states']} start states would reach the next "
                          "seed's (at most 10000)")
     # every --merge is checked before anything trains: a refused merge must not cost the whole run
-    earlier = [(path, json.loads(Path(path).read_text())) for path in args.merge]
+    earlier = [(path, load_result(path, "--merge", "bench.align", lambda r: is_module_result(r, "bench.align"),
+                                  ("config", "per_seed", "command"))) for path in args.merge]
     for path, old in earlier:
+        check_not_written(path, [out_dir / f"{args.name}.json"])
         for key in ("budget", "states", "betas", "policy_betas", "beta_schedules", "pairing", "pairs_from", "prefer",
                     "branch_points", "branch_span", "rounds", "methods", "branch_noise"):
             if old["config"].get(key) != config.get(key):

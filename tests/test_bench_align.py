@@ -147,3 +147,48 @@ def test_bench_align_same_state_branch_pairs_name_their_source(tmp_path, monkeyp
     with pytest.raises(SystemExit, match="would reach the next seed's"):
         main(["--budget", "tiny", "--seeds", "1", "--states", "2", "--rounds", "5001", "--skip-images",
               "--out", str(tmp_path), "--name", "d"])
+
+
+def test_bench_align_refuses_bad_arguments_and_files_in_one_line_before_anything_trains(tmp_path, monkeypatch,
+                                                                                        capsys):
+    import bench.align as ba
+    from bench.common import RESULTS
+
+    def no_training(*a, **k):
+        raise AssertionError("trained before the arguments were checked")
+
+    monkeypatch.setattr(ba, "policy_part", no_training)
+    monkeypatch.setattr(ba, "image_part", no_training)
+    (tmp_path / "afile").write_text("mine")
+    (tmp_path / "text.json").write_text("not json")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    # an earlier align result in the --out folder (as bench.align writes it: its command names the module)
+    earlier = {"name": "align", "command": "python -m bench.align --budget tiny", "config": {"seeds": [0]},
+               "per_seed": [], "wall_s": 1.0, "date": "d"}
+    (tmp_path / "res").mkdir()
+    (tmp_path / "res" / "align.json").write_text(json.dumps(earlier))
+    cases = [
+        (["--seeds", "-1"], "--seeds must be distinct and >= 0"),
+        (["--states", "-5"], "--states must be >= 1, got -5"),
+        (["--states", "0"], "--states must be >= 1, got 0"),  # not "the budget's"
+        (["--betas", "-1"], "--betas must be > 0"),
+        (["--policy-betas", "0"], "--policy-betas must be > 0"),
+        (["--rounds", "0"], "--rounds must be >= 1"),
+        (["--branch-span", "0"], "--branch-span must be in (0, 1]"),
+        (["--skip-images", "--skip-policy"], "leave nothing to run"),
+        (["--out", str(tmp_path / "afile")], "is a file, not a folder"),
+        (["--merge", str(tmp_path / "nope.json")], "no such file"),
+        (["--merge", str(tmp_path / "text.json")], "not a JSON file"),
+        (["--merge", str(tmp_path / "list.json")], "not a bench.align result (it holds an array)"),
+        (["--merge", str(RESULTS / "latency.json")], "not a bench.align result (its name is 'latency')"),
+        (["--merge", str(tmp_path / "res" / "align.json"), "--out", str(tmp_path / "res")],
+         "is the file this run would write"),
+    ]
+    for args, why in cases:
+        with pytest.raises(SystemExit) as e:
+            ba.main(["--budget", "tiny", "--seeds", "1", "--out", str(tmp_path / "o"), *args])
+        line = capsys.readouterr().err.strip().splitlines()[-1] if e.value.code == 2 else str(e.value.code)
+        assert "error: " in line and why in line, (args, line)
+    assert (tmp_path / "afile").read_text() == "mine"
+    assert json.loads((tmp_path / "res" / "align.json").read_text()) == earlier
+    assert not (tmp_path / "o").exists()
