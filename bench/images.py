@@ -47,7 +47,7 @@ from agents.config_schema import ImageStage
 from agents.images.data import load_digits
 from agents.images.evaluation import HeldOutJudge, accuracy_on, heldout_split, load_or_train_encoder
 from agents.images.trainer import eval_noise, evaluate, image_grid, train_base, train_distilled, train_reflow
-from bench.common import code_version, write_json_atomic
+from bench.common import check_not_written, check_out_dir, code_version, load_result, write_json_atomic
 from bench.images_peer import OWN_UNET, PeerModel, PeerOwnModel, import_peer
 from flowpolicy import RectifiedFlow
 
@@ -200,15 +200,18 @@ def _peer_markdown(comparison: list[dict], rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _is_images(rec: dict) -> bool:
+    """Whether a result JSON is this benchmark's (every budget's is named "images")."""
+    return rec.get("name") == "images"
+
+
 def add_peer_table(path: Path) -> dict:
     """The comparison of :func:`peer_comparison` for a finished run: into its JSON's summary and, once, at the
     end of the Markdown beside it; printed. Nothing is trained or rescored."""
-    if not path.is_file():
-        raise SystemExit(f"--add-peer-table {path}: no such file")
-    result = json.loads(path.read_text())
+    result = load_result(path, "--add-peer-table", "bench.images", _is_images, ("draws", "rows", "summary"))
     comparison = peer_comparison(result["draws"])
     if not comparison:
-        raise SystemExit(f"--add-peer-table {path}: the run has no peer rows to compare with")
+        raise SystemExit(f"error: --add-peer-table {path}: the run has no peer rows to compare with")
     result["summary"]["vs_peer"] = comparison
     text = _peer_markdown(comparison, result["rows"])
     with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
@@ -358,7 +361,7 @@ def _check_merge(earlier: dict, raw: list[dict], path) -> None:
     old_real = {(e["model"], e["draw"]): e["fd"] for e in earlier["draws"] if e["model"] in real}
     new_real = {(e["model"], e["draw"]): e["fd"] for e in raw if e["model"] in real}
     if old_real.keys() != new_real.keys() or any(abs(old_real[k] - new_real[k]) > 1e-6 for k in new_real):
-        raise SystemExit(f"--merge {path}: its real-image scores differ from this run's (another held-out "
+        raise SystemExit(f"error: --merge {path}: its real-image scores differ from this run's (another held-out "
                          "split, feature network, noise or torch build): the rows would not be comparable")
 
 
@@ -510,6 +513,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.add_peer_table:
         return add_peer_table(Path(args.add_peer_table))
+    out = check_out_dir(args.out)  # before training: results that cannot be written would be lost
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     wall = time.perf_counter()
@@ -517,19 +521,16 @@ def main(argv: list[str] | None = None) -> dict:
     seeds = list(dict.fromkeys(args.seeds or budget["seeds"]))
     draws = int(args.draws or budget["draws"])
     if draws < 2:
-        raise SystemExit("--draws must be at least 2 (an interval needs replicates)")
+        raise SystemExit("error: --draws must be at least 2 (an interval needs replicates)")
     earlier = None
     if args.peer_only or args.merge:
         if not (args.peer_only and args.merge and not args.no_peer):
-            raise SystemExit("--peer-only and --merge go together (and without --no-peer): the peer's rows from "
+            raise SystemExit("error: --peer-only and --merge go together (and without --no-peer): the peer's rows from "
                              "this run, ours from the merged one")
-        if not Path(args.merge).is_file():
-            raise SystemExit(f"--merge {args.merge}: no such file")
         stem = "images" if args.budget == "full" else f"images-{args.budget}"
-        if (Path(args.out) / f"{stem}.json").resolve() == Path(args.merge).resolve():
-            raise SystemExit(f"--merge {args.merge} is the file this run would write: pass another --out, so "
-                             "that the merged run stays as it is")
-        earlier = json.loads(Path(args.merge).read_text())
+        check_not_written(args.merge, [out / f"{stem}.json"])
+        earlier = load_result(args.merge, "--merge", "bench.images", _is_images,
+                              ("config", "draws", "command", "date", "wall_s"))
         mine = _run_config(args.budget, seeds, draws)
         mine["stage"].pop("progress")
         theirs = {k: earlier["config"].get(k) for k in mine}
@@ -542,7 +543,7 @@ def main(argv: list[str] | None = None) -> dict:
                     return "stage " + str({s: cfg[k].get(s) for s in sorted(set(mine[k]) | set(theirs[k] or {}))
                                            if mine[k].get(s) != (theirs[k] or {}).get(s)})
                 return f"{k}={cfg[k]}"
-            raise SystemExit(f"--merge {args.merge}: its {', '.join(show(theirs, k) for k in differ)} differ "
+            raise SystemExit(f"error: --merge {args.merge}: its {', '.join(show(theirs, k) for k in differ)} differ "
                              f"from this run's {', '.join(show(mine, k) for k in differ)}")
     ctx = _setup(args.budget, args.draws, seeds, args.cache, args.progress)
     stage, data, train, held, n, encoder, einfo, judge, noises = (
@@ -568,7 +569,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     rfp, peer_note = (None, "skipped (--no-peer)") if args.no_peer else import_peer()
     if args.peer_only and rfp is None:
-        raise SystemExit(f"--peer-only: the peer is {peer_note}")
+        raise SystemExit(f"error: --peer-only: the peer is {peer_note}")
     ctx["wall"], ctx["peer_only"] = wall, bool(args.peer_only)
     mode = "peer" if args.peer_only else ("ours" if rfp is None else "ours+peer")
     key = _seed_key(_run_config(args.budget, seeds, draws), raw, mode, _peer_version() if rfp is not None else None)
@@ -631,7 +632,6 @@ def main(argv: list[str] | None = None) -> dict:
         "peer_params": peer_params,
         "vs_peer": peer_comparison(raw),
     }
-    out = Path(args.out)
     # the full budget's files feed the README; a quick check must not overwrite them
     stem = "images" if args.budget == "full" else f"images-{args.budget}"
     out.mkdir(parents=True, exist_ok=True)

@@ -556,7 +556,7 @@ def test_peer_comparison_pairs_draws_and_picks_our_best_model_at_each_step_count
     for e in raw:
         e.update({k: 0.0 for k in ("precision", "recall", "density", "coverage", "nn_ratio", "copy_rate")})
     path = tmp_path / "images.json"
-    path.write_text(json.dumps({"draws": raw, "rows": aggregate(raw), "summary": {}}))
+    path.write_text(json.dumps({"name": "images", "draws": raw, "rows": aggregate(raw), "summary": {}}))
     (tmp_path / "images.md").write_text("# images\n\ntable\n")
     for _ in range(2):
         bench_images(["--add-peer-table", str(path)])
@@ -565,6 +565,41 @@ def test_peer_comparison_pairs_draws_and_picks_our_best_model_at_each_step_count
     assert md.startswith("# images\n\ntable") and md.count("Ours against the peer") == 1 and "| 4 |" in md
     with pytest.raises(SystemExit, match="no such file"):
         bench_images(["--add-peer-table", str(tmp_path / "missing.json")])
-    path.write_text(json.dumps({"draws": [e for e in raw if e["model"] != "peer_own"], "rows": [], "summary": {}}))
+    path.write_text(json.dumps({"name": "images", "draws": [e for e in raw if e["model"] != "peer_own"], "rows": [],
+                                "summary": {}}))
     with pytest.raises(SystemExit, match="no peer rows"):
         bench_images(["--add-peer-table", str(path)])
+
+
+def test_image_bench_refuses_a_file_out_and_files_that_are_not_its_results_in_one_line_before_anything(
+        tmp_path, monkeypatch):
+    """--out naming a file, and --merge / --add-peer-table of a text file or another benchmark's result, stop
+    with one line before the judge is built or a model trains; the files are left as they are."""
+    import bench.images as bi
+    from bench.common import RESULTS
+
+    def nothing(*a, **k):
+        raise AssertionError("started before the arguments were checked")
+
+    monkeypatch.setattr(bi, "_setup", nothing)
+    monkeypatch.setattr(bi, "_train_and_score_seed", nothing)
+    (tmp_path / "afile").write_text("mine")
+    (tmp_path / "text.json").write_text("not json")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    common = ["--budget", "tiny", "--seeds", "0", "--work", str(tmp_path / "w"), "--cache", str(tmp_path / "c")]
+    cases = [
+        (["--out", str(tmp_path / "afile")], "--out .*afile: it is a file, not a folder"),
+        (["--out", str(tmp_path / "afile" / "sub")], "afile is a file, not a folder"),
+        (["--peer-only", "--merge", str(tmp_path / "text.json")], "text.json: not a JSON file"),
+        (["--peer-only", "--merge", str(RESULTS / "latency.json")],
+         "latency.json: not a bench.images result \\(its name is 'latency'\\)$"),
+        (["--add-peer-table", str(RESULTS / "latency.json")], "not a bench.images result"),
+        (["--add-peer-table", str(tmp_path / "text.json")], "not a JSON file"),
+        (["--add-peer-table", str(tmp_path / "list.json")], "not a bench.images result \\(it holds an array\\)"),
+    ]
+    for args, why in cases:
+        with pytest.raises(SystemExit, match=why) as e:
+            bench_images([*common, "--out", str(tmp_path / "o"), *args])
+        assert str(e.value.code).startswith("error: ") and "\n" not in str(e.value.code)
+    assert (tmp_path / "afile").read_text() == "mine" and (tmp_path / "text.json").read_text() == "not json"
+    assert not (tmp_path / "o").exists()
