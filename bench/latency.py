@@ -144,12 +144,32 @@ def main(argv=None):
     p.add_argument("--rollout-env", default="metaworld/pick-place-v3", help="env of the policy-in-the-loop rows")
     p.add_argument("--async-envs", action="store_true", help="rollout envs in worker processes (one per env)")
     p.add_argument("--rollout-device", default="cpu", help="device of the policy in the rollout rows")
-    p.add_argument("--out", default=None)
+    p.add_argument("--out", default=None, help="results folder (default bench/results)")
     args = p.parse_args(argv)
     import torch
 
-    from bench.common import markdown_table, save_results
+    from bench.common import RESULTS, check_out_dir, markdown_table, save_results
 
+    # every argument is checked before measuring: a mistake found after it would cost the whole measurement
+    for flag, values in (("--threads", [args.threads]), ("--batches", args.batches), ("--ks", args.ks),
+                         ("--num-envs", args.num_envs)):
+        if min(values) < 1:
+            p.error(f"{flag} must be >= 1, got {values if len(values) > 1 else values[0]}")
+    check_out_dir(args.out or RESULTS)
+    try:
+        dev = torch.device(args.rollout_device)
+    except RuntimeError:
+        p.error(f"--rollout-device {args.rollout_device!r}: not a torch device (e.g. cpu, cuda, cuda:0)")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--rollout-device {args.rollout_device}: CUDA is not available here")
+    if dev.type not in ("cpu", "cuda"):
+        p.error(f"--rollout-device {args.rollout_device}: use cpu or cuda")
+    from envs.factory import make_env
+
+    try:  # the name, and that the env can be made here (its package installed)
+        make_env(args.rollout_env).close()
+    except (ValueError, ImportError) as e:
+        p.error(f"--rollout-env: {str(e).splitlines()[0]}")
     torch.set_num_threads(args.threads)
     b = BUDGETS[args.budget]
     t0 = time.perf_counter()

@@ -93,7 +93,7 @@ def _launch(kind: str, n: int, cfg: dict, out_path: Path) -> tuple[dict, object]
     return json.loads(out_path.read_text()), torch.load(out_path.with_suffix(".pt"))
 
 
-def main() -> None:
+def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--procs", type=int, nargs="+", default=[1, 2])
     p.add_argument("--steps", type=int, default=300, help="BC gradient steps")
@@ -106,7 +106,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2, help="runs per process count (the median is reported)")
     p.add_argument("--out", default=None, help="results folder (default bench/results)")
     p.add_argument("--worker", nargs=3, metavar=("KIND", "CONFIG", "OUT"), help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.worker:
         from agents import distributed
 
@@ -115,9 +115,17 @@ def main() -> None:
 
     import numpy as np
 
-    from bench.common import RESULTS, save_figure, save_results
+    from bench.common import RESULTS, check_out_dir, save_figure, save_results
     from envs.collect import ensure_demos
 
+    # every argument is checked before the first run: a child process's traceback, or results that cannot be
+    # written after the whole run, are not an error message
+    for flag, value, low in (("--steps", args.steps, 1), ("--batch-size", args.batch_size, 1),
+                             ("--ft-envs", args.ft_envs, 1), ("--ft-iterations", args.ft_iterations, 0),
+                             ("--repeats", args.repeats, 1)):
+        if value < low:
+            p.error(f"{flag} must be >= {low}, got {value}")
+    check_out_dir(args.out or RESULTS)
     bad = [n for n in args.procs if n < 1 or args.batch_size % n
            or (args.ft_iterations and not args.ft_weak and args.ft_envs % n)]
     if bad:
