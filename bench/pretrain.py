@@ -14,7 +14,7 @@ trained on the same HDF5 file with the same gradient steps and batch size:
 Evaluated at K in {1, 2, 4, 8, 20} denoising steps (shortcut: {1, 2, 4, 8, 16}; Gaussian/robomimic: one row),
 on the same evaluation seeds: return mean/std, success rate, latency per policy call at batch 1, the bare
 velocity forward and the ratio latency / (K x bare forward), and the demos' mean return for reference.
-Writes bench/results/pretrain.{json,md,png}.
+Writes bench/results/pretrain.{json,md,png} (or under ``--out``).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from agents.policy_reflow import (
 )
 from agents.pretrain import PretrainConfig, Pretrainer
 from agents.robomimic_bc import RobomimicBCConfig, RobomimicUnavailable, train_robomimic_bc
-from bench.common import RESULTS, save_figure, save_results
+from bench.common import RESULTS, check_out_dir, save_figure, save_results
 from envs.collect import ensure_demos
 from envs.dataset import DemoDataset
 from flowpolicy.policy import FlowPolicy
@@ -255,7 +255,12 @@ def main(argv=None) -> Path:
     p.add_argument("--budget", choices=sorted(BUDGETS), default="small")
     p.add_argument("--task", choices=[*TASKS, "both"], default="pick_place")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="default: the budget's seeds")
+    p.add_argument("--out", default=None, help="results folder (default bench/results)")
     args = p.parse_args(argv)
+    # checked before anything trains: results that cannot be written would be lost after the whole run
+    if args.seeds and (min(args.seeds) < 0 or len(set(args.seeds)) < len(args.seeds)):
+        p.error(f"--seeds must be distinct and >= 0, got {args.seeds}")
+    out = check_out_dir(args.out or RESULTS)
     torch.set_num_threads(1)
     b = dict(BUDGETS[args.budget])
     if args.seeds:
@@ -290,8 +295,8 @@ def main(argv=None) -> Path:
               "policy_specs": {k: policy_spec(k) for k in ("reflow", "shortcut", "gaussian")}, "threads": 1,
               "runs": str(RUNS), "per_task": infos, "targets": summary}
     name = "pretrain" if len(names) > 1 else f"pretrain_{names[0]}"
-    _plot(rows, names, RESULTS / f"{name}.png")
-    return save_results(name, rows, COLUMNS, config, wall, extra_md=extra, module="bench.pretrain")
+    _plot(rows, names, out / f"{name}.png")
+    return save_results(name, rows, COLUMNS, config, wall, extra_md=extra, out_dir=out, module="bench.pretrain")
 
 
 def _plot(rows: list[dict], names: list[str], path: Path) -> None:

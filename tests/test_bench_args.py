@@ -1,7 +1,9 @@
-"""bench.latency and bench.scaling: a user's mistake is one line before anything is measured or
-trained."""
+"""bench.latency, bench.scaling and bench.pretrain: a user's mistake is one line before anything is measured or
+trained, and results go to --out (never over bench/results when another folder is given)."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 
@@ -68,3 +70,30 @@ def test_scaling_refuses_bad_arguments_before_the_first_run(tmp_path, monkeypatc
             bs.main(["--procs", "1", "--out", str(tmp_path / "o"), *args])
         assert why in _one_line(e, capsys), args
     assert (tmp_path / "afile").read_text() == "mine"
+
+
+def test_pretrain_writes_under_out_and_refuses_a_file_out_before_training(tmp_path, monkeypatch, capsys):
+    import bench.pretrain as bp
+    from bench.common import RESULTS
+
+    monkeypatch.setattr(bp, "run_task", _nothing)
+    (tmp_path / "afile").write_text("mine")
+    for args, why in [(["--out", str(tmp_path / "afile")], "is a file, not a folder"),
+                      (["--seeds", "-1"], "--seeds must be distinct and >= 0")]:
+        with pytest.raises(SystemExit) as e:
+            bp.main(["--task", "pick_place", "--out", str(tmp_path / "o"), *args])
+        assert why in _one_line(e, capsys), args
+
+    def fake_task(name, b, seed):
+        row = {"task": name, "method": "ReFlow", "steps": 4, "seed": seed, "success_rate": 0.5, "return_mean": 1.0,
+               "latency_us_per_call": 10.0, "latency_ratio": 1.0, "cpu_latency_ratio": 1.0}
+        return [row], {"demo_episodes": 1, "demo_steps": 10, "demo_return_mean": 1.0}
+
+    monkeypatch.setattr(bp, "run_task", fake_task)
+    committed = RESULTS / "pretrain_pick_place.json"
+    before = committed.read_bytes() if committed.exists() else None
+    path = bp.main(["--task", "pick_place", "--seeds", "0", "--out", str(tmp_path / "o")])
+    assert path == tmp_path / "o" / "pretrain_pick_place.json"
+    assert json.loads(path.read_text())["rows"][0]["method"] == "ReFlow"
+    assert (tmp_path / "o" / "pretrain_pick_place.md").exists() and (tmp_path / "o" / "pretrain_pick_place.png").exists()
+    assert (committed.read_bytes() if committed.exists() else None) == before
