@@ -29,6 +29,7 @@ from .checkpoint import RunLock, TrainingInterrupted, atomic_write_json, atomic_
 from .errors import UserError
 from .policies import policy_from_checkpoint
 from .pretrain import PretrainConfig, Pretrainer
+from .prior_run import check_prior_run
 from .renamed import hint, unknown_with_hints
 from .stage_runners import (  # noqa: F401 - agents.stages API
     EvalTarget,
@@ -180,6 +181,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     Config values, budgets, demo files, checkpoints and env fit are all checked before the run directory is
     touched: a run that fails on bad input writes nothing (an existing run directory keeps its files)."""
     validate_config(cfg)
+    check_prior_run(cfg, run_dir)  # another stage's or task's run there: refused before anything is written
     torch.set_num_threads(int(cfg.get("threads", 2)))
     if distributed.launched():
         return _run_distributed(cfg, Path(run_dir))

@@ -253,3 +253,29 @@ def test_train_py_reports_a_bad_key_in_one_line_with_exit_2(tmp_path):
     lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "stage.bogus" in lines[0], out.stderr
     assert not (tmp_path / "run").exists()  # nothing was created
+
+
+def _files(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(Path(root).rglob("*")) if p.is_file()}
+
+
+def test_a_run_dir_of_another_stage_or_task_is_refused_before_anything_is_written(checkpoint, demo_file, tmp_path):
+    import shutil
+
+    run_dir = shutil.copytree(checkpoint, tmp_path / "run", symlinks=True)  # a finished stage=pretrain run (task=robomimic)
+    other = shutil.copy(demo_file, tmp_path / "other.hdf5")
+    before = _files(run_dir)
+    same = ["task=robomimic", "stage=pretrain", "stage.grad_steps=5", "stage.eval_every=0", "stage.save_every=5",
+            "stage.val_every=5", "policy.hidden=16", "policy.depth=1"]
+    for stage in ("eval", "finetune"):  # another stage: its config, summary and results would be replaced
+        with pytest.raises(UserError, match=rf"{run_dir} already holds a stage=pretrain run of task=robomimic "
+                           rf"\({demo_file}\); stage={stage} there would overwrite .*another hydra.run.dir"):
+            _run(f"stage={stage}", f"checkpoint={run_dir}", f"task.demos.path={demo_file}", run_dir=run_dir)
+    # the same stage on another demo file: its checkpoint would be resumed on other data
+    with pytest.raises(UserError, match=rf"not of task=robomimic \({other}\); .*or resume=false to delete"):
+        _run(*same, f"task.demos.path={other}", run_dir=run_dir)
+    assert _files(run_dir) == before
+    # the same stage and task resumes there (finished: no step trained), and resume=false starts fresh on purpose
+    assert _run(*same, f"task.demos.path={demo_file}", run_dir=run_dir)["pretrain"]["step"] == 5
+    _run(*same, f"task.demos.path={other}", "resume=false", run_dir=run_dir)
+    assert str(other) in (run_dir / "config_resolved.yaml").read_text()
