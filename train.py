@@ -69,11 +69,13 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     from agents import distributed
-    from agents.cli import composition_error
+    from agents.cli import composition_error, run_dir_error
     from agents.errors import EXIT_USER_ERROR, full_traceback_wanted
 
-    # a bad key, value or group option: one line and exit 2, before Hydra prints its multi-line report
-    problem = None if full_traceback_wanted() else composition_error(sys.argv[1:], CONFIG_DIR)
+    # a bad key, value or group option, or a run dir that is a file: one line and exit 2, before Hydra prints
+    # its multi-line report
+    problem = None if full_traceback_wanted() else (composition_error(sys.argv[1:], CONFIG_DIR)
+                                                    or run_dir_error(sys.argv[1:]))
     if problem:
         print(problem, file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)

@@ -124,6 +124,26 @@ def composition_error(argv: list[str], config_dir: str) -> str | None:
     return None
 
 
+def run_dir_error(argv: list[str]) -> str | None:
+    """``hydra.run.dir=PATH`` (or ``hydra.sweep.dir``) that cannot be a directory, as one line ``error: ...``:
+    an existing file, or a path under one (Hydra would fail creating it, with a traceback, before train.py's
+    main runs). None when the path is fine or is not a plain path."""
+    import os
+
+    for arg in argv:
+        key, eq, value = arg.lstrip("+~").partition("=")
+        if not eq or key not in ("hydra.run.dir", "hydra.sweep.dir") or "${" in value:
+            continue
+        path = os.path.abspath(os.path.expanduser(value.strip().strip("'\"")))
+        probe = path
+        while not os.path.lexists(probe) and os.path.dirname(probe) != probe:
+            probe = os.path.dirname(probe)
+        if os.path.lexists(probe) and not os.path.isdir(probe):
+            where = "is a file" if probe == path else f"is under {probe}, a file"
+            return f"error: {key}={value} {where}, not a directory; give a new or an existing directory"
+    return None
+
+
 def hydra_one_line(err: BaseException) -> str:
     """Hydra's multi-line composition message (and its cause's) as ``error: ...`` on one line."""
     chain, e = [], err

@@ -50,5 +50,51 @@ def one_line(err: BaseException) -> str:
     return "error: " + "; ".join(parts)
 
 
+_TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
+
+
+def parse_bool(value, key: str) -> bool:
+    """``key``'s value as a bool, strictly: true/false, 1/0, yes/no (any case); anything else is a UserError."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE or text in _FALSE:
+        return text in _TRUE
+    raise UserError(f"{key}={value} is not a boolean; use {key}=true or {key}=false (also 1/0, yes/no)")
+
+
+def parse_int(value, key: str, least: int | None = None) -> int:
+    """``key``'s value as an int (a UserError naming the key for ``abc``, ``1.5`` or one below ``least``)."""
+    try:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError
+        number = int(value) if isinstance(value, (int, float)) else int(str(value).strip())
+    except (TypeError, ValueError):
+        raise UserError(f"{key}={value} is not an integer") from None
+    if least is not None and number < least:
+        raise UserError(f"{key} must be >= {least}, got {number}")
+    return number
+
+
+def check_top_level(cfg) -> None:
+    """Parse the top-level settings train.py reads itself, in place: the booleans strictly (``debug=no`` is
+    false, ``debug=abc`` an error) and ``seed``/``threads`` as integers naming the key when they are not."""
+    from omegaconf import open_dict
+
+    with open_dict(cfg):
+        for key in ("debug", "progress", "resume"):
+            if cfg.get(key) is not None:
+                cfg[key] = parse_bool(cfg[key], key)
+        if cfg.get("seed") is not None:
+            cfg.seed = parse_int(cfg.seed, "seed")
+        if cfg.get("threads") is not None:
+            cfg.threads = parse_int(cfg.threads, "threads", least=1)
+
+
+def debug_wanted(debug) -> bool:
+    """``debug``'s value as train.py's error handler reads it: only a true value (a bad one counts as false)."""
+    return debug is True or str(debug).strip().lower() in _TRUE
+
+
 def full_traceback_wanted(debug: bool = False) -> bool:
-    return bool(debug) or os.environ.get("HYDRA_FULL_ERROR") == "1"
+    return debug_wanted(debug) or os.environ.get("HYDRA_FULL_ERROR") == "1"

@@ -26,7 +26,7 @@ from envs.collect import DEFAULT_EXPERT_STEPS
 
 from . import distributed
 from .checkpoint import RunLock, TrainingInterrupted, atomic_write_json, atomic_write_text
-from .errors import UserError
+from .errors import UserError, check_top_level
 from .policies import policy_from_checkpoint
 from .pretrain import PretrainConfig, Pretrainer
 from .prior_run import check_prior_run
@@ -53,6 +53,14 @@ def validate_config(cfg: DictConfig) -> None:
     """Clear errors (UserError) for invalid values and budgets before anything runs."""
     if cfg.stage.name not in STAGES:
         raise UserError(f"unknown stage {cfg.stage.name!r}; choose from {STAGES}")
+    check_top_level(cfg)
+    kind = cfg.task.get("kind", "policy")
+    if cfg.stage.name == "image" and kind != "image":
+        raise UserError(f"stage=image needs an image task such as task=digits (task={cfg.task.name} is a {kind} "
+                        "task: train it with stage=pretrain or the default pipeline)")
+    if kind == "image" and cfg.stage.name not in ("image", "align"):
+        raise UserError(f"task={cfg.task.name} is an image task: use stage=image (stage={cfg.stage.name} needs a "
+                        "policy task such as task=pick_place)")
     dev = str(cfg.get("device", "cpu"))
     if dev.startswith("cuda") and not torch.cuda.is_available():
         why = ("this torch is a CPU build" if torch.version.cuda is None else "no CUDA GPU is visible")

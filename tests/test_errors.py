@@ -279,3 +279,61 @@ def test_a_run_dir_of_another_stage_or_task_is_refused_before_anything_is_writte
     assert _run(*same, f"task.demos.path={demo_file}", run_dir=run_dir)["pretrain"]["step"] == 5
     _run(*same, f"task.demos.path={other}", "resume=false", run_dir=run_dir)
     assert str(other) in (run_dir / "config_resolved.yaml").read_text()
+
+
+@pytest.mark.parametrize("override, says", [
+    ("threads=0", "threads must be >= 1, got 0"),
+    ("threads=abc", "threads=abc is not an integer"),
+    ("seed=abc", "seed=abc is not an integer"),
+    ("seed=1.5", "seed=1.5 is not an integer"),
+    ("resume=maybe", "resume=maybe is not a boolean; use resume=true or resume=false"),
+    ("debug=abc", "debug=abc is not a boolean"),
+    ("progress=abc", "progress=abc is not a boolean"),
+])
+def test_top_level_settings_are_parsed_strictly_and_name_the_key(override, says, tmp_path):
+    from agents.stages import run
+
+    with pytest.raises(UserError, match=says) as info:  # the override last: QUIET sets progress=false
+        run(_compose("stage=pretrain", "stage.grad_steps=1", *QUIET, override), tmp_path / "r")
+    assert is_user_error(info.value) and "\n" not in one_line(info.value)
+    assert not (tmp_path / "r").exists()
+
+
+def test_booleans_read_yes_no_1_0_and_a_bad_debug_shows_no_traceback(monkeypatch):
+    from agents.errors import full_traceback_wanted
+    from agents.stages import validate_config
+
+    cfg = _compose("stage=pretrain", *QUIET, "debug=no", "progress=0", "resume=yes", "seed=3")
+    validate_config(cfg)
+    assert (cfg.debug, cfg.progress, cfg.resume, cfg.stage.resume, cfg.seed) == (False, False, True, True, 3)
+    cfg = _compose("stage=pretrain", "resume=NO", *QUIET)
+    validate_config(cfg)
+    assert cfg.stage.resume is False
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    assert [full_traceback_wanted(v) for v in ("abc", "no", False, "0", "yes", True, 1)] == [
+        False, False, False, False, True, True, True]
+
+
+@pytest.mark.parametrize("overrides, says", [
+    (["stage=image"], r"stage=image needs an image task such as task=digits \(task=pick_place is a policy task"),
+    (["task=digits", "stage=pretrain"], r"task=digits is an image task: use stage=image"),
+    (["task=digits"], r"task=digits is an image task: use stage=image \(stage=pipeline needs a policy task"),
+])
+def test_a_stage_of_the_other_task_kind_is_one_line(overrides, says, tmp_path):
+    from agents.stages import run
+
+    with pytest.raises(UserError, match=says):
+        run(_compose(*overrides, "logger=none"), tmp_path / "r")
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_run_dir_that_is_a_file_is_one_line_before_hydra_starts(tmp_path):
+    from agents.cli import run_dir_error
+
+    (tmp_path / "file").write_text("mine\n")
+    msg = run_dir_error(["stage=pretrain", f"hydra.run.dir={tmp_path / 'file'}"])
+    assert msg == f"error: hydra.run.dir={tmp_path / 'file'} is a file, not a directory; give a new or an existing directory"
+    assert "is under" in run_dir_error([f"hydra.run.dir={tmp_path / 'file' / 'sub'}"])
+    assert run_dir_error([f"hydra.run.dir={tmp_path / 'new' / 'sub'}", f"hydra.sweep.dir={tmp_path}"]) is None
+    assert run_dir_error(["hydra.run.dir=outputs/${now:%H}"]) is None
+    assert (tmp_path / "file").read_text() == "mine\n"
