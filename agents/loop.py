@@ -11,7 +11,7 @@ One step, in this order (the order fixes the numerics and the random draws)::
     on_loss(step)                        # e.g. a distributed mean loss, the non-finite guard
     zero_grad; loss.backward()
     on_backward(step)                    # e.g. averaging the gradients over ranks
-    grad_norm = clip(params, grad_clip)  # only when grad_clip is not None
+    grad_norm = clip(params, grad_clip)  # only when grad_clip is not None (0: measured, not clipped)
     on_grad(step)                        # e.g. the non-finite gradient guard
     optimizer.step(); scheduler.step()
     on_update(step)                      # EMA weights, the shortcut model's target network
@@ -76,9 +76,12 @@ class SupervisedLoop:
     def __init__(self, params: Iterable[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
                  loss_fn: Callable[[int], tuple[torch.Tensor, dict]], *, scheduler=None,
                  grad_clip: float | None = None, callbacks: Sequence[Callback] = ()) -> None:
+        if grad_clip is not None and not grad_clip >= 0:  # a negative max-norm would flip the gradients
+            raise ValueError(f"grad_clip must be >= 0 (the max gradient norm; 0: no clipping), got {grad_clip}")
         self.params = list(params)
         self.optimizer, self.scheduler = optimizer, scheduler
-        self.loss_fn, self.grad_clip = loss_fn, grad_clip
+        # 0 means no clipping (as fit() and image training read it), with the gradient norm still measured
+        self.loss_fn, self.grad_clip = loss_fn, (float("inf") if grad_clip == 0 else grad_clip)
         self.callbacks = list(callbacks)
         self.stopped = False  # True when a callback ended the loop early
 

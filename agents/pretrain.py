@@ -72,7 +72,7 @@ class PretrainSettings:
     batch_size: int = 256  # the global batch (split evenly across torchrun processes)
     lr: float = 1e-3  # AdamW, cosine decay
     weight_decay: float = 1e-6
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # max gradient norm (0: no clipping)
     ema_decay: float = 0.995  # EMA of the weights; evaluation and checkpoints use the EMA policy
     val_every: int = 500  # steps between validation losses
     eval_every: int = 1500  # steps between rollout evaluations (0: never)
@@ -109,6 +109,9 @@ class PretrainConfig(PretrainSettings):
             raise ValueError("pretrain.eval_every and eval_episodes must be >= 0")
         if not self.lr > 0:
             raise ValueError(f"pretrain.lr must be positive, got {self.lr}")
+        if not self.grad_clip >= 0:  # a negative max-norm flips the gradients
+            raise ValueError(f"pretrain.grad_clip must be >= 0 (the max gradient norm; 0: no clipping), got "
+                             f"{self.grad_clip}")
         if self.exec_horizon is not None and not 1 <= self.exec_horizon <= self.action_horizon:
             raise ValueError(f"exec_horizon must be in [1, action_horizon={self.action_horizon}], got "
                              f"{self.exec_horizon}")

@@ -129,6 +129,10 @@ def validate_config(cfg: DictConfig) -> None:
             raise UserError(f"{prefix}: {err}") from err
         except ValueError as err:
             raise UserError(f"{str(err).replace('pretrain.', prefix + '.')}") from err
+    for key in ("grad_clip", "image.grad_clip") if name in ("image", "reflow", "align") else ():
+        g = OmegaConf.select(cfg.stage, key, default=None)  # pretrain's: PretrainConfig.validate above
+        if g is not None and not float(g) >= 0:  # a negative max-norm would flip the gradients
+            raise UserError(f"stage.{key} must be >= 0 (the max gradient norm; 0: no clipping), got {g}")
     if task.get("finetune") is not None:  # a task file's fine-tuning defaults: only settings that exist
         from .config_schema import task_choosable, unknown_task_keys
 

@@ -337,3 +337,29 @@ def test_a_run_dir_that_is_a_file_is_one_line_before_hydra_starts(tmp_path):
     assert run_dir_error([f"hydra.run.dir={tmp_path / 'new' / 'sub'}", f"hydra.sweep.dir={tmp_path}"]) is None
     assert run_dir_error(["hydra.run.dir=outputs/${now:%H}"]) is None
     assert (tmp_path / "file").read_text() == "mine\n"
+
+
+@pytest.mark.parametrize("overrides, says", [
+    (["stage=finetune", "stage.actor_lr=-1"], r"stage: FinetuneConfig: actor_lr must be > 0, got -1"),
+    (["stage=finetune", "stage.critic_lr=0"], r"critic_lr must be > 0, got 0"),
+    (["stage=finetune", "stage.noise_lr=-0.1"], r"noise_lr must be > 0 \(or null: actor_lr\), got -0.1"),
+    (["stage=finetune", "stage.max_grad_norm=-1"], r"max_grad_norm must be > 0"),
+    (["stage.finetune.actor_lr=-1"], r"stage.finetune: FinetuneConfig: actor_lr must be > 0"),
+    (["stage=pretrain", "stage.grad_clip=-1"], r"stage.grad_clip must be >= 0 \(the max gradient norm; 0: no clip"),
+    (["stage.pretrain.grad_clip=-1"], r"stage.pretrain.grad_clip must be >= 0"),
+    (["stage=reflow", "stage.grad_clip=-1"], r"stage.grad_clip must be >= 0 \(the max gradient norm; 0: no clip"),
+    (["stage=align", "stage.image.grad_clip=-1"], r"stage.image.grad_clip must be >= 0"),
+    (["task=digits", "stage=image", "stage.grad_clip=-1"], r"stage.grad_clip must be >= 0"),
+])
+def test_a_negative_learning_rate_or_max_norm_is_refused_before_any_work(overrides, says):
+    from agents.stages import validate_config
+
+    with pytest.raises(UserError, match=says):
+        validate_config(_compose(*overrides, "checkpoint=/nonexistent"))
+
+
+def test_grad_clip_0_is_accepted_as_no_clipping():
+    from agents.stages import validate_config
+
+    for overrides in (["stage=pretrain"], ["task=digits", "stage=image"], ["stage=reflow"]):
+        validate_config(_compose(*overrides, "stage.grad_clip=0", "checkpoint=/nonexistent"))

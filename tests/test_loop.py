@@ -122,3 +122,19 @@ def test_non_finite_guard_stops_before_the_optimizer_touches_the_weights():
         bad.run(3)
     assert all(torch.equal(v, before[k]) for k, v in flow.net.state_dict().items())
     assert ema.num_updates == 0
+
+
+def test_grad_clip_0_measures_without_clipping_and_a_negative_max_norm_is_refused():
+    w = torch.nn.Parameter(torch.tensor([3.0, 4.0]))
+    opt = torch.optim.SGD([w], lr=0.1)
+    norms = []
+
+    class Record(Callback):
+        def on_grad(self, step):
+            norms.append(float(step.grad_norm))
+
+    SupervisedLoop([w], opt, lambda i: ((w * torch.tensor([30.0, 40.0])).sum(), {}), grad_clip=0,
+                   callbacks=[Record()]).run(1)
+    assert norms == [50.0] and torch.allclose(w.detach(), torch.zeros(2), atol=1e-5)  # the full step
+    with pytest.raises(ValueError, match=r"grad_clip must be >= 0 \(the max gradient norm; 0: no clipping\)"):
+        SupervisedLoop([w], opt, lambda i: (w.sum(), {}), grad_clip=-1.0)
