@@ -114,6 +114,11 @@ def resolve(path: str | os.PathLike) -> Path:
                 return dirs[-1][2].resolve()
     if p.is_file():
         _refuse_file(p)
+    parts = [f"checkpoint={p / s} (the {what} policy)" for s, what in (("finetune", "fine-tuned"),
+             ("pretrain", "pretrained")) if (p / s / "checkpoints").is_dir()]
+    if parts:  # a stage=pipeline run: one checkpoint folder per stage
+        raise CheckpointError(f"{str(p)!r} is a pipeline run directory with no checkpoint of its own: give "
+                              + " or ".join(parts))
     raise CheckpointError(f"{str(p)!r} is not a flowpolicy checkpoint (no config.yaml in it, in last/ or "
                           "in checkpoints/last/)")
 

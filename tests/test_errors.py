@@ -363,3 +363,17 @@ def test_grad_clip_0_is_accepted_as_no_clipping():
 
     for overrides in (["stage=pretrain"], ["task=digits", "stage=image"], ["stage=reflow"]):
         validate_config(_compose(*overrides, "stage.grad_clip=0", "checkpoint=/nonexistent"))
+
+
+def test_a_pipeline_run_dir_as_checkpoint_names_its_stage_folders(checkpoint, tmp_path):
+    import shutil
+
+    from agents.checkpoint import CheckpointError
+
+    pipe = tmp_path / "pipe"
+    shutil.copytree(checkpoint, pipe / "pretrain", symlinks=True)
+    (pipe / "finetune" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match=rf"is a pipeline run directory .*: give checkpoint={pipe / 'finetune'} "
+                       rf"\(the fine-tuned policy\) or checkpoint={pipe / 'pretrain'} \(the pretrained policy\)$"):
+        _run("stage=eval", f"checkpoint={pipe}", run_dir=tmp_path / "e")
+    assert not (tmp_path / "e").exists()
