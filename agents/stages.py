@@ -111,6 +111,9 @@ def validate_config(cfg: DictConfig) -> None:
     name = cfg.stage.name
     if name in CHECKPOINT_STAGES and not cfg.get("checkpoint"):
         raise UserError(f"stage={name} needs checkpoint=<checkpoint dir or run dir>")
+    if name not in CHECKPOINT_STAGES and cfg.get("checkpoint") and int(os.environ.get("RANK", "0")) == 0:
+        note(f"stage={name} trains from scratch and does not read checkpoint={cfg.checkpoint} (it is ignored; "
+             f"the stages that start from a checkpoint: {', '.join(CHECKPOINT_STAGES)})")
     if name == "eval":  # its own episodes, num_envs, videos and seed (defaults: task.eval's and 100000)
         s = cfg.stage
         if any(int(k) < 1 for k in s.get("denoise_steps") or []):

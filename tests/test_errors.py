@@ -377,3 +377,14 @@ def test_a_pipeline_run_dir_as_checkpoint_names_its_stage_folders(checkpoint, tm
                        rf"\(the fine-tuned policy\) or checkpoint={pipe / 'pretrain'} \(the pretrained policy\)$"):
         _run("stage=eval", f"checkpoint={pipe}", run_dir=tmp_path / "e")
     assert not (tmp_path / "e").exists()
+
+
+def test_a_checkpoint_given_to_a_stage_that_trains_from_scratch_gets_a_note(capsys):
+    from agents.stages import validate_config
+
+    validate_config(_compose("stage=pretrain", "checkpoint=/some/run", *QUIET))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["note: stage=pretrain trains from scratch and does not read checkpoint=/some/run (it is ignored; "
+                   "the stages that start from a checkpoint: eval, finetune, align, reflow)"]
+    validate_config(_compose("stage=pretrain", *QUIET))
+    assert capsys.readouterr().err == ""
