@@ -195,9 +195,14 @@ def _run_path(job, runs_dir: Path, code: str) -> Path:
     return runs_dir / f"{method}-{variant}-seed{seed}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
 
-def _saved(path: Path, label: str, run_fn, reuse: bool) -> dict:
+def _has_success(task: str) -> bool:
+    """Whether the task's score is its success rate (manipulation) rather than its return (locomotion)."""
+    return task_spec(task)["env"].startswith(("metaworld", "robosuite"))
+
+
+def _saved(path: Path, label: str, run_fn, reuse: bool, success: bool) -> dict:
     """``run_fn()`` saved to ``path`` as soon as it ends (atomic write), or the saved run when ``reuse`` and it
-    exists; one log line either way."""
+    exists; one log line either way, with the task's score (``success``: the success rate, else the return)."""
     if reuse and path.exists():
         run = {**json.loads(path.read_text()), "reused": True}
         print(f"[bench.finetune] {label}: reused {path}", flush=True)
@@ -205,7 +210,7 @@ def _saved(path: Path, label: str, run_fn, reuse: bool) -> dict:
     run = run_fn()
     write_json_atomic(path, run)  # a run killed while writing leaves no half file behind
     last = run["curve"][-1]
-    score = f"success {last['success']:.3f}" if last.get("success") is not None else f"return {last['return']:.1f}"
+    score = f"success {last['success']:.3f}" if success else f"return {last['return']:.1f}"
     print(f"[bench.finetune] {label}: final {score} at {run['env_steps']} env steps, {run['wall_s']:.0f} s; "
           f"saved {path}", flush=True)
     return run
@@ -217,7 +222,7 @@ def _finetune_saved(args):
     job, runs_dir, code, reuse = args
     method, variant, _, seed = job[:4]
     return _saved(_run_path(job, Path(runs_dir), code), f"{method}/{variant} seed {seed}", lambda: _finetune(job),
-                  reuse)
+                  reuse, _has_success(job[4]))
 
 
 def _sb3_saved(args):
@@ -231,7 +236,7 @@ def _sb3_saved(args):
     key = json.dumps({"args": list(sb3_args), "task_defaults": _task_finetune_defaults(sb3_args[1]),
                       "sb3": stable_baselines3.__version__, "code": code}, sort_keys=True, default=str)
     path = Path(runs_dir) / f"sb3_ppo-default-seed{sb3_args[0]}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
-    return _saved(path, f"sb3_ppo seed {sb3_args[0]}", lambda: _sb3_ppo(sb3_args), reuse)
+    return _saved(path, f"sb3_ppo seed {sb3_args[0]}", lambda: _sb3_ppo(sb3_args), reuse, _has_success(sb3_args[1]))
 
 
 def _evaluate_sb3(model, task: str, n_episodes: int, eval_seed: int, num_envs: int) -> float:

@@ -120,7 +120,8 @@ def test_finished_runs_are_saved_at_once_and_reused_only_by_the_same_command(tmp
     runs = str(tmp_path / "runs")
     job = ("reflow", "default", {"clip_coef": 0.05}, 0, "pick_place", str(ckpt), 1600)
     first = bf._finetune_saved((job, runs, "commit1", True))
-    assert "saved" in capsys.readouterr().out and len(list((tmp_path / "runs").glob("*.json"))) == 1
+    out = capsys.readouterr().out  # the log line names the task's score: pick-place's success rate
+    assert "final success 0.500" in out and "saved" in out and len(list((tmp_path / "runs").glob("*.json"))) == 1
     again = bf._finetune_saved((job, runs, "commit1", True))
     assert len(calls) == 1 and again.pop("reused") is True and again == first
     assert "reused" in capsys.readouterr().out
@@ -143,7 +144,7 @@ def test_finished_runs_are_saved_at_once_and_reused_only_by_the_same_command(tmp
     assert not list((tmp_path / "runs").glob("*seed7*"))  # a run that did not finish leaves nothing behind
 
 
-def test_sb3_runs_are_saved_and_reused_like_the_fine_tuning_runs(tmp_path, monkeypatch):
+def test_sb3_runs_are_saved_and_reused_like_the_fine_tuning_runs(tmp_path, monkeypatch, capsys):
     import bench.finetune as bf
 
     calls = []
@@ -151,12 +152,13 @@ def test_sb3_runs_are_saved_and_reused_like_the_fine_tuning_runs(tmp_path, monke
     def fake(args):
         calls.append(args)
         return {"method": "sb3_ppo", "variant": "default", "seed": args[0], "wall_s": 1.0, "eval_s": 0.0,
-                "env_steps": 2048, "curve": [{"env_steps": 2048, "return": 5.0, "success": None}]}
+                "env_steps": 2048, "curve": [{"env_steps": 2048, "return": 5.0, "success": 0.0}]}
 
     monkeypatch.setattr(bf, "_sb3_ppo", fake)
     runs = str(tmp_path / "runs")
     a = (0, "hopper_medium", 2048, 1024, 5, 100_000, 4)
     first = bf._sb3_saved((a, runs, "commit1", True))
+    assert "final return 5.0" in capsys.readouterr().out  # Hopper's score is its return (its success is 0.0)
     again = bf._sb3_saved((a, runs, "commit1", True))
     assert len(calls) == 1 and again.pop("reused") is True and again == first
     assert [p.name.split("-")[:3] for p in (tmp_path / "runs").glob("*.json")] == [["sb3_ppo", "default", "seed0"]]
