@@ -168,6 +168,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--budget", choices=sorted(BUDGETS), default="small")
     parser.add_argument("--out-dir", default=str(RESULTS_DIR))
     args = parser.parse_args(argv)
+    from bench.common import check_out_dir
+
+    check_out_dir(args.out_dir, "--out-dir")  # before measuring: the results must have somewhere to go
     load_before = os.getloadavg()[0]  # other processes on the machine lower the rates; recorded for context
     start = time.perf_counter()
     measured = run(args.budget)

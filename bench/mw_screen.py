@@ -83,8 +83,10 @@ def main(argv=None):
     p.add_argument("--work", default="/tmp/flowpolicy_bench", help="folder for pretraining checkpoints")
     p.add_argument("--out", default=None, help="results folder (default bench/results)")
     args = p.parse_args(argv)
-    from bench.common import save_figure, save_results
+    from bench.common import check_out_dir, save_figure, save_results
 
+    if args.out:
+        check_out_dir(args.out)
     bad = [x for x in args.tasks if not x.endswith("-v3")]
     if bad:
         raise SystemExit(f"error: Meta-World v3 task names end in -v3 (e.g. door-open-v3), got {bad}")

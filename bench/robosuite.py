@@ -114,6 +114,10 @@ def main(argv=None):
                    help="tasks whose per-task files in <out>/robosuite/ come from an earlier command: read, not run "
                         "(the table says so)")
     args = p.parse_args(argv)
+    if args.out:
+        from bench.common import check_out_dir
+
+        check_out_dir(args.out)
     if set(args.tasks) - set(args.reuse):
         try:
             import robosuite  # noqa: F401

@@ -97,3 +97,22 @@ def test_pretrain_writes_under_out_and_refuses_a_file_out_before_training(tmp_pa
     assert json.loads(path.read_text())["rows"][0]["method"] == "ReFlow"
     assert (tmp_path / "o" / "pretrain_pick_place.md").exists() and (tmp_path / "o" / "pretrain_pick_place.png").exists()
     assert (committed.read_bytes() if committed.exists() else None) == before
+
+
+@pytest.mark.parametrize("module,option,extra", [("envs_throughput", "--out-dir", []),
+                                                 ("mw_screen", "--out", ["--tasks", "push-v3"]),
+                                                 ("robosuite", "--out", [])])
+def test_the_other_benchmarks_refuse_a_file_out_before_measuring(module, option, extra, tmp_path, monkeypatch,
+                                                                 capsys):
+    import importlib
+
+    bench = importlib.import_module(f"bench.{module}")
+    for name in ("run", "_screen"):  # what measures or trains, where the module has it
+        if hasattr(bench, name):
+            monkeypatch.setattr(bench, name, _nothing)
+    monkeypatch.setattr("multiprocessing.get_context", _nothing)
+    (tmp_path / "f").write_text("a user's file")
+    with pytest.raises(SystemExit) as e:
+        bench.main([option, str(tmp_path / "f"), *extra])
+    assert "is a file, not a folder" in _one_line(e, capsys)
+    assert (tmp_path / "f").read_text() == "a user's file"
