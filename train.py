@@ -40,6 +40,8 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 register_resolvers()
+# the run directory as the command line gave it, seen before Hydra creates it (set in __main__ below)
+RUN_DIR_GIVEN = None
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 
@@ -58,6 +60,10 @@ def main(cfg: DictConfig) -> None:
         if full_traceback_wanted(cfg.get("debug", False)) or not is_user_error(err):
             raise
         print(one_line(err), file=sys.stderr)
+        from agents.cli import discard_unused_run_dir
+
+        if RUN_DIR_GIVEN is not None:
+            discard_unused_run_dir(run_dir, RUN_DIR_GIVEN)  # refused before writing: no empty run folder is left
         sys.exit(EXIT_USER_ERROR)
     if out.get("rank", 0) != 0:  # torchrun: rank 0 prints the results
         return
@@ -69,7 +75,7 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     from agents import distributed
-    from agents.cli import composition_error, run_dir_error
+    from agents.cli import composition_error, given_run_dir, run_dir_error
     from agents.errors import EXIT_USER_ERROR, full_traceback_wanted
 
     # a bad key, value or group option, or a run dir that is a file: one line and exit 2, before Hydra prints
@@ -81,6 +87,7 @@ if __name__ == "__main__":
         sys.exit(EXIT_USER_ERROR)
 
     if not distributed.launched():
+        RUN_DIR_GIVEN = given_run_dir(sys.argv[1:])
         main()
     else:  # a torchrun worker
         import shutil

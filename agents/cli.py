@@ -6,6 +6,7 @@ Kept free of torch/MuJoCo imports so ``python train.py --help`` answers at once.
 from __future__ import annotations
 
 import re
+from typing import NamedTuple
 
 from .renamed import hint
 
@@ -142,6 +143,60 @@ def run_dir_error(argv: list[str]) -> str | None:
             where = "is a file" if probe == path else f"is under {probe}, a file"
             return f"error: {key}={value} {where}, not a directory; give a new or an existing directory"
     return None
+
+
+class RunDirBefore(NamedTuple):
+    """``hydra.run.dir`` as the command line gave it, seen before Hydra creates it (:func:`given_run_dir`)."""
+
+    path: str | None  # its absolute path; None: not given (a new dated one); "": not a plain path
+    existed: bool  # it existed already
+    anchor: str  # its deepest folder that existed (the working directory when not given)
+    log_existed: bool  # it held a train.log already
+
+
+def given_run_dir(argv: list[str]) -> RunDirBefore:
+    """What :func:`discard_unused_run_dir` needs to know about the run directory before Hydra creates it."""
+    import os
+
+    path = None
+    for arg in argv:
+        key, eq, value = arg.lstrip("+~").partition("=")
+        if eq and key == "hydra.run.dir":
+            path = "" if "${" in value else os.path.abspath(os.path.expanduser(value.strip().strip("'\"")))
+    if not path:
+        return RunDirBefore(path, path == "", os.getcwd(), True)
+    anchor = path
+    while not os.path.isdir(anchor) and os.path.dirname(anchor) != anchor:
+        anchor = os.path.dirname(anchor)
+    return RunDirBefore(path, os.path.lexists(path), anchor, os.path.lexists(os.path.join(path, "train.log")))
+
+
+def discard_unused_run_dir(run_dir: str, before: RunDirBefore) -> bool:
+    """Undo what Hydra created for a run refused before it wrote anything, so that bad input leaves no empty run
+    folder behind: the run directory when it holds at most an empty ``train.log``, and the parent folders it
+    created (``outputs/<date>``) when they are left empty. A directory that existed before the run keeps all it
+    had; only an empty ``train.log`` that Hydra added to it goes. Returns whether the run directory was removed."""
+    from pathlib import Path
+
+    here = Path(run_dir).resolve()
+    if before.path == "" or (before.path is not None and Path(before.path).resolve() != here) or not here.is_dir():
+        return False
+    log = here / "train.log"
+    if before.existed:
+        if not before.log_existed and log.is_file() and not log.is_symlink() and not log.stat().st_size:
+            log.unlink()
+        return False
+    entries = list(here.iterdir())
+    if any(e.name != "train.log" or e.is_symlink() or not e.is_file() or e.stat().st_size for e in entries):
+        return False
+    for e in entries:
+        e.unlink()
+    here.rmdir()
+    anchor, parent = Path(before.anchor).resolve(), here.parent
+    while parent != anchor and anchor in parent.parents and not any(parent.iterdir()):
+        parent.rmdir()
+        parent = parent.parent
+    return True
 
 
 def hydra_one_line(err: BaseException) -> str:

@@ -388,3 +388,27 @@ def test_a_checkpoint_given_to_a_stage_that_trains_from_scratch_gets_a_note(caps
                    "the stages that start from a checkpoint: eval, finetune, align, reflow)"]
     validate_config(_compose("stage=pretrain", *QUIET))
     assert capsys.readouterr().err == ""
+
+
+def test_refused_input_leaves_no_empty_run_folder_and_keeps_an_existing_one(tmp_path):
+    """Hydra creates the run directory (and an empty train.log) before train.py checks its input: a refused run
+    removes what it created, and leaves a directory that existed before as it was."""
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine\n")
+    (tmp_path / "empty").mkdir()
+    for extra in ([], ["hydra.run.dir=new/sub"], ["hydra.run.dir=mine"], ["hydra.run.dir=empty"]):
+        out = subprocess.run([sys.executable, str(ROOT / "train.py"), "threads=0", *extra], capture_output=True,
+                             text=True, timeout=120, cwd=tmp_path, env=env)
+        assert out.returncode == 2 and out.stderr.strip().splitlines()[-1] == "error: threads must be >= 1, got 0"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "mine"]  # no outputs/<date>/..., no new/
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+    assert not any((tmp_path / "empty").iterdir())
+    # a run refused after it wrote into its new run dir keeps what it wrote
+    from agents.cli import RunDirBefore, discard_unused_run_dir
+
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "train.log").write_text("step 1\n")
+    assert not discard_unused_run_dir(str(run), RunDirBefore(str(run), False, str(tmp_path), False))
+    assert (run / "train.log").read_text() == "step 1\n"
