@@ -3,7 +3,9 @@
 A run directory holds one run: the stage and task recorded in its ``config_resolved.yaml``. Re-running the same
 stage on the same task there resumes it (the documented way to continue a run). Another stage, or another task
 or env, would overwrite that run's ``config_resolved.yaml``, ``overrides.yaml``, ``summary.json`` and results,
-and resume its checkpoints into a model that does not fit: :func:`check_prior_run` refuses it in one line.
+and resume its checkpoints into a model that does not fit; a stage started from ``checkpoint=`` of another
+training run (evaluating another model there) would overwrite the results of the first. :func:`check_prior_run`
+refuses these in one line.
 """
 
 from __future__ import annotations
@@ -67,6 +69,20 @@ def recorded_run(run_dir: str | Path) -> dict[str, Any] | None:
     return cfg
 
 
+def _checkpoint_source(path: Any) -> Path | None:
+    """The training run a ``checkpoint=`` path belongs to (the folder above its ``checkpoints/``), so that two
+    steps of one run count as one source; None when not given or not found (nothing then is compared)."""
+    if path in (None, "", "None", "null"):
+        return None
+    from .checkpoint_load import resolve
+
+    try:
+        ckpt = resolve(str(path))
+    except Exception:  # noqa: BLE001 - moved or deleted since: nothing to compare; the stage reports a bad path
+        return None
+    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt
+
+
 def check_prior_run(cfg: Any, run_dir: str | Path) -> None:
     """UserError when ``run_dir`` holds a run of another stage, or of the same stage on another task or env.
 
@@ -83,6 +99,14 @@ def check_prior_run(cfg: Any, run_dir: str | Path) -> None:
         raise UserError(f"{run_dir} already holds a {held}; stage={stage} there would overwrite its "
                         f"config_resolved.yaml, summary.json and results: {elsewhere}")
     keys = [k for k in _TASK_KEYS if not _same(k, old_task.get(k), new_task.get(k))]
+    old_src, new_src = _checkpoint_source(old.get("checkpoint")), _checkpoint_source(cfg.get("checkpoint"))
+    if not keys and old_src and new_src and old_src != new_src:  # eval/finetune/align/reflow of another model
+        if stage in RESUMABLE and not cfg.get("resume", True):
+            return
+        raise UserError(f"{run_dir} already holds a {held} from checkpoint={old['checkpoint']}, a checkpoint of "
+                        f"another run than checkpoint={cfg.get('checkpoint')}; running there would overwrite its "
+                        f"results: {elsewhere}" + (", or resume=false to delete its checkpoints and start fresh "
+                                                   "there" if stage in RESUMABLE else ""))
     if not keys:
         return
     if stage in RESUMABLE and not cfg.get("resume", True):

@@ -281,6 +281,25 @@ def test_a_run_dir_of_another_stage_or_task_is_refused_before_anything_is_writte
     assert str(other) in (run_dir / "config_resolved.yaml").read_text()
 
 
+
+def test_a_run_dir_evaluated_from_another_runs_checkpoint_is_refused(checkpoint, demo_file, tmp_path):
+    """stage=eval twice in one run dir: the same checkpoint again (any of its run's paths) rewrites its own
+    results; a checkpoint of another run would overwrite them, and is refused before anything is written."""
+    import shutil
+
+    other = shutil.copytree(checkpoint, tmp_path / "other_run", symlinks=True)  # the same weights, another run
+    args = ["stage=eval", f"task.demos.path={demo_file}", "task=robomimic"]
+    ev = tmp_path / "ev"
+    _run(*args, f"checkpoint={checkpoint}", run_dir=ev)
+    before = _files(ev)
+    with pytest.raises(UserError, match=rf"{ev} already holds a stage=eval run of task=robomimic .* from "
+                       rf"checkpoint={checkpoint}, a checkpoint of another run than checkpoint={other}; .*another "
+                       "hydra.run.dir"):
+        _run(*args, f"checkpoint={other}", run_dir=ev)
+    assert _files(ev) == before
+    _run(*args, f"checkpoint={checkpoint}/checkpoints/last", run_dir=ev)  # the same run's checkpoint: allowed
+
+
 @pytest.mark.parametrize("override, says", [
     ("threads=0", "threads must be >= 1, got 0"),
     ("threads=abc", "threads=abc is not an integer"),
