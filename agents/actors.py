@@ -13,6 +13,7 @@ with :func:`register_algorithm` (``algo=<name>``); nothing in the PPO loop names
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -126,7 +127,7 @@ class FlowActor(PPOActor):
 class GaussianActor(PPOActor):
     """Gaussian baseline: latent = the sampled normalized action chunk before clipping (B, Ta, Da).
 
-    Its std is the policy's own learned ``log_std`` (the noise-bound schedule does not apply). The log-prob
+    Its std is the policy's own learned ``log_std`` (the noise-bound schedule does not apply; ``gaussian_init_std`` sets it at the start). The log-prob
     covers the executed actions only (the first Te of the chunk: the others are marginalized out exactly, as
     the entries of a diagonal Gaussian are independent); ``normalize_logprob`` divides log-prob and entropy by
     Te * Da, the same count as the flow actor's.
@@ -142,6 +143,9 @@ class GaussianActor(PPOActor):
             raise ValueError(f"exec_horizon must be in [1, Ta={policy.action_horizon}], got {exec_horizon}")
         self.logprob_count = self.exec_horizon * int(policy.act_dim)
         self.logprob_scale = self.scale = 1.0 / self.logprob_count if cfg.normalize_logprob else 1.0
+        if cfg.gaussian_init_std is not None:  # explore wider (or narrower) than behavior cloning left it
+            with torch.no_grad():
+                policy.log_std.fill_(math.log(cfg.gaussian_init_std))
         self.eval()
 
     def _executed(self, x: torch.Tensor) -> torch.Tensor:
@@ -175,7 +179,7 @@ class GaussianActor(PPOActor):
         return (self.policy.distribution(cond).mean - ref).pow(2).mean()
 
     def sigma_stats(self, cond):
-        s = self._executed(self.policy.distribution(cond).stddev)
+        s = self._executed(self.policy.distribution(cond).stddev.detach())
         return float(s.mean()), float(s.min()), float(s.max())
 
     def param_groups(self, cfg):

@@ -61,6 +61,7 @@ class FinetuneConfig:
     # bounds (set on the policy at the start, saved with it; the noisy chain may then explore past the demos)
     action_limits: str = "data"
     clip_action: float | None = None  # None: clip actions to the policy's limits; c: to +-c normalized units
+    gaussian_init_std: float | None = None  # Gaussian actor: its std at the start (None: the pretrained one)
     # PPO
     update_epochs: int = 10
     minibatch_size: int = 1024  # samples (env x chunk step) per minibatch
@@ -98,6 +99,8 @@ class FinetuneConfig:
             (0.0 <= self.gamma <= 1.0 and 0.0 <= self.gae_lambda <= 1.0, "gamma and gae_lambda must be in [0, 1]"),
             (self.update_epochs >= 1 and self.minibatch_size >= 1, "update_epochs, minibatch_size must be >= 1"),
             (self.clip_coef > 0.0, "clip_coef must be > 0"),
+            (self.gaussian_init_std is None or self.gaussian_init_std > 0,
+             f"gaussian_init_std must be > 0 (or null: the pretrained std), got {self.gaussian_init_std}"),
             (self.actor_lr > 0, f"actor_lr must be > 0, got {self.actor_lr}"),
             (self.critic_lr > 0, f"critic_lr must be > 0, got {self.critic_lr}"),
             (self.noise_lr is None or self.noise_lr > 0, f"noise_lr must be > 0 (or null: actor_lr), got {self.noise_lr}"),

@@ -107,6 +107,22 @@ def test_a_policy_that_executes_one_action_per_chunk_fine_tunes_on_single_action
         ReinFlowPPO(make_policy(kind, exec_horizon=2), gym.vector.SyncVectorEnv([PointReach]), None, small_cfg())
 
 
+
+def test_gaussian_init_std_sets_the_gaussians_exploration_at_the_start():
+    """gaussian_init_std replaces the std that behavior cloning left (SB3's log_std_init): the rollouts sample
+    with it, their log-probs use it (ratio 1 at the first minibatch), and the mean is untouched."""
+    base = ReinFlowPPO(make_policy("gaussian"), make_envs(4), None, small_cfg())
+    agent = ReinFlowPPO(make_policy("gaussian"), make_envs(4), None, small_cfg(gaussian_init_std=0.5))
+    cond = torch.randn(16, 2)
+    assert torch.allclose(agent.actor.policy.distribution(cond).mean, base.actor.policy.distribution(cond).mean)
+    assert base.actor.sigma_stats(cond)[0] == pytest.approx(math.exp(-1.0))  # the policy's own init
+    assert agent.actor.sigma_stats(cond) == pytest.approx((0.5, 0.5, 0.5))
+    metrics = run(agent, 2)
+    assert all(m["train/ratio_first_minibatch"] <= 1e-6 for m in metrics)
+    assert metrics[0]["train/sigma_mean"] == pytest.approx(0.5, rel=0.05)
+    with pytest.raises(ValueError, match="gaussian_init_std must be > 0"):
+        small_cfg(gaussian_init_std=0.0)
+
 def test_resume_mid_finetuning_gives_the_same_parameters_as_not_stopping():
     cfg = small_cfg(lr_schedule="cosine", lr_schedule_iters=4, sigma_min_final=0.05, sigma_max_final=0.1,
                     sigma_hold_iters=1, sigma_decay_iters=2, bc_coef=0.1, noise_time_dependent=True)
