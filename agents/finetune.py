@@ -130,8 +130,7 @@ class ReinFlowPPO(PPOUpdate):
         if self.dist.enabled:
             counts = distributed.all_gather_object(int(self.num_envs))
             if len(set(counts)) != 1:
-                raise ValueError(f"data-parallel fine-tuning needs the same number of envs in every process, "
-                                 f"got {counts}")
+                raise ValueError(f"data-parallel fine-tuning needs the same number of envs in every process, got {counts}")
             if not c.reset_at_iteration:
                 raise ValueError("data-parallel fine-tuning needs reset_at_iteration=true")
 
@@ -317,9 +316,9 @@ class ReinFlowPPO(PPOUpdate):
             metrics["rollout/success_rate"] = float(np.mean(batch["ep_successes"]))
         return metrics
 
-    def _eval_due(self) -> bool:
-        """Evaluation at this iteration (data-parallel: every process runs its share of the episodes)."""
-        return self.eval_envs is not None and self.cfg.eval_every > 0 and self.iteration % self.cfg.eval_every == 0
+    def _eval_due(self, last: bool = False) -> bool:
+        """Evaluation at this iteration, or after the last (data-parallel: every process runs its share)."""
+        return self.eval_envs is not None and self.cfg.eval_every > 0 and (last or self.iteration % self.cfg.eval_every == 0)
 
     def _stop_from(self, answer: bool | None) -> bool:
         """A callback's False stops every process (any process's answer counts)."""
@@ -330,10 +329,10 @@ class ReinFlowPPO(PPOUpdate):
         """Train until ``env_steps >= total_env_steps`` (counted in env steps, across resumes).
 
         ``callback(agent, metrics)`` runs after every iteration (and once with the initial evaluation at
-        iteration 0); returning False stops. Evaluation runs before the first iteration and every
-        ``eval_every`` iterations, its metrics merged into that iteration's. Data-parallel, every process
-        calls ``callback`` after every iteration with the same metrics (evaluations gathered), and a False
-        from any process stops all of them at the same iteration.
+        iteration 0); returning False stops. Evaluation runs before the first iteration, every ``eval_every``
+        iterations and after the last (of the final policy), its metrics merged into that iteration's.
+        Data-parallel, every process calls ``callback`` after every iteration with the same metrics
+        (evaluations gathered), and a False from any process stops all of them at the same iteration.
         """
         per_iteration = self.global_num_envs * self.cfg.n_steps * self.env_chunk  # env steps, no early ends
         self.planned_iters = max(1, math.ceil(int(total_env_steps) / per_iteration))
@@ -347,7 +346,7 @@ class ReinFlowPPO(PPOUpdate):
             while self.env_steps < total_env_steps:
                 before = self.env_steps
                 metrics = self.train_iteration()
-                if self._eval_due():
+                if self._eval_due(last=self.env_steps >= total_env_steps):
                     metrics.update(self._evaluations())
                 bar.update(min(self.env_steps, int(total_env_steps)) - min(before, int(total_env_steps)))
                 bar.set_postfix({k.split("/")[1]: f"{metrics[k]:.3g}" for k in

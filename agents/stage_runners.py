@@ -113,6 +113,8 @@ def finetune_table(ft: dict[str, Any], env: str, has_success: bool) -> str:
         lines.append(f"| {label} | {env} | {h.get('env_steps', '')} | {h.get('eval/return_mean', float('nan')):.2f} | "
                      f"{h.get('eval/return_std', float('nan')):.2f} | "
                      f"{'' if succ is None or not has_success else f'{succ:.2f}'} |")
+    if len(lines) == 2:
+        return "no evaluation during fine-tuning (stage.eval_every=0): evaluate with stage=eval checkpoint=<run dir>"
     return "\n".join(lines)
 
 

@@ -123,6 +123,21 @@ def test_gaussian_init_std_sets_the_gaussians_exploration_at_the_start():
     with pytest.raises(ValueError, match="gaussian_init_std must be > 0"):
         small_cfg(gaussian_init_std=0.0)
 
+
+def test_the_last_evaluation_is_of_the_final_policy():
+    """Evaluations run at iteration 0, every eval_every iterations and after the last one, so the fine-tuning
+    table's "after" row and summary's final_eval are of the policy that is saved, not of an earlier one."""
+    from agents.stage_runners import finetune_table
+
+    agent = ReinFlowPPO(make_policy("reflow"), make_envs(4), make_envs(2), small_cfg(eval_every=3, eval_episodes=2))
+    per_iter = 4 * 8 * TA
+    evals = []
+    agent.learn(4 * per_iter, callback=lambda a, m: evals.append(a.iteration) if "eval/return_mean" in m else None,
+                progress=False)
+    n = agent.iteration  # 4 or 5: episodes that end inside a chunk give fewer env steps
+    assert n % 3 and evals == [*range(0, n, 3), n]
+    assert finetune_table({}, "env", False).startswith("no evaluation during fine-tuning (stage.eval_every=0)")
+
 def test_resume_mid_finetuning_gives_the_same_parameters_as_not_stopping():
     cfg = small_cfg(lr_schedule="cosine", lr_schedule_iters=4, sigma_min_final=0.05, sigma_max_final=0.1,
                     sigma_hold_iters=1, sigma_decay_iters=2, bc_coef=0.1, noise_time_dependent=True)
