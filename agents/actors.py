@@ -82,7 +82,7 @@ class FlowActor(PPOActor):
                              cfg.noise_hidden, cfg.noise_depth)
         self.sampler = NoisyFlowSampler(policy, noise_net, cfg.denoise_steps, cfg.clip_intermediate, cfg.clip_action,
                                         cfg.include_x0_logprob, cfg.normalize_logprob, exec_horizon=exec_horizon,
-                                        init_noise_scale=cfg.init_noise_scale)
+                                        init_noise_scale=cfg.init_noise_scale, noise_steps=cfg.noise_steps)
         self.logprob_count = self.sampler.logprob_count
         self.logprob_scale = 1.0 / self.logprob_count if cfg.normalize_logprob else 1.0
         self.reference = clone_module(policy)

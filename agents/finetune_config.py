@@ -51,6 +51,7 @@ class FinetuneConfig:
     sigma_decay_frac: float | None = None
     lr_schedule_frac: float | None = None
     noise_time_dependent: bool = False  # sigma(s, t) instead of sigma(s)
+    noise_steps: int | None = None  # noise in the last m denoising steps only (None: every step, ReinFlow's)
     noise_hidden: int = 128
     noise_depth: int = 2
     include_x0_logprob: bool = True  # add log N(x0; 0, I) (cancels in ratios)
@@ -99,6 +100,7 @@ class FinetuneConfig:
             (0.0 <= self.gamma <= 1.0 and 0.0 <= self.gae_lambda <= 1.0, "gamma and gae_lambda must be in [0, 1]"),
             (self.update_epochs >= 1 and self.minibatch_size >= 1, "update_epochs, minibatch_size must be >= 1"),
             (self.clip_coef > 0.0, "clip_coef must be > 0"),
+            (self.noise_steps is None or self.noise_steps >= 1, f"noise_steps must be >= 1 (or null: every step), got {self.noise_steps}"),
             (self.gaussian_init_std is None or self.gaussian_init_std > 0,
              f"gaussian_init_std must be > 0 (or null: the pretrained std), got {self.gaussian_init_std}"),
             (self.actor_lr > 0, f"actor_lr must be > 0, got {self.actor_lr}"),

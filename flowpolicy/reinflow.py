@@ -154,13 +154,21 @@ class NoisyFlowSampler(nn.Module):
             distribution; 0: every chain starts at x_0 = 0, so the noise-free action is a deterministic function
             of the observation). x_0 carries no parameter, so the log-prob stays exact for any tau; its term
             is log N(x_0; 0, tau^2 I) (left out at tau = 0, where x_0 has no density).
+        noise_steps: m, noise in the last m transitions only (None: every one, ReinFlow's chain). The first K - m
+            are the policy's own Euler steps: a deterministic function of x_0, recomputed from x_0 with the
+            current networks in :meth:`log_prob` (so the update reaches them) and adding no term to it. The
+            log-prob stays exact; with m = 1 the chain is a Gaussian around the flow's K-step action, so the
+            noise-free action is the mean of the action that training samples (as for a Gaussian policy).
     """
 
     def __init__(self, policy: nn.Module, noise_net: NoiseNet, steps: int = 4, clip_intermediate: float | None = None,
                  clip_action: float | None = 1.0, include_x0: bool = True, normalize_logprob: bool = True,
                  grid_kind: str = "uniform", grid_shift: float = 1.0, exec_horizon: int | None = None,
-                 init_noise_scale: float = 1.0) -> None:
+                 init_noise_scale: float = 1.0, noise_steps: int | None = None) -> None:
         super().__init__()
+        if noise_steps is not None and int(noise_steps) < 1:
+            raise ValueError(f"noise_steps must be >= 1 (or None: every step), got {noise_steps}")
+        self.noise_steps = None if noise_steps is None else int(noise_steps)
         if not 0.0 <= float(init_noise_scale) <= 1.0:
             raise ValueError(f"init_noise_scale must be in [0, 1], got {init_noise_scale}")
         self.init_noise_scale = float(init_noise_scale)
@@ -189,9 +197,16 @@ class NoisyFlowSampler(nn.Module):
         """The normalization count: executed action dimensions Te * Da (see the class docstring)."""
         return self.exec_horizon * self.x_shape[1]
 
+    def first_noisy(self, steps: int) -> int:
+        """Index of the first transition that gets noise: 0, or K - noise_steps (the earlier ones are the
+        deterministic Euler steps, which add no term to the log-prob)."""
+        return 0 if self.noise_steps is None else max(0, int(steps) - self.noise_steps)
+
     def term_mask(self, steps: int) -> torch.Tensor:
-        """(K, Ta, 1) float mask of the transition terms in the log-prob: all but the last step's unexecuted rows."""
+        """(K, Ta, 1) float mask of the transition terms in the log-prob: the noisy transitions, less the last
+        step's unexecuted rows."""
         m = torch.ones(int(steps), self.x_shape[0], 1)
+        m[: self.first_noisy(steps)] = 0.0
         m[-1, self.exec_horizon:] = 0.0
         return m
 
@@ -275,11 +290,12 @@ class NoisyFlowSampler(nn.Module):
                 x0 = x0 * self.init_noise_scale
         sigma = self.sigmas(cond, grid)
         x, chain, means = x0, [x0], []
+        first = self.first_noisy(len(grid) - 1)
         for k in range(len(grid) - 1):
             h = grid[k + 1] - grid[k]
             mu = self.transition_mean(x, torch.full((b,), grid[k], device=cond.device), torch.full(
                 (b,), h, device=cond.device), cond)
-            if deterministic:
+            if deterministic or k < first:
                 x = mu
             else:
                 eps = rng.randn(mu.shape, generator, mu.device)
@@ -307,16 +323,26 @@ class NoisyFlowSampler(nn.Module):
         t = torch.tensor(grid[:-1], dtype=torch.float32, device=chain.device)
         h = torch.tensor([grid[i + 1] - grid[i] for i in range(k)], dtype=torch.float32, device=chain.device)
         net = self.policy.flow.net
+        first = self.first_noisy(k)  # noise in the last k - first steps only
+        if first:  # the deterministic start of the chain, recomputed from x_0 with the current networks
+            x, states = chain[:, 0], [chain[:, 0]]
+            for i in range(first):
+                x = self.transition_mean(x, t[i].expand(b), h[i].expand(b), cond)
+                states.append(x)
+            chain = torch.cat([torch.stack(states, 1), chain[:, first + 1:]], dim=1)
+        n, t_n, h_n = k - first, t[first:], h[first:]  # the noisy transitions: their means
         if hasattr(net, "forward_grid"):
-            # the same means with the conditioning's linear maps run on K + B rows instead of K * B
-            x_in = self._clip_state(chain[:, :-1])
-            d = h.clamp_min(self.policy.flow.finest_step) if self.is_shortcut else h
-            v = net.forward_grid(x_in, t, cond, d if getattr(net, "step_input", False) else None)
-            mu = x_in + h.reshape(1, k, *([1] * len(self.x_shape))) * v
+            # the same means with the conditioning's linear maps run on n + B rows instead of n * B
+            x_in = self._clip_state(chain[:, first:-1])
+            d = h_n.clamp_min(self.policy.flow.finest_step) if self.is_shortcut else h_n
+            v = net.forward_grid(x_in, t_n, cond, d if getattr(net, "step_input", False) else None)
+            mu = x_in + h_n.reshape(1, n, *([1] * len(self.x_shape))) * v
         else:
-            x_prev = chain[:, :-1].reshape(b * k, *self.x_shape)
-            mu = self.transition_mean(x_prev, t.repeat(b), h.repeat(b), cond.repeat_interleave(k, dim=0))
-            mu = mu.reshape(b, k, *self.x_shape)
+            x_prev = chain[:, first:-1].reshape(b * n, *self.x_shape)
+            mu = self.transition_mean(x_prev, t_n.repeat(b), h_n.repeat(b), cond.repeat_interleave(n, dim=0))
+            mu = mu.reshape(b, n, *self.x_shape)
+        if first:  # the deterministic transitions' means are their next states (masked out of the sums)
+            mu = torch.cat([chain[:, 1:first + 1], mu], dim=1)
         sigma = self.sigmas(cond, grid)
         return self._reduce(chain[:, 0], gaussian_log_prob(chain[:, 1:], mu, sigma), sigma)
 

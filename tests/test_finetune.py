@@ -94,6 +94,13 @@ def test_importance_ratio_is_one_at_the_first_minibatch_of_every_update(kind, st
     assert metrics[-1]["train/approx_kl"] > 0  # the actor did move after the critic warm-up
 
 
+
+def test_noise_in_the_last_step_only_fine_tunes_with_ratio_one_at_the_first_minibatch():
+    agent = ReinFlowPPO(make_policy("reflow"), make_envs(8), None, small_cfg(noise_steps=1))
+    assert agent.actor.sampler.first_noisy(4) == 3
+    metrics = run(agent, 3)
+    assert all(m["train/ratio_first_minibatch"] <= 1e-6 for m in metrics) and metrics[-1]["train/approx_kl"] > 0
+
 @pytest.mark.parametrize("kind", ["reflow", "gaussian"])
 def test_a_policy_that_executes_one_action_per_chunk_fine_tunes_on_single_action_envs(kind):
     """Te = 1 (receding horizon: predict Ta = 4, execute the first): the env takes single actions, every chunk

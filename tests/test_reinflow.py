@@ -278,3 +278,48 @@ def test_log_prob_on_the_step_grid_equals_the_row_by_row_computation(kind, monke
     assert torch.allclose(grid_logp, row_logp, atol=1e-5, rtol=1e-6) and torch.allclose(grid_ent, row_ent)
     for g, p in zip(grid_grad, sampler.policy.flow.net.parameters()):
         assert torch.allclose(g, p.grad, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind,k,m", [("reflow", 4, 1), ("reflow", 4, 2), ("shortcut", 4, 1), ("reflow", 2, 5)])
+def test_noise_in_the_last_steps_only_is_an_exact_chain(kind, k, m):
+    """noise_steps=m: the first K - m steps are the policy's Euler steps (no noise, no log-prob term), the last
+    m are noisy. The log-prob is the brute-force density of x_0 and the noisy transitions, with the deterministic
+    start recomputed from x_0 (so parameter changes reach it); noise off gives the pretrained action."""
+    sampler = make_sampler(kind, time_dependent=True, noise_steps=m)
+    torch.manual_seed(1)
+    cond = torch.randn(16, DO)
+    chain, logp = sampler.sample(cond, steps=k, generator=torch.Generator().manual_seed(0))
+    first = max(0, k - m)
+    x = chain[:, 0]
+    for i in range(first):  # the stored start is the noise-free Euler path from x_0
+        x = sampler.transition_mean(x, torch.full((16,), i / k), torch.full((16,), 1 / k), cond)
+        assert torch.equal(chain[:, i + 1], x)
+    if first < k:
+        assert not torch.equal(chain[:, first + 1], sampler.transition_mean(
+            chain[:, first], torch.full((16,), first / k), torch.full((16,), 1 / k), cond))
+    def brute(chain):  # log N(x_0; 0, I) plus the noisy transitions, one Euler step at a time (all rows executed)
+        states = list(chain.unbind(1))
+        for i in range(first):  # the deterministic start, from x_0 with the networks as they are now
+            h_i = torch.full((16,), 1 / k)
+            states[i + 1] = states[i] + h_i[:, None, None] * sampler.policy.velocity(states[i], i * h_i, cond, h_i)
+        out = torch.distributions.Normal(0.0, 1.0).log_prob(chain[:, 0]).sum((1, 2))
+        for i in range(first, k):
+            t_i, h_i = torch.full((16,), i / k), torch.full((16,), 1 / k)
+            mean = states[i] + h_i[:, None, None] * sampler.policy.velocity(states[i], t_i, cond, h_i)
+            out = out + torch.distributions.Normal(mean, sampler.noise_net(cond, t_i)).log_prob(
+                chain[:, i + 1]).sum((1, 2))
+        return out / (TA * DA)
+
+    expected = brute(chain)
+    recomputed, _ = sampler.log_prob(chain, cond)
+    assert torch.allclose(logp, expected, atol=1e-5) and torch.allclose(recomputed, logp, atol=1e-5)
+    # after the networks change, the deterministic start is recomputed with them, not read from the stored chain
+    with torch.no_grad():
+        for p in sampler.policy.flow.net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        assert torch.allclose(sampler.log_prob(chain, cond)[0], brute(chain), atol=1e-5)
+    with torch.no_grad():
+        det, _ = sampler.sample(cond, steps=k, deterministic=True, x0=chain[:, 0])
+        assert torch.equal(det[:, -1], sampler.policy.predict_normalized(cond, steps=k, x0=chain[:, 0]))
+    with pytest.raises(ValueError, match="noise_steps must be >= 1"):
+        make_sampler(noise_steps=0)
