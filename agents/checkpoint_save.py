@@ -156,7 +156,7 @@ def _check_space(root: Path, step: int, need: int) -> None:
     free = shutil.disk_usage(root).free
     if free < need:
         raise CheckpointError(f"not enough disk space to save step {step} in {root}: about {need} bytes needed, "
-                              f"{free} free; free some space or lower keep_last ({_intact_note(root)})")
+                              f"{free} free; free some space, e.g. old step_* directories of {root} ({_intact_note(root)})")
 
 
 def _intact_note(root: Path) -> str:

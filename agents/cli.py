@@ -14,7 +14,7 @@ HELP = """\
 usage: python train.py [key=value ...] [--multirun key=a,b]
 
 flowpolicy: flow-matching robot policies (behavior cloning, ReinFlow fine-tuning, alignment, few-step eval).
-Every option is a Hydra override; the run directory is outputs/<date>/<time>_<task>_<env>_<stage>/.
+Every option is a Hydra override; the run directory is outputs/<date>/<time>_<task>[_<env>]_<stage>/.
 
 stages (stage=...):
   pipeline   (default) demos -> pretrain -> eval -> ReinFlow fine-tuning -> eval
@@ -172,10 +172,11 @@ def given_run_dir(argv: list[str]) -> RunDirBefore:
 
 
 def discard_unused_run_dir(run_dir: str, before: RunDirBefore) -> bool:
-    """Undo what Hydra created for a run refused before it wrote anything, so that bad input leaves no empty run
-    folder behind: the run directory when it holds at most an empty ``train.log``, and the parent folders it
-    created (``outputs/<date>``) when they are left empty. A directory that existed before the run keeps all it
-    had; only an empty ``train.log`` that Hydra added to it goes. Returns whether the run directory was removed."""
+    """Undo what Hydra created for a run refused before it wrote anything, so that bad input leaves no run folder
+    behind: the run directory when it holds nothing but this run's ``train.log`` (log lines of the refused run,
+    such as a library's INFO line), and the parent folders it created (``outputs/<date>``) when they are left
+    empty. A directory that existed before the run keeps all it had; only a ``train.log`` that Hydra added to it
+    goes. Returns whether the run directory was removed."""
     from pathlib import Path
 
     here = Path(run_dir).resolve()
@@ -183,11 +184,11 @@ def discard_unused_run_dir(run_dir: str, before: RunDirBefore) -> bool:
         return False
     log = here / "train.log"
     if before.existed:
-        if not before.log_existed and log.is_file() and not log.is_symlink() and not log.stat().st_size:
+        if not before.log_existed and log.is_file() and not log.is_symlink():
             log.unlink()
         return False
     entries = list(here.iterdir())
-    if any(e.name != "train.log" or e.is_symlink() or not e.is_file() or e.stat().st_size for e in entries):
+    if any(e.name != "train.log" or e.is_symlink() or not e.is_file() for e in entries):
         return False
     for e in entries:
         e.unlink()

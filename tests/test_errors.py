@@ -423,11 +423,16 @@ def test_refused_input_leaves_no_empty_run_folder_and_keeps_an_existing_one(tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "mine"]  # no outputs/<date>/..., no new/
     assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
     assert not any((tmp_path / "empty").iterdir())
-    # a run refused after it wrote into its new run dir keeps what it wrote
+    # a refused run's own log lines go with its folder; a run dir that got anything else keeps it all
     from agents.cli import RunDirBefore, discard_unused_run_dir
 
-    run = tmp_path / "r"
-    run.mkdir()
+    run = tmp_path / "new" / "r"
+    run.mkdir(parents=True)
+    (run / "train.log").write_text("INFO OpenGL acceleratesupport ...\n")
+    assert discard_unused_run_dir(str(run), RunDirBefore(str(run), False, str(tmp_path), False))
+    assert not (tmp_path / "new").exists()
+    run.mkdir(parents=True)
     (run / "train.log").write_text("step 1\n")
+    (run / "config_resolved.yaml").write_text("stage: {name: pretrain}\n")
     assert not discard_unused_run_dir(str(run), RunDirBefore(str(run), False, str(tmp_path), False))
-    assert (run / "train.log").read_text() == "step 1\n"
+    assert sorted(p.name for p in run.iterdir()) == ["config_resolved.yaml", "train.log"]
