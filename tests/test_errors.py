@@ -448,3 +448,15 @@ def test_a_missing_robosuite_is_one_line_and_exit_2_before_anything_is_written(n
     lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: task=robosuite_lift (env robosuite/Lift): robosuite is not")
     assert not any(tmp_path.iterdir())  # no run dir, no config files, no data dir
+
+
+@pytest.mark.parametrize("override, says", [
+    ("task.demos.noise=-0.5", r"task.demos.noise must be a number >= 0 \(the action noise std\), got -0.5"),
+    ("task.demos.seed=-1", r"task.demos.seed must be an integer >= 0, got -1"),
+    ("task.demos.num=0", r"task.demos.num must be an integer >= 1, got 0"),
+    ("task.demos.quality=best", r"task.demos.quality must be 'expert' or 'medium', got 'best'"),
+])
+def test_settings_of_the_demos_to_collect_are_refused_before_any_work(override, says, tmp_path):
+    with pytest.raises(UserError, match=says):
+        _run("stage=pretrain", override, f"data_dir={tmp_path / 'data'}", run_dir=tmp_path / "r")
+    assert not any(tmp_path.iterdir())
