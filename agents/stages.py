@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from envs.collect import DEFAULT_EXPERT_STEPS
+from envs.collect import DEFAULT_EXPERT_STEPS, check_collect_settings
 
 from . import distributed
 from .checkpoint import RunLock, TrainingInterrupted, atomic_write_json, atomic_write_text
@@ -47,6 +47,7 @@ from .tblog import import_wandb, start_wandb
 
 STAGES = ("pipeline", "pretrain", "finetune", "eval", "align", "image", "reflow")
 CHECKPOINT_STAGES = ("eval", "finetune", "align", "reflow")
+DEMO_KEYS = ("noise", "seed", "quality", "expert_steps", "min_expert_return")
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -98,11 +99,14 @@ def validate_config(cfg: DictConfig) -> None:
         if task.get("max_episode_steps") is not None and int(task.max_episode_steps) < 1:
             raise UserError(f"task.max_episode_steps must be >= 1, got {task.max_episode_steps}")
         d = task.get("demos")
-        if d is not None and not d.get("path"):
-            if int(d.num) < 1:
-                raise UserError(f"task.demos.num must be >= 1, got {d.num}")
-            if int(d.get("expert_steps") or DEFAULT_EXPERT_STEPS) < 1:
-                raise UserError(f"task.demos.expert_steps must be >= 1, got {d.expert_steps}")
+        if d is not None and not d.get("path"):  # the settings of the demos to collect (before an expert trains)
+            names = {"num_demos": "task.demos.num", **{k: f"task.demos.{k}" for k in DEMO_KEYS}}
+            try:
+                check_collect_settings(d.num, d.get("noise"), d.get("seed", 0), d.get("quality", "expert"),
+                                       d.get("expert_steps") or DEFAULT_EXPERT_STEPS,
+                                       min_expert_return=d.get("min_expert_return"), names=names)
+            except ValueError as err:
+                raise UserError(str(err)) from err
     if cfg.get("logger") is not None and cfg.logger.get("name") == "wandb":
         try:
             import_wandb()

@@ -33,7 +33,7 @@ def resolve_task(cfg: DictConfig) -> TaskData:
     """The env and demo file of a policy task, validated before any work: a given ``task.demos.path`` is read
     in full (every demo, train and valid: truncated files, non-numeric values, NaN/Inf are errors), its env
     comes from ``task.env`` or else the file's ``env_args``, and its dims must fit that env."""
-    from envs.factory import parse_env_name
+    from envs.factory import check_env_installed, parse_env_name
     from envs.hdf5 import describe, read_demos
 
     task = cfg.task
@@ -46,7 +46,12 @@ def resolve_task(cfg: DictConfig) -> TaskData:
         if keys:
             raise UserError("task.obs_keys applies to a given demo file (task.demos.path); collected demos have "
                             "one key, 'state'")
-        return TaskData(parse_env_name(task.env).canonical, None, None)
+        env = parse_env_name(task.env).canonical
+        try:  # demos are collected in the env (and the policy evaluated there): refused before any work
+            check_env_installed(env)
+        except ImportError as err:
+            raise UserError(f"task={task.name} (env {task.env}): {err}") from err
+        return TaskData(env, None, None)
     path = Path(str(d.path)).expanduser()
     if not path.exists():
         raise UserError(f"task.demos.path={str(path)!r} does not exist; give a robomimic-layout HDF5 demo file")

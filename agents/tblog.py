@@ -33,6 +33,13 @@ class Logger:
             self.writer.close()
 
 
+def tensorboard_wanted(cfg) -> bool:
+    """Whether a stage writes TensorBoard files: not for ``logger=none``; for ``logger=tensorboard`` or ``wandb``
+    (which mirrors them), and for a config without a logger (the Python API)."""
+    logger = cfg.get("logger")
+    return logger is None or logger.get("name") != "none"
+
+
 def import_wandb():
     """The ``wandb`` module, or an ImportError that says how to get it."""
     try:

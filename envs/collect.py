@@ -28,7 +28,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
+import numbers
 import os
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -38,7 +41,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from envs.factory import env_meta, make_env, parse_env_name
+from envs.factory import check_env_installed, env_meta, make_env, parse_env_name
 from envs.hdf5 import DatasetError, Episode, env_args_for, read_demos, read_meta, write_demos
 
 DEFAULT_NOISE = {"metaworld": 0.3, "locomotion": 0.0, "robosuite": 0.3}
@@ -393,6 +396,41 @@ def collect_sb3_demos(
 # ----------------------------------------------------------------------------- cached datasets
 
 
+def _is_int(x: Any) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _is_real(x: Any) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def check_collect_settings(
+    num_demos: Any, noise: Any = None, seed: Any = 0, quality: Any = "expert", expert_steps: Any = DEFAULT_EXPERT_STEPS,
+    medium_fraction: Any = DEFAULT_MEDIUM_FRACTION, max_episode_steps: Any = None, min_expert_return: Any = None,
+    names: dict[str, str] | None = None,
+) -> None:
+    """A ValueError naming the first bad setting of :func:`ensure_demos` (as ``names`` calls it: a CLI option or a
+    config key; else the parameter's name), raised before any env is built or expert trained. A ValueError from
+    this module's own checks is a user error (:func:`agents.errors.is_user_error`): one line, exit 2."""
+    checks = (
+        ("num_demos", num_demos, _is_int(num_demos) and num_demos >= 1, "an integer >= 1"),
+        ("noise", noise, noise is None or (_is_real(noise) and noise >= 0), "a number >= 0 (the action noise std)"),
+        ("seed", seed, _is_int(seed) and seed >= 0, "an integer >= 0"),
+        ("quality", quality, quality in ("expert", "medium"), "'expert' or 'medium'"),
+        ("expert_steps", expert_steps, _is_int(expert_steps) and expert_steps >= 1, "an integer >= 1"),
+        ("medium_fraction", medium_fraction, _is_real(medium_fraction) and 0 < medium_fraction <= 1,
+         "in (0, 1] (a fraction of the best evaluated return)"),
+        ("max_episode_steps", max_episode_steps, max_episode_steps is None
+         or (_is_int(max_episode_steps) and max_episode_steps >= 1), "an integer >= 1"),
+        ("min_expert_return", min_expert_return, min_expert_return is None or (
+            isinstance(min_expert_return, numbers.Real) and not isinstance(min_expert_return, bool)
+            and -math.inf <= min_expert_return < math.inf), "a number (-inf: accept any expert)"),
+    )
+    for key, value, ok, what in checks:
+        if not ok:
+            raise ValueError(f"{(names or {}).get(key, key)} must be {what}, got {value!r}")
+
+
 def demo_path(
     name: str, num_demos: int, noise: float, seed: int, quality: str = "expert",
     expert_steps: int = DEFAULT_EXPERT_STEPS, data_dir: str | os.PathLike | None = None,
@@ -429,7 +467,8 @@ def ensure_demos(
     locomotion expert is trained once per (env, steps, seed) and reused unless ``retrain_expert``.
     ``expert_kwargs`` go to :func:`train_sb3_expert` (e.g. ``n_envs``, ``eval_freq``, ``ppo_kwargs``).
     An expert whose best evaluated return is below ``min_expert_return`` (default: :data:`MIN_EXPERT_RETURN`)
-    raises :class:`ExpertError` instead of making demos.
+    raises :class:`ExpertError` instead of making demos. Bad settings raise a ValueError before any work
+    (:func:`check_collect_settings`).
     """
     parsed = parse_env_name(task_name)
     if parsed.family not in DEFAULT_NOISE:
@@ -437,6 +476,8 @@ def ensure_demos(
             f"{task_name}: no demo collector for the {parsed.family} family; read a robomimic low-dim HDF5 "
             "file with envs.dataset.DemoDataset(path, obs_keys=[...]) instead"
         )
+    check_collect_settings(num_demos, noise, seed, quality, expert_steps, medium_fraction, max_episode_steps,
+                           min_expert_return)
     noise = DEFAULT_NOISE[parsed.family] if noise is None else float(noise)
     path = demo_path(task_name, num_demos, noise, seed, quality, expert_steps, data_dir)
     if path.exists() and not force:
@@ -469,8 +510,19 @@ def ensure_demos(
     return write_demos(path, episodes, env_args_for(meta_env), meta=meta, split_seed=seed)
 
 
+# the CLI's option for each setting of check_collect_settings
+CLI_NAMES = {"num_demos": "--num-demos", "noise": "--noise", "seed": "--seed", "quality": "--quality",
+             "expert_steps": "--expert-steps", "medium_fraction": "--medium-fraction",
+             "max_episode_steps": "--max-episode-steps", "min_expert_return": "--min-expert-return"}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (argparse's own code), like the other user errors
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m envs.collect", description=__doc__.split("\n\n")[0])
+    p = _Parser(prog="python -m envs.collect", description=__doc__.split("\n\n")[0])
     p.add_argument("name", help="env name, e.g. metaworld/pick-place-v3, robosuite/Lift or Hopper-v5")
     p.add_argument("--num-demos", type=int, default=20)
     p.add_argument("--noise", type=float, default=None, help="Gaussian action noise std (default per family)")
@@ -487,19 +539,42 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = _parse_args(argv)
-    path = ensure_demos(
+def _collect(args: argparse.Namespace) -> Path:
+    """Check every argument (and that the env's simulator is installed), then collect: bad input is refused
+    before an expert is trained or an env built."""
+    check_collect_settings(args.num_demos, args.noise, args.seed, args.quality, args.expert_steps,
+                           args.medium_fraction, args.max_episode_steps, args.min_expert_return, names=CLI_NAMES)
+    if args.data_dir is not None and Path(args.data_dir).exists() and not Path(args.data_dir).is_dir():
+        raise ValueError(f"--data-dir {args.data_dir} is a file, not a folder")
+    try:
+        check_env_installed(args.name)  # an unknown name: a ValueError listing the families
+    except ImportError as err:
+        raise ValueError(f"{args.name}: {err}") from err
+    return ensure_demos(
         args.name, args.num_demos, args.noise, args.seed, quality=args.quality, data_dir=args.data_dir,
         expert_steps=args.expert_steps, medium_fraction=args.medium_fraction,
         max_episode_steps=args.max_episode_steps, force=args.force, retrain_expert=args.retrain_expert,
         min_expert_return=args.min_expert_return,
     )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The CLI. A user error (bad argument, unknown env, missing robosuite, bad cached file, weak expert) prints
+    one line ``error: ...`` and exits 2, as train.py does; ``HYDRA_FULL_ERROR=1`` shows the traceback."""
+    args = _parse_args(argv)
+    try:
+        path = _collect(args)
+    except Exception as err:
+        from agents.errors import EXIT_USER_ERROR, full_traceback_wanted, is_user_error, one_line
+
+        if full_traceback_wanted() or not is_user_error(err):
+            raise
+        print(one_line(err), file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
     meta = read_meta(path)
     keys = ("num_demos", "num_steps", "return_mean", "return_std", "success_rate", "collection_s")
     print(path)
     print(json.dumps({k: meta.get(k) for k in keys}, indent=1))
-
 
 if __name__ == "__main__":
     main()

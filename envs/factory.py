@@ -156,6 +156,16 @@ def parse_env_name(name: str) -> EnvName:
     raise _unknown_name_error(name)
 
 
+def check_env_installed(name: str) -> None:
+    """Raise an ImportError with the install hint when ``name``'s family needs a package that is missing (robosuite,
+    an optional extra), so callers can refuse before any work; it imports the package and builds no env."""
+    if parse_env_name(name).family == "robosuite":
+        try:
+            import robosuite  # noqa: F401
+        except ImportError as err:
+            raise ImportError(ROBOSUITE_INSTALL_HINT) from err
+
+
 class _SeedOnFirstReset(gym.Wrapper):
     """Uses ``seed`` for the first ``reset()`` called without one."""
 

@@ -29,3 +29,19 @@ def tiny_pick_place_checkpoint(pick_place_demos, tmp_path_factory) -> str:
                          action_horizon=4, exec_horizon=2, grad_steps=30, batch_size=64, eval_every=0, eval_episodes=0,
                          val_every=30, save_every=30, max_episode_steps=30, progress=False, tensorboard=False)
     return Pretrainer(cfg).run()["checkpoint"]
+
+
+@pytest.fixture
+def no_robosuite(tmp_path_factory, monkeypatch) -> dict:
+    """As if the robosuite extra were not installed, whether or not it is: ``import robosuite`` fails in this
+    process, and in subprocesses started with the returned environment (a stub package first on PYTHONPATH)."""
+    import os
+    import sys
+
+    monkeypatch.setitem(sys.modules, "robosuite", None)  # import robosuite -> ImportError
+    stub = tmp_path_factory.mktemp("no_robosuite")
+    (stub / "robosuite").mkdir()
+    (stub / "robosuite" / "__init__.py").write_text("raise ImportError('No module named robosuite (test stub)')\n")
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    env["PYTHONPATH"] = os.pathsep.join([str(stub), *filter(None, [os.environ.get("PYTHONPATH")])])
+    return env

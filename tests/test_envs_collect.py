@@ -83,3 +83,69 @@ def test_sb3_expert_pipeline_on_tiny_budget(tmp_path):
     episodes = read_demos(path, expected_obs_dim=11, expected_act_dim=3)
     assert len(episodes) == 2 and all(1 <= len(ep) <= 40 for ep in episodes)
     assert all(ep.success is False for ep in episodes)
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Collectors and the PPO expert trainer that fail the test if reached: refusals come before any work."""
+    import envs.collect as collect
+
+    def work(*a, **k):
+        raise AssertionError("collected or trained before the arguments were checked")
+
+    for name in ("train_sb3_expert", "collect_sb3_demos", "collect_metaworld_demos", "collect_robosuite_demos",
+                 "env_meta"):
+        monkeypatch.setattr(collect, name, work)
+
+
+@pytest.mark.parametrize("args, says", [
+    (["Hopper-v5", "--num-demos", "-3"], "error: --num-demos must be an integer >= 1, got -3"),
+    (["Hopper-v5", "--num-demos", "0"], "error: --num-demos must be an integer >= 1, got 0"),
+    (["Hopper-v5", "--noise", "-0.1"], "error: --noise must be a number >= 0 (the action noise std), got -0.1"),
+    (["Hopper-v5", "--noise", "nan"], "error: --noise must be a number >= 0 (the action noise std), got nan"),
+    (["Hopper-v5", "--seed", "-1"], "error: --seed must be an integer >= 0, got -1"),
+    (["Hopper-v5", "--expert-steps", "0"], "error: --expert-steps must be an integer >= 1, got 0"),
+    (["Hopper-v5", "--medium-fraction", "1.5"], "error: --medium-fraction must be in (0, 1]"),
+    (["Hopper-v5", "--max-episode-steps", "0"], "error: --max-episode-steps must be an integer >= 1, got 0"),
+    (["Hopper-v5", "--min-expert-return", "nan"], "error: --min-expert-return must be a number"),
+    (["Hopper-v5", "--num-demos", "abc"], "error: argument --num-demos: invalid int value: 'abc'"),
+    (["metaworld/foo-v3"], "error: unknown environment name 'metaworld/foo-v3' (no Meta-World v3 task 'foo-v3'"),
+    (["gym/CartPole-v1"], "error: gym/CartPole-v1: no demo collector for the gym family"),
+])
+def test_cli_refuses_bad_arguments_in_one_line_with_exit_2_before_any_work(args, says, no_work, tmp_path, capsys,
+                                                                          monkeypatch):
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        main([*args, "--data-dir", str(tmp_path / "data")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(says), err
+    assert not (tmp_path / "data").exists()
+
+
+def test_cli_without_robosuite_is_one_line_with_exit_2(no_robosuite, no_work, tmp_path, capsys, monkeypatch):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    says = 'error: robosuite/Lift: robosuite is not installed; install the optional extra: pip install -e ".[robosuite]"'
+    with pytest.raises(SystemExit) as exit_:
+        main(["robosuite/Lift", "--num-demos", "2", "--noise", "0.3", "--data-dir", str(tmp_path / "data")])
+    assert exit_.value.code == 2 and capsys.readouterr().err.strip().splitlines() == [says]
+    # the module as users run it
+    out = subprocess.run([sys.executable, "-m", "envs.collect", "robosuite/Lift", "--num-demos", "2", "--data-dir",
+                          str(tmp_path / "data")], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[1], env=no_robosuite)
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [says], out.stderr[-2000:]
+    assert not (tmp_path / "data").exists()
+
+
+def test_ensure_demos_checks_its_settings_before_any_work(no_work, tmp_path):
+    for kwargs, says in (({"num_demos": -3}, "num_demos must be an integer >= 1, got -3"),
+                         ({"noise": -1.0}, "noise must be a number >= 0"),
+                         ({"quality": "best"}, "quality must be 'expert' or 'medium', got 'best'"),
+                         ({"expert_steps": 0}, "expert_steps must be an integer >= 1, got 0")):
+        with pytest.raises(ValueError, match=says):
+            ensure_demos("Hopper-v5", **{"num_demos": 2, **kwargs}, data_dir=tmp_path, progress=False)
+    assert not any(tmp_path.iterdir())

@@ -10,6 +10,7 @@ import pytest
 from envs.factory import (
     LOCOMOTION_TASKS,
     ROBOSUITE_INSTALL_HINT,
+    check_env_installed,
     env_meta,
     make_env,
     make_vec_env,
@@ -83,6 +84,15 @@ def test_robosuite_family_builds_or_explains_install():
     assert obs.ndim == 1 and obs.dtype == np.float32
     _, _, _, truncated, info = env.step(np.zeros(env.action_space.shape, np.float32))
     assert isinstance(info["success"], bool)
+
+
+def test_a_missing_simulator_is_named_without_building_an_env(no_robosuite):
+    with pytest.raises(ImportError, match=r'robosuite is not installed; .*pip install -e "\.\[robosuite\]"'):
+        check_env_installed("robosuite/Lift@object")
+    for name in (MW, "Hopper-v5", "gym/CartPole-v1"):  # families whose packages flowpolicy requires
+        check_env_installed(name)
+    with pytest.raises(ValueError, match="unknown environment name"):
+        check_env_installed("metaworld/foo-v3")
 
 
 def test_metaworld_truncates_exactly_at_max_episode_steps():

@@ -436,3 +436,32 @@ def test_refused_input_leaves_no_empty_run_folder_and_keeps_an_existing_one(tmp_
     (run / "config_resolved.yaml").write_text("stage: {name: pretrain}\n")
     assert not discard_unused_run_dir(str(run), RunDirBefore(str(run), False, str(tmp_path), False))
     assert sorted(p.name for p in run.iterdir()) == ["config_resolved.yaml", "train.log"]
+
+
+def test_a_missing_robosuite_is_one_line_and_exit_2_before_anything_is_written(no_robosuite, tmp_path):
+    """task=robosuite_lift without the robosuite extra: refused in the prechecks (no config files, no run dir),
+    not by a traceback from the demo collector after the run dir was written."""
+    says = r'task=robosuite_lift \(env robosuite/Lift\): robosuite is not installed; install the optional extra'
+    with pytest.raises(UserError, match=says):
+        _run("task=robosuite_lift", "stage=pretrain", f"data_dir={tmp_path / 'data'}", run_dir=tmp_path / "a")
+    assert not any(tmp_path.iterdir())
+    out = subprocess.run([sys.executable, str(ROOT / "train.py"), "task=robosuite_lift", "stage=pretrain",
+                          f"hydra.run.dir={tmp_path / 'run'}", f"data_dir={tmp_path / 'data'}", *QUIET],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT, env=no_robosuite)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+    lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: task=robosuite_lift (env robosuite/Lift): robosuite is not")
+    assert not any(tmp_path.iterdir())  # no run dir, no config files, no data dir
+
+
+@pytest.mark.parametrize("override, says", [
+    ("task.demos.noise=-0.5", r"task.demos.noise must be a number >= 0 \(the action noise std\), got -0.5"),
+    ("task.demos.seed=-1", r"task.demos.seed must be an integer >= 0, got -1"),
+    ("task.demos.num=0", r"task.demos.num must be an integer >= 1, got 0"),
+    ("task.demos.quality=best", r"task.demos.quality must be 'expert' or 'medium', got 'best'"),
+])
+def test_settings_of_the_demos_to_collect_are_refused_before_any_work(override, says, tmp_path):
+    with pytest.raises(UserError, match=says):
+        _run("stage=pretrain", override, f"data_dir={tmp_path / 'data'}", run_dir=tmp_path / "r")
+    assert not any(tmp_path.iterdir())

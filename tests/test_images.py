@@ -603,3 +603,18 @@ def test_image_bench_refuses_a_file_out_and_files_that_are_not_its_results_in_on
         assert str(e.value.code).startswith("error: ") and "\n" not in str(e.value.code)
     assert (tmp_path / "afile").read_text() == "mine" and (tmp_path / "text.json").read_text() == "not json"
     assert not (tmp_path / "o").exists()
+
+
+def test_logger_none_writes_no_tensorboard_files(tmp_path):
+    """stage=image honours logger=none as pretrain and finetune do; tensorboard and wandb (its mirror) write tb/."""
+    from agents.tblog import tensorboard_wanted
+
+    assert not tensorboard_wanted(OmegaConf.create({"logger": {"name": "none"}}))
+    assert tensorboard_wanted(OmegaConf.create({"logger": {"name": "tensorboard"}}))
+    assert tensorboard_wanted(OmegaConf.create({"logger": {"name": "wandb"}}))
+    assert tensorboard_wanted(OmegaConf.create({}))  # the Python API without a logger: as before
+    cfg = _cfg(tmp_path, "rf", grad_steps=5, eval={"fd": False, "straightness_samples": 0})
+    cfg.logger = {"name": "none"}
+    summary = run(cfg, run_dir=tmp_path / "run")
+    assert list(summary["models"]) == ["1rf"] and (tmp_path / "run" / "eval.json").exists()
+    assert not (tmp_path / "run" / "tb").exists()

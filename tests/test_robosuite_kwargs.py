@@ -89,6 +89,7 @@ def test_robosuite_task_configs_collect_demos_on_first_use(monkeypatch, tmp_path
 
     calls = []
     monkeypatch.setattr(tasks, "ensure_demos", lambda env, **kw: calls.append((env, kw)) or tmp_path / "d.hdf5")
+    monkeypatch.setattr(factory, "check_env_installed", lambda env: None)  # as if robosuite were installed
     configs = str(Path(__file__).resolve().parents[1] / "configs")
     for overrides, env, steps in ((["task=robosuite_lift"], "robosuite/Lift", 150),
                                   (["task=robosuite_can"], "robosuite/Can", 400),

@@ -16,7 +16,7 @@ Methods (``stage.method``):
 A run directory receives ``checkpoints/<model>/`` (the policies' atomic checkpoint format, kind
 ``image_generator``: ``last`` -> ``step_<N>/``; see :func:`save_checkpoint`), ``samples/<model>.png``
 (one row per number of sampling steps, same noise for every model and row), TensorBoard scalars under ``tb/``
-and ``eval.json``.
+(not with ``logger=none``) and ``eval.json``.
 
 Resume (``resume=true``, the default): re-running the command in the same run directory (``hydra.run.dir=...``)
 loads every model an earlier run finished (weights, EMA, its evaluation and the global RNG state after it, so
@@ -45,6 +45,7 @@ from ..checkpoint import (
 )
 from ..errors import UserError
 from ..runfiles import CheckpointError
+from ..tblog import tensorboard_wanted
 from .classifier import FrechetScorer, load_or_train_classifier
 from .data import load_dataset
 from .fitting import (  # noqa: F401 - agents.images.trainer API
@@ -139,7 +140,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     # seeded after the classifier: loading a cached one draws initial weights from the global RNG, training one
     # does not, so the generators must not depend on whether the classifier was cached
     seed_everything(seed)
-    logger = _Logger(out / "tb") if main else None
+    logger = _Logger(out / "tb" if tensorboard_wanted(cfg) else None) if main else None  # logger=none: no files
     settings = _settings(stage)
     resume = bool(cfg.get("resume", True)) and bool(stage.get("checkpoint", True))
     restored: dict[str, tuple[dict, dict]] = {}  # model name -> (its eval.json entry, training state after it)
