@@ -41,6 +41,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from flowpolicy import ShortcutFlow
 from flowpolicy.policy import FlowPolicy
 
 from .align_branches import preference_data  # noqa: F401 - agents.align API
@@ -123,21 +124,11 @@ def evaluate(policy: FlowPolicy, env_name: str, cfg: AlignConfig, max_episode_st
                                  seed=cfg.eval_seed, max_episode_steps=max_episode_steps, label=label)
 
 
-def run_align_stage(cfg, run_dir: str | Path, checkpoint: str) -> dict[str, Any]:
-    """``stage=align``: preference data, evaluation before, alignment, evaluation after, checkpoint, JSON.
-
-    Image tasks (``task.kind=image``) go to :func:`agents.images.align.run_image_align` with a generator
-    checkpoint. Returns a summary and writes ``align.json``, ``eval_before.*`` and ``eval_after.*`` in
-    ``run_dir`` and the aligned checkpoint under ``run_dir/checkpoints``.
-    """
+def align_config(cfg) -> AlignConfig:
+    """The checked settings of ``stage=align`` on a policy task (``stage`` less ``name`` and the image block;
+    ``device`` and ``progress`` default to the top level's). A bad value raises ValueError naming it."""
     from omegaconf import DictConfig, OmegaConf
 
-    if cfg.task.get("kind", "policy") == "image":
-        from .images.align import run_image_align
-
-        return run_image_align(cfg, run_dir, checkpoint)
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     stage = cfg.stage
     s = OmegaConf.to_container(stage, resolve=True) if isinstance(stage, DictConfig) else dict(stage)
     for key in ("name", "image"):
@@ -146,12 +137,37 @@ def run_align_stage(cfg, run_dir: str | Path, checkpoint: str) -> dict[str, Any]
     s.setdefault("progress", bool(cfg.get("progress", True)))
     acfg = AlignConfig.from_dict(s)
     acfg.validate()
-    t_start = time.perf_counter()
-    seed_everything(acfg.seed)
-    policy, ck = policy_from_checkpoint(checkpoint, device=acfg.device)
+    return acfg
+
+
+def check_alignable(policy, acfg: AlignConfig, checkpoint) -> None:
+    """ValueError when ``acfg.method`` cannot align the policy of ``checkpoint`` (checked before any rollout)."""
     if not isinstance(policy, FlowPolicy):
         raise ValueError(f"{checkpoint}: alignment needs a flow policy (reflow or shortcut), got "
                          f"{policy.kind!r}")
+    if acfg.method == "dpo" and isinstance(policy.flow, ShortcutFlow):
+        raise ValueError(f"{checkpoint}: Flow-DPO trains the flow-matching velocity; a shortcut policy's "
+                         "few-step jumps would not follow it. Align a reflow policy, or use method=rwr|sft")
+
+
+def run_align_stage(cfg, run_dir: str | Path, checkpoint: str) -> dict[str, Any]:
+    """``stage=align``: preference data, evaluation before, alignment, evaluation after, checkpoint, JSON.
+
+    Image tasks (``task.kind=image``) go to :func:`agents.images.align.run_image_align` with a generator
+    checkpoint. Returns a summary and writes ``align.json``, ``eval_before.*`` and ``eval_after.*`` in
+    ``run_dir`` and the aligned checkpoint under ``run_dir/checkpoints``.
+    """
+    if cfg.task.get("kind", "policy") == "image":
+        from .images.align import run_image_align
+
+        return run_image_align(cfg, run_dir, checkpoint)
+    acfg = align_config(cfg)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    seed_everything(acfg.seed)
+    policy, ck = policy_from_checkpoint(checkpoint, device=acfg.device)
+    check_alignable(policy, acfg, checkpoint)
     env_name = ck["env_meta"].get("name") or cfg.task.env
     max_steps = cfg.task.get("max_episode_steps")
     dataset = acfg.dataset

@@ -19,6 +19,7 @@ from envs.episodes import run_episodes
 from envs.factory import make_vec_env
 from flowpolicy.policy import FlowPolicy
 
+from .errors import check_at_least, check_positive
 from .renamed import unknown_with_hints
 
 METHODS = ("dpo", "rwr", "sft")
@@ -109,15 +110,13 @@ class AlignConfig:
         if int(self.rounds) > 1 and self.source not in ("rollouts", "branches"):
             raise ValueError(f"align rounds={self.rounds} collects new pairs from the policy each round: use "
                              f"source=rollouts|branches (source={self.source} gives the same pairs every round)")
-        for name in ("num_start_states", "grad_steps", "batch_pairs", "batch_size", "chunks_per_pair",
-                     "rollout_envs", "eval_num_envs", "branch_points"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"align {name} must be >= 1, got {getattr(self, name)}")
+        check_at_least({name: getattr(self, name) for name in ("num_start_states", "grad_steps", "batch_pairs",
+                        "batch_size", "chunks_per_pair", "rollout_envs", "eval_num_envs", "branch_points")},
+                       1, "align ")
         if self.rollouts_per_state < 2:
             raise ValueError(f"rollouts_per_state must be >= 2 to rank rollouts, got "
                              f"{self.rollouts_per_state}")
-        if not self.lr > 0 or not self.beta > 0:
-            raise ValueError(f"align lr and beta must be positive, got lr={self.lr}, beta={self.beta}")
+        check_positive({"lr": self.lr, "beta": self.beta}, "align ")
         if self.rwr_beta is not None and not self.rwr_beta > 0:
             raise ValueError(f"rwr_beta must be positive or null, got {self.rwr_beta}")
         if self.denoise_steps is not None and int(self.denoise_steps) < 1:

@@ -76,6 +76,22 @@ def parse_int(value, key: str, least: int | None = None) -> int:
     return number
 
 
+def check_at_least(values, least: int = 1, prefix: str = "") -> None:
+    """UserError ``<prefix><name> must be >= <least>, got <v>`` for the first step count or budget in
+    ``values`` (a mapping name -> value; None values are skipped: "not set") below ``least``."""
+    for name, v in values.items():
+        if v is not None and int(v) < least:
+            raise UserError(f"{prefix}{name} must be >= {least}, got {v}")
+
+
+def check_positive(values, prefix: str = "") -> None:
+    """UserError ``<prefix><name> must be positive, got <v>`` for the first learning rate (or other scale) in
+    ``values`` that is not > 0 (NaN included); None values are skipped ("not set": a fallback applies)."""
+    for name, v in values.items():
+        if v is not None and not float(v) > 0:
+            raise UserError(f"{prefix}{name} must be positive, got {v}")
+
+
 def check_top_level(cfg) -> None:
     """Parse the top-level settings train.py reads itself, in place: the booleans strictly (``debug=no`` is
     false, ``debug=abc`` an error) and ``seed``/``threads`` as integers naming the key when they are not."""

@@ -30,6 +30,7 @@ from flowpolicy import ShortcutFlow, distillation_loss, make_couplings
 from flowpolicy.policy import FlowPolicy
 
 from .checkpoint import save_checkpoint
+from .errors import check_at_least, check_positive
 from .loop import fit
 from .policies import policy_config
 
@@ -62,13 +63,10 @@ class PolicyReflowConfig:
     progress: bool = False
 
     def validate(self) -> None:
-        for name in ("pairs_per_obs", "coupling_steps", "reflow_steps", "batch_size"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"reflow.{name} must be >= 1, got {getattr(self, name)}")
-        if self.distill_steps < 0:
-            raise ValueError(f"reflow.distill_steps must be >= 0, got {self.distill_steps}")
-        if not (self.reflow_lr > 0 and self.distill_lr > 0):
-            raise ValueError(f"reflow learning rates must be positive, got {self.reflow_lr}, {self.distill_lr}")
+        check_at_least({name: getattr(self, name) for name in ("pairs_per_obs", "coupling_steps", "reflow_steps",
+                                                                "batch_size")}, 1, "reflow.")
+        check_at_least({"distill_steps": self.distill_steps}, 0, "reflow.")  # 0: no distillation
+        check_positive({"reflow_lr": self.reflow_lr, "distill_lr": self.distill_lr}, "reflow.")
         if self.distill_on not in ("rectified", "reflow"):
             raise ValueError(f"reflow.distill_on must be 'rectified' or 'reflow', got {self.distill_on!r}")
 

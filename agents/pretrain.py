@@ -46,6 +46,7 @@ from .checkpoint import (
     set_rng_state,
     tag_checkpoint,
 )
+from .errors import check_at_least, check_positive
 from .evaluate import rollout_episodes
 from .loop import (
     Callback,
@@ -102,13 +103,11 @@ class PretrainConfig(PretrainSettings):
     tensorboard: bool = True
 
     def validate(self) -> None:
-        for name in ("grad_steps", "batch_size", "obs_horizon", "action_horizon", "val_every", "save_every"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"pretrain.{name} must be >= 1, got {getattr(self, name)}")
+        check_at_least({name: getattr(self, name) for name in ("grad_steps", "batch_size", "obs_horizon",
+                        "action_horizon", "val_every", "save_every")}, 1, "pretrain.")
         if self.eval_every < 0 or self.eval_episodes < 0:
             raise ValueError("pretrain.eval_every and eval_episodes must be >= 0")
-        if not self.lr > 0:
-            raise ValueError(f"pretrain.lr must be positive, got {self.lr}")
+        check_positive({"lr": self.lr}, "pretrain.")
         if not self.grad_clip >= 0:  # a negative max-norm flips the gradients
             raise ValueError(f"pretrain.grad_clip must be >= 0 (the max gradient norm; 0: no clipping), got "
                              f"{self.grad_clip}")

@@ -124,20 +124,35 @@ def run_finetune(cfg: DictConfig, run_dir: Path, checkpoint: str, stage_cfg=None
     return run_finetune_stage(cfg, run_dir, checkpoint, stage_cfg if stage_cfg is not None else cfg.stage)
 
 
+def reflow_config(stage_cfg):
+    """The checked :class:`~agents.policy_reflow.PolicyReflowConfig` of ``stage=reflow`` (UserError naming the
+    stage key, e.g. ``stage.reflow_steps must be >= 1``)."""
+    from .policy_reflow import PolicyReflowConfig
+
+    s = _plain(stage_cfg)
+    s.pop("name", None)
+    try:
+        rcfg = PolicyReflowConfig(**s)
+        rcfg.validate()
+    except TypeError as err:
+        raise UserError(f"stage: {err}") from err
+    except ValueError as err:
+        msg = str(err)
+        raise UserError("stage." + msg[len("reflow."):] if msg.startswith("reflow.") else msg) from err
+    return rcfg
+
+
 def run_reflow(cfg: DictConfig, run_dir: Path, checkpoint: str) -> dict[str, Any]:
     """2-RF + 1-step distillation of a pretrained ReFlow policy; saves both as ordinary checkpoints."""
     from .policy_reflow import (
-        PolicyReflowConfig,
         dataset_observations,
         rectify_policy,
         save_reflow_checkpoint,
     )
 
+    rcfg = reflow_config(cfg.stage)
     policy, ck = policy_from_checkpoint(checkpoint, expect_kind="reflow", device=cfg.device)
     dataset = ck["config"].get("train", {}).get("dataset") or demos_for(cfg)
-    s = _plain(cfg.stage)
-    s.pop("name", None)
-    rcfg = PolicyReflowConfig(**s)
     # the observation keys the policy was pretrained on (a robomimic file's chosen keys, in their order)
     train = ck["config"].get("train", {})
     obs_keys = train.get("obs_keys") or (list(cfg.task.obs_keys) if cfg.task.get("obs_keys") else None)

@@ -31,6 +31,7 @@ from .policies import policy_from_checkpoint
 from .pretrain import PretrainConfig, Pretrainer
 from .prior_run import check_prior_run
 from .renamed import hint, unknown_with_hints
+from .stage_checks import check_checkpoint_fit, check_run_dir, check_stage_settings
 from .stage_runners import (  # noqa: F401 - agents.stages API
     EvalTarget,
     _plain,
@@ -168,18 +169,28 @@ def validate_config(cfg: DictConfig) -> None:
             FinetuneConfig.from_dict({k: v for k, v in _plain(ft).items() if k not in RUNNER_KEYS})
         except (TypeError, ValueError) as err:
             raise UserError(f"{prefix}: {err}") from err
+    check_stage_settings(cfg)  # align, reflow, image: their runners' checks, before anything is written
 
 
-def _prechecks(cfg: DictConfig) -> dict[str, Any]:
-    """Everything that can fail on bad input, done before anything is written or trained."""
+def _prechecks(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
+    """Everything that can fail on bad input, done before anything is written or trained: the task's data, the
+    checkpoint (missing, corrupt, or not usable as the stage is set: agents.stage_checks) and what the run
+    directory holds."""
     name = cfg.stage.name
     pre: dict[str, Any] = {}
     if name in ("pretrain", "pipeline"):
         pre["data"] = resolve_task(cfg)
-    if name in ("eval", "finetune"):
-        pre["target"] = eval_target(cfg, cfg.checkpoint)
-    elif name in ("reflow", "align"):
-        policy_from_checkpoint(cfg.checkpoint, device="cpu")  # a missing or corrupt checkpoint fails here
+    if name == "align" and cfg.task.get("kind", "policy") == "image":
+        from .images import load_generator
+
+        load_generator(cfg.checkpoint, "cpu")  # an image generator, not a policy
+    elif name in CHECKPOINT_STAGES:  # a missing or corrupt checkpoint fails here
+        policy, ck = policy_from_checkpoint(cfg.checkpoint, expect_kind="reflow" if name == "reflow" else None,
+                                            device="cpu")
+        if name in ("eval", "finetune"):
+            pre["target"] = eval_target(cfg, cfg.checkpoint, policy, ck)
+        check_checkpoint_fit(cfg, policy, ck)
+    check_run_dir(cfg, run_dir)
     return pre
 
 
@@ -204,7 +215,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     torch.set_num_threads(int(cfg.get("threads", 2)))
     if distributed.launched():
         return _run_distributed(cfg, Path(run_dir))
-    pre = _prechecks(cfg)
+    pre = _prechecks(cfg, run_dir)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     with RunLock(run_dir):  # one process per run directory, every stage (the trainers' own locks re-enter)
@@ -233,7 +244,7 @@ def _run_distributed(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     rank = int(os.environ.get("RANK", "0"))
     shared = None
     if rank == 0:
-        pre = _prechecks(cfg)
+        pre = _prechecks(cfg, run_dir)
         dataset = demos_for(cfg, pre["data"]) if name == "pretrain" else None
         shared = (str(run_dir), dataset, pre)
     device = str(cfg.get("device", "cpu"))

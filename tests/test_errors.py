@@ -465,3 +465,132 @@ def test_settings_of_the_demos_to_collect_are_refused_before_any_work(override, 
     with pytest.raises(UserError, match=says):
         _run("stage=pretrain", override, f"data_dir={tmp_path / 'data'}", run_dir=tmp_path / "r")
     assert not any(tmp_path.iterdir())
+
+
+@pytest.fixture(scope="module")
+def shortcut_checkpoint(demo_file, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("sc")
+    _run("task=robomimic", f"task.demos.path={demo_file}", "stage=pretrain", "policy=shortcut", "stage.grad_steps=5",
+         "stage.eval_every=0", "stage.save_every=5", "stage.val_every=5", "policy.hidden=16", "policy.depth=1",
+         run_dir=run_dir)
+    return run_dir
+
+
+def _held_run_dir(tmp_path, *overrides):
+    """A run dir that holds a run of the composed stage (its config_resolved.yaml and overrides.yaml)."""
+    from omegaconf import OmegaConf
+
+    run_dir = tmp_path / "held"
+    run_dir.mkdir()
+    (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(_compose(*overrides, *QUIET), resolve=True))
+    (run_dir / "overrides.yaml").write_text("- mine\n")
+    return run_dir
+
+
+@pytest.mark.parametrize("stage, override, says", [
+    ("align", "stage.lr=0", "align lr must be positive, got 0"),
+    ("align", "stage.grad_steps=-1", "align grad_steps must be >= 1, got -1"),
+    ("reflow", "stage.reflow_steps=-1", "stage.reflow_steps must be >= 1, got -1"),
+    ("reflow", "stage.reflow_lr=0", "stage.reflow_lr must be positive, got 0"),
+])
+def test_align_and_reflow_settings_are_refused_before_the_run_dir_is_written(checkpoint, demo_file, tmp_path,
+                                                                             stage, override, says):
+    args = [f"stage={stage}", f"checkpoint={checkpoint}", "task=robomimic", f"task.demos.path={demo_file}"]
+    with pytest.raises(UserError, match=says):
+        _run(*args, override, run_dir=tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+    held = _held_run_dir(tmp_path, *args)
+    before = _files(held)
+    with pytest.raises(UserError, match=says):
+        _run(*args, override, run_dir=held)
+    assert _files(held) == before
+
+
+def test_a_shortcut_checkpoint_is_refused_a_k_that_is_not_a_power_of_two_before_evaluating(shortcut_checkpoint,
+                                                                                          demo_file, tmp_path):
+    args = ["stage=eval", f"checkpoint={shortcut_checkpoint}", "task=robomimic", f"task.demos.path={demo_file}"]
+    with pytest.raises(UserError, match=r"shortcut policy, which samples with power-of-two K; stage.denoise_steps "
+                       r"has \[3\]"):
+        _run(*args, "stage.denoise_steps=[3]", run_dir=tmp_path / "e")
+    assert not (tmp_path / "e").exists()
+    with pytest.raises(UserError, match=r"power-of-two K; stage.denoise_steps has \[3\]"):
+        _run("stage=finetune", *args[1:], "stage.denoise_steps=3", run_dir=tmp_path / "f")
+    assert not (tmp_path / "f").exists()
+
+
+def test_flow_dpo_of_a_shortcut_checkpoint_is_refused_before_any_rollout(shortcut_checkpoint, demo_file, tmp_path,
+                                                                         monkeypatch):
+    from agents import align
+
+    monkeypatch.setattr(align, "preference_data", lambda *a, **k: pytest.fail("collected rollouts"))
+    with pytest.raises(UserError, match=r"Flow-DPO trains the flow-matching velocity; a shortcut policy"):
+        _run("stage=align", f"checkpoint={shortcut_checkpoint}", "stage.method=dpo", "task=robomimic",
+             f"task.demos.path={demo_file}", run_dir=tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+
+
+IMAGE_TINY = ["task=digits", "stage=image", "logger=none", "progress=false", "stage.grad_steps=2",
+              "stage.batch_size=8", "stage.eval.samples=8", "stage.eval.fd=false", "stage.eval.straightness_samples=0",
+              "stage.eval.denoise_steps=[1]", "stage.net.channels=[8]", "stage.net.emb_dim=8", "stage.grid_cols=4"]
+
+
+@pytest.mark.parametrize("overrides, says", [
+    (["stage.grad_steps=-1"], r"stage.grad_steps must be >= 1, got -1"),
+    (["stage.lr=0"], r"stage.lr must be positive, got 0"),
+    (["stage.lr=-1"], r"stage.lr must be positive, got -1"),
+    (["stage.batch_size=0"], r"stage.batch_size must be >= 1, got 0"),
+    (["stage.lr_schedule=linear"], r"stage.lr_schedule must be 'constant' or 'cosine'"),
+    (["stage.eval.fd=true", "stage.classifier.grad_steps=0"], r"stage.classifier.grad_steps must be >= 1, got 0"),
+    (["stage.method=reflow", "stage.reflow.lr=0"], r"stage.reflow.lr must be positive, got 0"),
+    (["stage.method=reflow", "stage.reflow.grad_steps=0"], r"stage.reflow.grad_steps must be >= 1, got 0"),
+    (["stage.method=reflow", "stage.reflow.couplings=0"], r"stage.reflow.couplings must be >= 1, got 0"),
+    (["stage.method=reflow", "stage.distill.lr=-1"], r"stage.distill.lr must be positive, got -1"),
+    (["stage.method=reflow", "stage.distill.grad_steps=-1"], r"stage.distill.grad_steps must be >= 0, got -1"),
+    (["stage.method=reflow", "stage.distill.k=[0]"], r"stage.distill.k must be positive"),
+    (["stage.method=shortcut", "stage.eval.denoise_steps=[3]"], r"powers of two"),
+])
+def test_image_budgets_and_learning_rates_are_refused_before_any_work(overrides, says, tmp_path, monkeypatch):
+    from agents import images
+    from agents.stages import run
+
+    monkeypatch.setattr(images, "run", lambda *a, **k: pytest.fail("trained"))
+    with pytest.raises(UserError, match=says):
+        run(_compose(*IMAGE_TINY, *overrides), tmp_path / "r")
+    assert not (tmp_path / "r").exists()
+
+
+def test_image_distill_settings_are_not_checked_when_there_is_no_distillation():
+    from agents.stages import validate_config
+
+    validate_config(_compose(*IMAGE_TINY, "stage.method=reflow", "stage.distill.grad_steps=0", "stage.distill.lr=0"))
+    validate_config(_compose(*IMAGE_TINY, "stage.reflow.lr=0"))  # method=rf trains no 2-RF
+
+
+def test_an_image_run_dir_of_another_seed_is_refused_before_anything_is_written(tmp_path):
+    from agents.stages import run
+
+    run_dir = tmp_path / "img"
+    run(_compose(*IMAGE_TINY, "seed=0"), run_dir)
+    before = _files(run_dir)
+    with pytest.raises(UserError, match=r"holds 1rf trained with other settings \(stage, seed or method\)"):
+        run(_compose(*IMAGE_TINY, "seed=3"), run_dir)
+    assert _files(run_dir) == before
+    run(_compose(*IMAGE_TINY, "seed=0"), run_dir)  # the same settings resume (nothing left to train)
+    run(_compose(*IMAGE_TINY, "seed=3", "resume=false"), run_dir)  # on purpose: trained again, replaced
+
+
+def test_image_align_from_a_generator_checkpoint_passes_the_prechecks_and_a_bad_lr_writes_nothing(tmp_path):
+    """stage=align on an image task reads a generator checkpoint (not a policy): the prechecks load it as one."""
+    from agents.stages import run
+
+    gen = tmp_path / "img"
+    run(_compose(*IMAGE_TINY), gen)
+    align = ["task=digits", "stage=align", "logger=none", "progress=false", f"checkpoint={gen}/checkpoints/1rf",
+             "stage.method=sft", "stage.image.num_samples=8", "stage.image.sample_steps=1", "stage.image.grad_steps=1",
+             "stage.image.batch_size=4", "stage.image.eval_samples=8", "stage.image.classifier_steps=2",
+             f"stage.image.classifier_cache_dir={tmp_path / 'clf'}"]
+    with pytest.raises(UserError, match=r"image align lr and beta must be positive, got lr=0"):
+        run(_compose(*align, "stage.image.lr=0"), tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+    out = run(_compose(*align), tmp_path / "a")
+    assert out["align"]["method"] == "sft" and (tmp_path / "a" / "align.json").exists()

@@ -224,14 +224,10 @@ def _launch_path(p: str) -> Path:
     return Path(to_absolute_path(p)) if HydraConfig.initialized() else Path(p)
 
 
-def run_image_align(cfg, run_dir: str | Path, checkpoint: str) -> dict[str, Any]:
-    """``stage=align`` on an image task: align the generator in ``checkpoint`` (from ``stage=image``).
-
-    Writes ``align.json``, ``samples/align.png`` (before / after rows on the same noise) and, for the trained
-    methods, ``checkpoints/aligned_<method>`` (loadable by :func:`agents.images.trainer.load_generator`).
-    """
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+def image_align_config(cfg) -> ImageAlignConfig:
+    """The checked settings of ``stage=align`` on an image task: ``method`` from the stage, ``seed`` and
+    ``progress`` from the top level, the rest from ``stage.image`` (``agents.stages`` checks them before any
+    work; a bad value raises ValueError naming it)."""
     stage = cfg.stage
     block = OmegaConf.to_container(stage.image, resolve=True) if stage.get("image") is not None else {}
     known = {f.name for f in dataclasses.fields(ImageAlignConfig)}
@@ -242,6 +238,18 @@ def run_image_align(cfg, run_dir: str | Path, checkpoint: str) -> dict[str, Any]
                 "progress": bool(cfg.get("progress", True)), **block}
     acfg = ImageAlignConfig(**settings)
     acfg.validate()
+    return acfg
+
+
+def run_image_align(cfg, run_dir: str | Path, checkpoint: str) -> dict[str, Any]:
+    """``stage=align`` on an image task: align the generator in ``checkpoint`` (from ``stage=image``).
+
+    Writes ``align.json``, ``samples/align.png`` (before / after rows on the same noise) and, for the trained
+    methods, ``checkpoints/aligned_<method>`` (loadable by :func:`agents.images.trainer.load_generator`).
+    """
+    acfg = image_align_config(cfg)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     device = str(cfg.get("device", "cpu"))
     flow, gcfg = load_generator(checkpoint, device)

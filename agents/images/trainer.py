@@ -43,7 +43,7 @@ from ..checkpoint import (
     seed_everything,
     set_rng_state,
 )
-from ..errors import UserError
+from ..errors import UserError, check_at_least, check_positive
 from ..runfiles import CheckpointError
 from ..tblog import tensorboard_wanted
 from .classifier import FrechetScorer, load_or_train_classifier
@@ -110,11 +110,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     """
     task, stage = cfg.task, cfg.stage
     method = str(stage.method)
-    if method not in METHODS:
-        raise ValueError(f"unknown stage.method {method!r}; choose from {METHODS}")
-    steps_list = check_steps(method, stage.eval.denoise_steps)
-    if method == "reflow":
-        distill_ks(stage)
+    steps_list = check_stage(stage)
     out = _run_dir(cfg, run_dir)
     out.mkdir(parents=True, exist_ok=True)
     # torchrun: every rank trains (data-parallel, agents.images.fitting.fit); rank 0 alone evaluates and writes
@@ -147,24 +143,10 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
 
     def restore(model: TrainedModel) -> bool:
         """Load ``model`` finished by an earlier run in this run directory, if there is one."""
-        root = out / "checkpoints" / model.name
-        if not resume or not root.exists():
-            return False
-        try:
-            ck = load_checkpoint(root)
-        except CheckpointError as err:
-            print(f"{model.name}: {err}; training it again", flush=True)
+        ck = _finished(out / "checkpoints" / model.name, (settings, seed, method), say=main) if resume else None
+        if ck is None:
             return False
         c = ck["config"]
-        if c.get("stopped_at_step") is not None or "entry" not in c or ck["training_state"] is None:
-            why = (f"stopped at step {c['stopped_at_step']} last time" if c.get("stopped_at_step") is not None
-                   else "saved without what resuming needs (an older flowpolicy)")
-            if main:
-                print(f"{model.name}: {why}; training it again from its start", flush=True)
-            return False
-        if (c.get("settings"), c.get("seed"), c.get("method")) != (settings, seed, method):
-            raise UserError(f"{root} holds {model.name} trained with other settings (stage, seed or method); "
-                            "use a new hydra.run.dir, or resume=false to train it again and replace it")
         model.flow.net.load_state_dict(ck["model"])
         model.ema.model.load_state_dict(ck["extras"]["ema"])
         model.ema.num_updates = int(c["ema_updates"])
@@ -237,6 +219,98 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     if main:
         atomic_write_json(out / "eval.json", summary)
     return summary
+
+
+def check_stage(stage: DictConfig) -> list[int]:
+    """Every setting of ``stage`` (agents.config_schema.ImageStage) that could fail or silently do nothing, checked
+    before any work: the method, the evaluation K list (returned), the step counts and the learning rates of each
+    training section the method runs. UserError naming the key (``stage.reflow.lr must be positive, got 0``)."""
+    method = str(stage.method)
+    if method not in METHODS:
+        raise UserError(f"unknown stage.method {method!r}; choose from {METHODS}")
+    try:
+        steps_list = check_steps(method, stage.eval.denoise_steps)
+    except ValueError as err:
+        raise UserError(str(err)) from err
+    ev, clf = stage.eval, stage.classifier
+    check_at_least({"grad_steps": stage.grad_steps, "batch_size": stage.batch_size,
+                    "log_every": stage.get("log_every", 50)}, 1, "stage.")
+    check_at_least({"samples": ev.samples, "straightness_steps": ev.get("straightness_steps", 32)}, 1, "stage.eval.")
+    check_at_least({"straightness_samples": ev.get("straightness_samples", 0)}, 0, "stage.eval.")
+    if ev.get("fd", True):
+        check_at_least({"grad_steps": clf.grad_steps}, 1, "stage.classifier.")
+    check_positive({"lr": stage.lr}, "stage.")
+    sections = {"": stage}
+    if method == "reflow":
+        r, d = stage.reflow, stage.distill
+        sections["reflow."] = r
+        check_at_least({"couplings": r.couplings, "couplings_steps": r.couplings_steps, "grad_steps": r.grad_steps},
+                       1, "stage.reflow.")
+        check_at_least({"grad_steps": d.grad_steps}, 0, "stage.distill.")  # 0: no distillation
+        if int(d.grad_steps) > 0:
+            sections["distill."] = d
+            try:
+                distill_ks(stage)
+            except ValueError as err:
+                raise UserError(str(err)) from err
+            if str(d.get("pairs", "teacher")) not in ("teacher", "reflow"):
+                raise UserError(f"stage.distill.pairs must be 'teacher' or 'reflow', got {d.pairs!r}")
+            if str(d.get("pairs", "teacher")) == "teacher":
+                check_at_least({"couplings": d.couplings, "couplings_steps": d.couplings_steps}, 1,
+                               "stage.distill.")
+    for prefix, section in sections.items():  # a section's lr 0 would silently fall back to the stage's
+        check_positive({"lr": section.get("lr")}, f"stage.{prefix}")
+        schedule = section.get("lr_schedule")
+        if schedule is not None and str(schedule) not in ("constant", "cosine"):
+            raise UserError(f"stage.{prefix}lr_schedule must be 'constant' or 'cosine', got {schedule!r}")
+    return steps_list
+
+
+def model_names(stage: DictConfig) -> list[str]:
+    """The models ``stage.method`` trains, in order (their folders under ``checkpoints/``)."""
+    method = str(stage.method)
+    if method == "shortcut":
+        return ["shortcut"]
+    if method != "reflow":
+        return ["1rf"]
+    ks = distill_ks(stage) if int(stage.distill.get("grad_steps", 0)) > 0 else []
+    return ["1rf", "2rf", *(f"2rf_distill_k{k}" for k in ks)]
+
+
+def _finished(root: Path, trained_with: tuple, say: bool = True) -> dict | None:
+    """The checkpoint in ``root`` of a model an earlier run finished with ``trained_with`` (settings, seed, method);
+    None when there is none to resume (absent, unreadable, or stopped part way: trained again, said when ``say``).
+    UserError when it was finished with other settings."""
+    if not root.exists():
+        return None
+    try:
+        ck = load_checkpoint(root)
+    except CheckpointError as err:
+        if say:
+            print(f"{root.name}: {err}; training it again", flush=True)
+        return None
+    c = ck["config"]
+    if c.get("stopped_at_step") is not None or "entry" not in c or ck["training_state"] is None:
+        why = (f"stopped at step {c['stopped_at_step']} last time" if c.get("stopped_at_step") is not None
+               else "saved without what resuming needs (an older flowpolicy)")
+        if say:
+            print(f"{root.name}: {why}; training it again from its start", flush=True)
+        return None
+    if (c.get("settings"), c.get("seed"), c.get("method")) != trained_with:
+        raise UserError(f"{root} holds {root.name} trained with other settings (stage, seed or method); "
+                        "use a new hydra.run.dir, or resume=false to train it again and replace it")
+    return ck
+
+
+def check_resume(cfg: DictConfig, run_dir: str | Path) -> None:
+    """UserError, before anything is written, when ``run_dir`` holds a model this run would resume that an earlier
+    run finished with other settings, seed or method (what :func:`run` would refuse only when it reached it)."""
+    stage = cfg.stage
+    if not (bool(cfg.get("resume", True)) and bool(stage.get("checkpoint", True))):
+        return
+    trained_with = (_settings(stage), int(cfg.get("seed", 0)), str(stage.method))
+    for name in model_names(stage):
+        _finished(Path(run_dir) / "checkpoints" / name, trained_with, say=False)
 
 
 # settings that do not change what a model learns (presentation, evaluation, logging)
