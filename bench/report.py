@@ -23,6 +23,9 @@ SECTIONS = [
                                                    "steps, 5 seeds)"),
     ("hopper_1m/finetune_hopper_medium_1m", "Online fine-tuning on Hopper-v5 up to 1M env steps (3 seeds; wall "
                                             "times not comparable: other jobs shared the cores)"),
+    ("hopper_1m_wide/finetune_hopper_medium", "Online fine-tuning on Hopper-v5 up to 1M env steps with wide "
+     "exploration: ReFlow with noise in the last step only and the Gaussian with SB3's std, the same larger PPO "
+     "steps (3 seeds)"),
     ("pick_place_300k_clip05/finetune_pick_place_300k_clip05", "Online fine-tuning on Meta-World pick-place, 300k "
      "env steps, 5 seeds, clip 0.05 for every actor: ReFlow and the Gaussian, constant vs annealed noise and "
      "learning rate (wall times: an alignment benchmark shared the 2 cores for 27 of the 102 minutes)"),
