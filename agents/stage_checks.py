@@ -56,7 +56,7 @@ def check_stage_settings(cfg: DictConfig) -> None:
             raise UserError(str(err)) from err
 
 
-def check_shortcut_steps(kind: str, steps, key: str) -> None:
+def check_shortcut_steps(kind: str, steps, key: str, source: str = "the checkpoint holds") -> None:
     """UserError when a ``kind`` policy (from its checkpoint) would sample at a K in ``steps`` it cannot: shortcut
     policies sample with power-of-two K only (validate_config checks ``task.eval.denoise_steps`` likewise)."""
     if kind != "shortcut":
@@ -65,7 +65,7 @@ def check_shortcut_steps(kind: str, steps, key: str) -> None:
 
     bad = [int(k) for k in steps if not is_power_of_two(int(k))]
     if bad:
-        raise UserError(f"the checkpoint holds a shortcut policy, which samples with power-of-two K; {key} has "
+        raise UserError(f"{source} a shortcut policy, which samples with power-of-two K; {key} has "
                         f"{bad}")
 
 

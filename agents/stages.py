@@ -165,6 +165,11 @@ def validate_config(cfg: DictConfig) -> None:
         from .config_schema import RUNNER_KEYS
         from .finetune import FinetuneConfig
 
+        if name == "pipeline" and ft.get("denoise_steps") is not None:  # the policy it pretrains fine-tunes at K
+            from .stage_checks import check_shortcut_steps
+
+            check_shortcut_steps(str(cfg.policy.kind), [ft.denoise_steps], f"{prefix}.denoise_steps",
+                                 "policy=shortcut trains")
         try:
             FinetuneConfig.from_dict({k: v for k, v in _plain(ft).items() if k not in RUNNER_KEYS})
         except (TypeError, ValueError) as err:

@@ -518,6 +518,18 @@ def test_a_shortcut_checkpoint_is_refused_a_k_that_is_not_a_power_of_two_before_
     assert not (tmp_path / "f").exists()
 
 
+def test_a_shortcut_pipeline_is_refused_a_finetuning_k_that_is_not_a_power_of_two_before_pretraining(demo_file,
+                                                                                                       tmp_path):
+    args = ["policy=shortcut", "task=robomimic", f"task.demos.path={demo_file}", "task.eval.denoise_steps=[1,2]"]
+    with pytest.raises(UserError, match=r"^policy=shortcut trains a shortcut policy, which samples with power-of-two "
+                       r"K; stage.finetune.denoise_steps has \[3\]$"):
+        _run(*args, "stage.finetune.denoise_steps=3", run_dir=tmp_path / "p")
+    assert not (tmp_path / "p").exists()
+    from agents.stages import validate_config
+
+    validate_config(_compose(*args, "stage.finetune.denoise_steps=2", *QUIET))  # a power of two passes
+
+
 def test_flow_dpo_of_a_shortcut_checkpoint_is_refused_before_any_rollout(shortcut_checkpoint, demo_file, tmp_path,
                                                                          monkeypatch):
     from agents import align
