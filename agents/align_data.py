@@ -88,41 +88,41 @@ class AlignConfig:
 
     def validate(self) -> None:
         if self.method not in METHODS:
-            raise ValueError(f"align method must be one of {METHODS} for policies, got {self.method!r}")
+            raise ValueError(f"stage.method must be one of {METHODS} for policies, got {self.method!r}")
         if self.source not in SOURCES:
-            raise ValueError(f"align source must be one of {SOURCES}, got {self.source!r}")
+            raise ValueError(f"stage.source must be one of {SOURCES}, got {self.source!r}")
         if self.prefer not in PREFER:
-            raise ValueError(f"align prefer must be one of {PREFER}, got {self.prefer!r}")
+            raise ValueError(f"stage.prefer must be one of {PREFER}, got {self.prefer!r}")
         if self.prefer == "success" and self.source not in ("rollouts", "branches"):
-            raise ValueError("prefer=success ranks the policy's own rollouts: use source=rollouts|branches")
+            raise ValueError("stage.prefer=success ranks the policy's own rollouts: use source=rollouts|branches")
         if self.branch_chunks is not None and int(self.branch_chunks) < 1:
-            raise ValueError(f"align branch_chunks must be >= 1 or null, got {self.branch_chunks}")
+            raise ValueError(f"stage.branch_chunks must be >= 1 or null, got {self.branch_chunks}")
         if not 0.0 < float(self.branch_span) <= 1.0:
-            raise ValueError(f"align branch_span must be in (0, 1], got {self.branch_span}")
+            raise ValueError(f"stage.branch_span must be in (0, 1], got {self.branch_span}")
         if self.branch_noise not in ("independent", "shared"):
-            raise ValueError(f"align branch_noise must be independent or shared, got {self.branch_noise!r}")
+            raise ValueError(f"stage.branch_noise must be independent or shared, got {self.branch_noise!r}")
         if self.pairing not in PAIRINGS:
-            raise ValueError(f"align pairing must be one of {PAIRINGS}, got {self.pairing!r}")
+            raise ValueError(f"stage.pairing must be one of {PAIRINGS}, got {self.pairing!r}")
         if self.source == "labels" and not self.labels:
-            raise ValueError("source=labels needs labels=<path to a JSON or CSV file of pairs>")
+            raise ValueError("stage.source=labels needs stage.labels=<path to a JSON or CSV file of pairs>")
         if int(self.rounds) < 1:
-            raise ValueError(f"align rounds must be >= 1, got {self.rounds}")
+            raise ValueError(f"stage.rounds must be >= 1, got {self.rounds}")
         if int(self.rounds) > 1 and self.source not in ("rollouts", "branches"):
-            raise ValueError(f"align rounds={self.rounds} collects new pairs from the policy each round: use "
+            raise ValueError(f"stage.rounds={self.rounds} collects new pairs from the policy each round: use "
                              f"source=rollouts|branches (source={self.source} gives the same pairs every round)")
         check_at_least({name: getattr(self, name) for name in ("num_start_states", "grad_steps", "batch_pairs",
                         "batch_size", "chunks_per_pair", "rollout_envs", "eval_num_envs", "branch_points")},
-                       1, "align ")
+                       1, "stage.")
         if self.rollouts_per_state < 2:
-            raise ValueError(f"rollouts_per_state must be >= 2 to rank rollouts, got "
+            raise ValueError(f"stage.rollouts_per_state must be >= 2 to rank rollouts, got "
                              f"{self.rollouts_per_state}")
-        check_positive({"lr": self.lr, "beta": self.beta}, "align ")
+        check_positive({"lr": self.lr, "beta": self.beta}, "stage.")
         if self.rwr_beta is not None and not self.rwr_beta > 0:
-            raise ValueError(f"rwr_beta must be positive or null, got {self.rwr_beta}")
+            raise ValueError(f"stage.rwr_beta must be positive or null, got {self.rwr_beta}")
         if self.denoise_steps is not None and int(self.denoise_steps) < 1:
-            raise ValueError(f"align denoise_steps must be >= 1, got {self.denoise_steps}")
+            raise ValueError(f"stage.denoise_steps must be >= 1, got {self.denoise_steps}")
         if self.eval_episodes < 0:
-            raise ValueError(f"eval_episodes must be >= 0, got {self.eval_episodes}")
+            raise ValueError(f"stage.eval_episodes must be >= 0, got {self.eval_episodes}")
         lo, hi = int(self.rollout_seed), int(self.rollout_seed) + int(self.rounds) * int(self.num_start_states)
         elo, ehi = int(self.eval_seed), int(self.eval_seed) + int(self.eval_episodes)
         if self.source in ("rollouts", "branches") and lo < ehi and elo < hi:

@@ -488,8 +488,8 @@ def _held_run_dir(tmp_path, *overrides):
 
 
 @pytest.mark.parametrize("stage, override, says", [
-    ("align", "stage.lr=0", "align lr must be positive, got 0"),
-    ("align", "stage.grad_steps=-1", "align grad_steps must be >= 1, got -1"),
+    ("align", "stage.lr=0", "stage.lr must be positive, got 0"),
+    ("align", "stage.grad_steps=-1", "stage.grad_steps must be >= 1, got -1"),
     ("reflow", "stage.reflow_steps=-1", "stage.reflow_steps must be >= 1, got -1"),
     ("reflow", "stage.reflow_lr=0", "stage.reflow_lr must be positive, got 0"),
 ])
@@ -601,7 +601,7 @@ def test_image_align_from_a_generator_checkpoint_passes_the_prechecks_and_a_bad_
              "stage.method=sft", "stage.image.num_samples=8", "stage.image.sample_steps=1", "stage.image.grad_steps=1",
              "stage.image.batch_size=4", "stage.image.eval_samples=8", "stage.image.classifier_steps=2",
              f"stage.image.classifier_cache_dir={tmp_path / 'clf'}"]
-    with pytest.raises(UserError, match=r"image align lr and beta must be positive, got lr=0"):
+    with pytest.raises(UserError, match=r"stage.image.lr and stage.image.beta must be positive, got lr=0"):
         run(_compose(*align, "stage.image.lr=0"), tmp_path / "a")
     assert not (tmp_path / "a").exists()
     out = run(_compose(*align), tmp_path / "a")

@@ -91,16 +91,16 @@ class ImageAlignConfig:
 
     def validate(self) -> None:
         if self.method not in METHODS:
-            raise ValueError(f"image align method must be one of {METHODS}, got {self.method!r}")
+            raise ValueError(f"stage.method must be one of {METHODS}, got {self.method!r}")
         if self.group_size < 2:
-            raise ValueError(f"group_size must be >= 2 to pick a winner and a loser, got {self.group_size}")
+            raise ValueError(f"stage.image.group_size must be >= 2 to pick a winner and a loser, got {self.group_size}")
         if self.num_samples < self.group_size:
-            raise ValueError(f"num_samples={self.num_samples} gives no group of {self.group_size}")
+            raise ValueError(f"stage.image.num_samples={self.num_samples} gives no group of {self.group_size}")
         for name in ("sample_steps", "grad_steps", "batch_size", "eval_samples"):
             if int(getattr(self, name)) < 1:
-                raise ValueError(f"image align {name} must be >= 1, got {getattr(self, name)}")
+                raise ValueError(f"stage.image.{name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0 or not self.beta > 0:
-            raise ValueError(f"image align lr and beta must be positive, got lr={self.lr}, beta={self.beta}")
+            raise ValueError(f"stage.image.lr and stage.image.beta must be positive, got lr={self.lr}, beta={self.beta}")
 
 
 @torch.no_grad()
