@@ -62,6 +62,15 @@ class ExpertError(ValueError):
     """The trained expert is too weak to make demonstrations from."""
 
 
+class ScriptedDemoError(ValueError):
+    """Too few of a scripted expert's episodes succeeded to make the demonstrations asked for."""
+
+
+def _too_few(name: str, got: int, attempts: int, noise: float, wanted: int) -> ScriptedDemoError:
+    return ScriptedDemoError(f"{name}: only {got} of {attempts} scripted episodes succeeded with noise {noise}; "
+                             f"wanted {wanted}: lower the noise (--noise, or task.demos.noise in train.py)")
+
+
 def check_expert(name: str, chosen: dict[str, Any], expert_steps: int, expert_dir: Path,
                  min_return: float | None = None) -> None:
     """Raise :class:`ExpertError` when the expert's best evaluated return is below ``min_return`` (default
@@ -164,7 +173,8 @@ def collect_metaworld_demos(
 ) -> tuple[list[Episode], dict[str, Any]]:
     """Collect ``num_demos`` successful scripted-expert demos; returns (episodes, meta for the file).
 
-    Raises RuntimeError when fewer than ``num_demos`` of ``max_attempts`` (default 3 * num_demos + 10)
+    Raises :class:`ScriptedDemoError` when fewer than ``num_demos`` of ``max_attempts`` (default
+    3 * num_demos + 10)
     episodes succeed.
     """
     parsed = parse_env_name(name)
@@ -188,8 +198,7 @@ def collect_metaworld_demos(
                 bar.update(1)
     env.close()
     if len(episodes) < num_demos:
-        raise RuntimeError(f"{name}: only {len(episodes)} of {attempts} scripted episodes succeeded "
-                           f"with noise {noise}; wanted {num_demos} (lower the noise or raise max_attempts)")
+        raise _too_few(name, len(episodes), attempts, noise, num_demos)
     meta = {
         "expert": f"metaworld.policies.{type(policy).__name__}",
         "noise": noise, "seed": seed, "post_success_steps": post_success_steps,
@@ -211,7 +220,7 @@ def collect_robosuite_demos(
     progress: bool = True,
 ) -> tuple[list[Episode], dict[str, Any]]:
     """Collect ``num_demos`` successful scripted-expert demos on robosuite Lift or Can (the default
-    observation keys); returns (episodes, meta for the file). Raises RuntimeError when fewer than
+    observation keys); returns (episodes, meta for the file). Raises :class:`ScriptedDemoError` when fewer than
     ``num_demos`` of ``max_attempts`` (default 3 * num_demos + 10) episodes succeed."""
     from envs.robosuite_experts import expert_for
 
@@ -236,8 +245,7 @@ def collect_robosuite_demos(
                 bar.update(1)
     env.close()
     if len(episodes) < num_demos:
-        raise RuntimeError(f"{name}: only {len(episodes)} of {attempts} scripted episodes succeeded "
-                           f"with noise {noise}; wanted {num_demos} (lower the noise or raise max_attempts)")
+        raise _too_few(name, len(episodes), attempts, noise, num_demos)
     meta = {
         "expert": f"envs.robosuite_experts.{type(expert).__name__}",
         "noise": noise, "seed": seed, "post_success_steps": post_success_steps,

@@ -5,7 +5,14 @@ import json
 import numpy as np
 import pytest
 
-from envs.collect import collect_metaworld_demos, demo_path, ensure_demos, main, select_checkpoint
+from envs.collect import (
+    ScriptedDemoError,
+    collect_metaworld_demos,
+    demo_path,
+    ensure_demos,
+    main,
+    select_checkpoint,
+)
 from envs.dataset import DemoDataset
 from envs.hdf5 import DatasetError, read_demos, read_env_args, read_meta
 
@@ -30,9 +37,20 @@ def test_metaworld_collection_is_seeded():
 
 
 def test_success_filter_raises_when_expert_cannot_succeed():
-    with pytest.raises(RuntimeError, match="only 0 of 2 scripted episodes succeeded"):
+    with pytest.raises(ScriptedDemoError, match="only 0 of 2 scripted episodes succeeded"):
         collect_metaworld_demos("metaworld/pick-place-v3", 1, noise=0.3, seed=0, max_episode_steps=5,
                                 max_attempts=2, progress=False)
+
+
+def test_cli_with_too_few_successful_scripted_episodes_is_one_line_with_exit_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["metaworld/pick-place-v3", "--num-demos", "1", "--max-episode-steps", "5", "--data-dir",
+              str(tmp_path / "data")])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip() and "demos metaworld" not in ln]  # no bar
+    assert exit_.value.code == 2 and len(err) == 1
+    assert err[0].startswith("error: metaworld/pick-place-v3: only 0 of 13 scripted episodes succeeded with noise")
+    assert err[0].endswith("lower the noise (--noise, or task.demos.noise in train.py)")
+    assert not list((tmp_path / "data").rglob("*.hdf5"))  # no demo file
 
 
 def test_ensure_demos_writes_a_described_file_once(tmp_path, capsys):
