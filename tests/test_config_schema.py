@@ -35,6 +35,10 @@ def test_task_defaults_win_over_the_schema_and_the_command_line_over_both():
         assert ft.terminate_on_success is True and ft.success_reward == 1.0
     hop = _compose("task=hopper_medium", "stage=finetune").stage
     assert hop.terminate_on_success is False and hop.success_reward is None
+    # where the noise goes and the Gaussian's starting std are a task's to choose too
+    own = _compose("task=pick_place", "+task.finetune.noise_steps=1", "+task.finetune.gaussian_init_std=0.5")
+    assert (own.stage.finetune.noise_steps, own.stage.finetune.gaussian_init_std) == (1, 0.5)
+    assert _compose("task=pick_place", "stage=finetune").stage.noise_steps is None
 
 
 @pytest.mark.parametrize("override", ["stage.pretrain.grad_steps=3x", "stage.pretrain.stepz=3",
