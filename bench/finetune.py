@@ -117,7 +117,23 @@ def _finetune_settings(task: str, method: str, seed: int, overrides: dict) -> di
     return {**_task_finetune_defaults(task), "denoise_steps": K_FOR[method], "seed": seed, **overrides}
 
 
-def _finetune(args):
+def _save_state(path: Path, agent, curve: list, diag: list, eval_s: float, wall_s: float) -> None:
+    """A run's state at an iteration boundary (the agent's exact-resume state, the curve and diagnostics so far,
+    its times), written atomically: a run killed while saving keeps the state before."""
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"agent": agent.state_dict(), "log": json.dumps({"curve": curve, "diagnostics": diag,
+                                                                 "eval_s": eval_s, "wall_s": wall_s},
+                                                                default=float)}, tmp)
+    os.replace(tmp, path)
+
+
+def _finetune(args, state_path: str | None = None):
+    """One fine-tuning run. With ``state_path`` its state is saved there after every iteration, and a run that
+    finds a state there (one cut off mid-way) resumes from it: the same results as one uninterrupted run (the
+    envs are reset at every iteration), its wall time the sum of the parts that ran."""
     method, variant, overrides, seed, task, ckpt, env_steps = args
     import torch
 
@@ -147,7 +163,17 @@ def _finetune(args):
             eval_s[0] += time.perf_counter() - te
 
     agent.evaluate = timed_evaluate
-    t0 = time.perf_counter()
+    state = Path(state_path) if state_path else None
+    wall_before, resumed_at = 0.0, None
+    if state is not None and state.exists():
+        saved = torch.load(state, weights_only=True)
+        agent.load_state_dict(saved["agent"])
+        log = json.loads(saved["log"])
+        curve, diag, eval_s[0], wall_before = log["curve"], log["diagnostics"], log["eval_s"], log["wall_s"]
+        resumed_at = agent.env_steps
+        print(f"[bench.finetune] {method}/{variant} seed {seed}: resumed at {resumed_at} env steps from {state}",
+              flush=True)
+    t0 = time.perf_counter() - wall_before
 
     def cb(a, m):
         if "train/policy_loss" in m or "train/value_loss" in m:
@@ -159,6 +185,8 @@ def _finetune(args):
                           **({"stoch_return": m["eval_stochastic/return_mean"],
                               "stoch_success": m["eval_stochastic/success_rate"]}
                              if "eval_stochastic/return_mean" in m else {})})
+        if state is not None and a.iteration > 0 and a.env_steps < env_steps:
+            _save_state(state, a, curve, diag, eval_s[0], time.perf_counter() - t0)
 
     try:
         agent.learn(env_steps, callback=cb, progress=False)
@@ -172,7 +200,8 @@ def _finetune(args):
                           "stoch_success": m["eval_stochastic/success_rate"]}
                          if "eval_stochastic/return_mean" in m else {})})
     return {"method": method, "variant": variant, "seed": seed, "curve": curve, "diagnostics": diag,
-            "wall_s": time.perf_counter() - t0, "eval_s": eval_s[0], "env_steps": agent.env_steps}
+            "wall_s": time.perf_counter() - t0, "eval_s": eval_s[0], "env_steps": agent.env_steps,
+            **({"resumed_at": resumed_at} if resumed_at is not None else {})}
 
 
 def _run_path(job, runs_dir: Path, code: str) -> Path:
@@ -221,8 +250,14 @@ def _finetune_saved(args):
     so a long benchmark that is stopped or fails late keeps its finished runs."""
     job, runs_dir, code, reuse = args
     method, variant, _, seed = job[:4]
-    return _saved(_run_path(job, Path(runs_dir), code), f"{method}/{variant} seed {seed}", lambda: _finetune(job),
-                  reuse, _has_success(job[4]))
+    path = _run_path(job, Path(runs_dir), code)
+    state = path.with_name(path.stem + ".state.pt")  # a run cut off mid-way resumes from it (same key)
+    if not reuse:
+        state.unlink(missing_ok=True)
+    run = _saved(path, f"{method}/{variant} seed {seed}", lambda: _finetune(job, str(state)), reuse,
+                 _has_success(job[4]))
+    state.unlink(missing_ok=True)
+    return run
 
 
 def _sb3_saved(args):
@@ -410,10 +445,12 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2)))
     p.add_argument("--out", default=None, help="results folder (default bench/results)")
     p.add_argument("--work", default="/tmp/flowpolicy_bench",
-                   help="folder for pretraining checkpoints and finished fine-tuning runs (runs/): rerunning the same "
-                        "command with the same code reuses the runs it finished")
+                   help="folder for pretraining checkpoints and fine-tuning runs (runs/): rerunning the same "
+                        "command with the same code reuses the runs it finished and resumes those cut off mid-way "
+                        "from their last iteration")
     p.add_argument("--no-reuse", action="store_true",
-                   help="rerun every fine-tuning run, even those saved under --work by the same command")
+                   help="rerun every fine-tuning run from the start, even those saved under --work by the same "
+                        "command")
     p.add_argument("--pretrain-steps", type=int, default=None, help="override the budget's BC gradient steps")
     p.add_argument("--exec-horizon", type=int, default=None,
                    help="actions executed per predicted chunk (Te, 1..Ta; default: the task's); scale the task's "
@@ -531,6 +568,7 @@ def main(argv=None):
         runs = async_ft.get() + (async_sb3.get() if async_sb3 else [])
     runs += [_finetune_saved(a) for a in saved if a[0][2].get("async_envs")]
     n_reused = sum(bool(r.pop("reused", False)) for r in runs)
+    resumed = {f"{r['method']}/{r['variant']} seed {r['seed']}": r["resumed_at"] for r in runs if "resumed_at" in r}
     has_success = t["env"].startswith(("metaworld", "robosuite"))
     score = "success" if has_success else "return"
     rows = []
@@ -602,6 +640,10 @@ def main(argv=None):
     if n_reused:
         extra += (f"\n{n_reused} of {len(runs)} runs were reused from an earlier invocation of this command "
                   f"with the same code (saved under {work / 'runs'}); their wall times are from that invocation.\n")
+    if resumed:
+        extra += (f"\nRuns cut off mid-way and resumed from their saved state by a rerun of this command (env "
+                  f"steps at the resume): {resumed}; the results are those of an uninterrupted run, the wall times "
+                  "the sum of the parts that ran.\n")
     async_vs = [vn for vn, vo in variants if vo.get("async_envs")]
     if async_vs:
         gpu = torch_device_name()

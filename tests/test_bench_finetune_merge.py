@@ -108,7 +108,7 @@ def test_finished_runs_are_saved_at_once_and_reused_only_by_the_same_command(tmp
 
     calls = []
 
-    def fake(job):
+    def fake(job, state_path=None):
         calls.append(job)
         return {"method": job[0], "variant": job[1], "seed": job[3], "diagnostics": [], "wall_s": 2.0,
                 "eval_s": 0.0, "env_steps": 1600, "curve": [{"env_steps": 1600, "return": 1.0, "success": 0.5}]}
@@ -135,7 +135,7 @@ def test_finished_runs_are_saved_at_once_and_reused_only_by_the_same_command(tmp
     bf._finetune_saved((job, runs, "commit1", True))
     assert len(calls) == 6
 
-    def killed(job):
+    def killed(job, state_path=None):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(bf, "_finetune", killed)
@@ -330,3 +330,48 @@ def test_out_and_merge_files_are_checked_before_anything_runs_and_the_merged_fil
                                          tmp_path)
     assert "is the file this run would write" in line
     assert (out / "finetune_pick_place.json").read_bytes() == before
+
+
+def test_a_run_cut_off_mid_way_resumes_where_it_stopped_with_the_uninterrupted_results(
+        tiny_pick_place_checkpoint, tmp_path, monkeypatch, capsys):
+    """A benchmark run killed after its second iteration is resumed by a rerun of the command from its saved
+    state: only the missing iteration runs, and the curve and diagnostics equal an uninterrupted run's. The state
+    is removed once the run is saved; --no-reuse starts over."""
+    import bench.finetune as bf
+    from agents.finetune import ReinFlowPPO
+
+    tiny = {"n_steps": 8, "num_envs": 2, "eval_num_envs": 2, "minibatch_size": 16, "update_epochs": 1,
+            "critic_warmup_iters": 0, "eval_every": 1, "eval_episodes": 2}
+    job = ("reflow", "tiny", tiny, 0, "pick_place", tiny_pick_place_checkpoint, 96)  # 3 iterations of 32
+    whole = bf._finetune(job)
+    iterations, real = [], ReinFlowPPO.train_iteration
+
+    def counted(self, limit=None):
+        iterations.append(self.iteration)
+        if limit is not None and len(iterations) > limit:
+            raise KeyboardInterrupt  # the machine goes down during the third iteration
+        return real(self)
+
+    monkeypatch.setattr(ReinFlowPPO, "train_iteration", lambda self: counted(self, limit=2))
+    runs = tmp_path / "runs"
+    with pytest.raises(KeyboardInterrupt):
+        bf._finetune_saved((job, str(runs), "c1", True))
+    [state] = runs.glob("*.state.pt")
+    assert not list(runs.glob("*.json"))  # not finished, so not a result
+    iterations.clear()
+    monkeypatch.setattr(ReinFlowPPO, "train_iteration", lambda self: counted(self))
+    run = bf._finetune_saved((job, str(runs), "c1", True))
+    assert iterations == [2] and run["resumed_at"] == 64 and "resumed at 64 env steps" in capsys.readouterr().out
+    strip = [{k: v for k, v in p.items() if k != "wall_s"} for p in whole["curve"]]
+    assert [{k: v for k, v in p.items() if k != "wall_s"} for p in run["curve"]] == strip
+    assert run["diagnostics"] == whole["diagnostics"] and run["env_steps"] == whole["env_steps"] == 96
+    assert run["wall_s"] >= run["curve"][-2]["wall_s"] > 0  # the parts that ran, summed
+    assert not state.exists() and len(list(runs.glob("*.json"))) == 1
+    # a state left by a cut-off run is not resumed with --no-reuse: the run starts over
+    monkeypatch.setattr(ReinFlowPPO, "train_iteration", lambda self: counted(self, limit=1))
+    with pytest.raises(KeyboardInterrupt):
+        bf._finetune_saved((job, str(runs), "c2", True))
+    iterations.clear()
+    monkeypatch.setattr(ReinFlowPPO, "train_iteration", lambda self: counted(self))
+    fresh = bf._finetune_saved((job, str(runs), "c2", False))
+    assert iterations == [0, 1, 2] and "resumed_at" not in fresh and not list(runs.glob("*.state.pt"))
