@@ -26,6 +26,10 @@ SECTIONS = [
     ("hopper_1m_wide/finetune_hopper_medium", "Online fine-tuning on Hopper-v5 up to 1M env steps with wide "
      "exploration: ReFlow with noise in the last step only and the Gaussian with SB3's std, the same larger PPO "
      "steps (3 seeds)"),
+    ("hopper_1m_widedec/finetune_hopper_medium", "Online fine-tuning on Hopper-v5 up to 1M env steps with wide "
+     "exploration and a late noise decay to [0.1, 0.2]: ReFlow, the Gaussian with SB3's std on the same PPO, and SB3 "
+     "PPO from scratch in one command (3 seeds; the AMD EPYC's demos, not the Xeon's above; wall times not "
+     "comparable: newcomer.sh and CI shared the 2 cores)"),
     ("pick_place_300k_clip05/finetune_pick_place_300k_clip05", "Online fine-tuning on Meta-World pick-place, 300k "
      "env steps, 5 seeds, clip 0.05 for every actor: ReFlow and the Gaussian, constant vs annealed noise and "
      "learning rate (wall times: an alignment benchmark shared the 2 cores for 27 of the 102 minutes)"),
