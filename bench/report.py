@@ -30,6 +30,10 @@ SECTIONS = [
      "exploration and a late noise decay to [0.1, 0.2]: ReFlow, the Gaussian with SB3's std on the same PPO, and SB3 "
      "PPO from scratch in one command (3 seeds; the AMD EPYC's demos, not the Xeon's above; wall times not "
      "comparable: newcomer.sh and CI shared the 2 cores)"),
+    ("hopper_1m_cos/finetune_hopper_medium", "Online fine-tuning on Hopper-v5 up to 1M env steps: the late noise decay "
+     "with a cosine learning-rate decay to 0.1x (wdeccos) for ReFlow and the Gaussian, merged with the run above "
+     "(widedec, the settings of `+experiment=hopper_1m`, and SB3 PPO; same demos, seeds and evaluation episodes; "
+     "3 seeds; the merged rows' wall times are not comparable)"),
     ("pick_place_300k_clip05/finetune_pick_place_300k_clip05", "Online fine-tuning on Meta-World pick-place, 300k "
      "env steps, 5 seeds, clip 0.05 for every actor: ReFlow and the Gaussian, constant vs annealed noise and "
      "learning rate (wall times: an alignment benchmark shared the 2 cores for 27 of the 102 minutes)"),
