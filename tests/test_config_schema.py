@@ -2,6 +2,7 @@
 composition, tasks choose their own defaults through ``task_or``, and no YAML repeats a dataclass default."""
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -68,3 +69,29 @@ def test_no_stage_yaml_repeats_a_dataclass_default(name):
         f = fields[key]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         assert value != default, f"configs/stage/{name}.yaml repeats the default of {key}"
+
+
+def test_the_hopper_1m_preset_is_the_reported_runs_settings_and_reaches_every_stage():
+    """``+experiment=hopper_1m`` sets exactly the settings of the reported 1M run (so the preset cannot drift from
+    the figures that justify it), in the finetune stage and the pipeline alike, and the command line still wins."""
+    from agents.finetune_config import FinetuneConfig
+    from agents.stages import validate_config
+
+    rec = json.loads((ROOT / "bench/results/hopper_1m_widedec/finetune_hopper_medium.json").read_text())
+    reported = rec["config"]["variants"]["widedec"]
+    preset = yaml.safe_load((ROOT / "configs/experiment/hopper_1m.yaml").read_text())["task"]["finetune"]
+    assert preset == {**reported, "total_env_steps": rec["config"]["env_steps"]}
+    ft = _compose("+experiment=hopper_1m", "stage=finetune")
+    assert ft.task.name == "hopper_medium"
+    assert all(ft.stage[k] == v for k, v in preset.items())
+    pipe = _compose("+experiment=hopper_1m")
+    validate_config(pipe)
+    assert all(pipe.stage.finetune[k] == v for k, v in preset.items())
+    assert _compose("+experiment=hopper_1m", "stage=finetune", "stage.clip_coef=0.05").stage.clip_coef == 0.05
+    # the schedule it asks for: wide bounds for 40% of the run, [0.1, 0.2] from 80% on, a constant lr
+    cfg = FinetuneConfig.from_dict({k: ft.stage[k] for k in preset if k != "total_env_steps"})
+    assert cfg.noise_bounds(0, 100) == cfg.noise_bounds(39, 100) == (0.6, 1.2)
+    for it in (80, 99):
+        assert cfg.noise_bounds(it, 100) == pytest.approx((0.1, 0.2))
+    assert cfg.noise_bounds(60, 100) == pytest.approx((0.35, 0.7))
+    assert cfg.schedule_iters(100)[:2] == (40, 40) and cfg.lr_schedule == "constant"
