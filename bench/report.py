@@ -34,6 +34,10 @@ SECTIONS = [
      "with a cosine learning-rate decay to 0.1x (wdeccos) for ReFlow and the Gaussian, merged with the run above "
      "(widedec, the settings of `+experiment=hopper_1m`, and SB3 PPO; same demos, seeds and evaluation episodes; "
      "3 seeds; the merged rows' wall times are not comparable)"),
+    ("hopper_1m_env/finetune_hopper_medium", "Online fine-tuning on Hopper-v5 up to 1M env steps: the reported settings "
+     "with the env's whole action range (wdecenv, action_limits=env) for ReFlow and the Gaussian, merged with the "
+     "demos' range run above (widedec and SB3 PPO; same demos, seeds and evaluation episodes; 3 seeds; wall times "
+     "not comparable)"),
     ("pick_place_300k_clip05/finetune_pick_place_300k_clip05", "Online fine-tuning on Meta-World pick-place, 300k "
      "env steps, 5 seeds, clip 0.05 for every actor: ReFlow and the Gaussian, constant vs annealed noise and "
      "learning rate (wall times: an alignment benchmark shared the 2 cores for 27 of the 102 minutes)"),
